@@ -1,0 +1,1285 @@
+"""Masked language model (MLM) pretraining of a RoBERTa encoder in plain PyTorch.
+
+Read top to bottom, in the tutorial's order:
+
+    data -> masking -> model -> checkpointing -> experiment directory -> train -> __main__
+
+Run it:
+
+    python train_bert.py --checkpoint_dir ./experiments                        # train (wikitext-2, roberta-base)
+    python train_bert.py --load_checkpoint_dir ./experiments/bert_pretrain...  # resume where it stopped
+    python train_bert.py --help                                                 # every flag, documented
+
+`train_bert_ds.py` imports the pieces below and changes only what DeepSpeed changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from loguru import logger
+from tqdm.auto import tqdm
+
+# The heavy Hugging Face imports (datasets, transformers, tokenizers) happen inside the functions that need them, so
+# `--help` and bad flags answer at once.
+
+HERE = Path(__file__).resolve().parent
+FILL_MASK_SENTENCE = "In the beautiful season of <mask> the <mask> shed their leaves."
+IGNORE_INDEX = -100  # the label that F.cross_entropy skips: "not a prediction target"
+
+
+class ConfigError(ValueError):
+    """A bad flag or input: reported as one line, exit code 2, nothing written."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: training stops before writing anything from the bad step."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or none could be loaded."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived: a checkpoint was saved and the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: load text, tokenize once (cached by `datasets`), pack into full blocks with no padding.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def offline_hint() -> str:
+    """The one sentence that tells a user how to run without the Hugging Face Hub."""
+    return (
+        "To run offline, pass local copies: --dataset PATH (a datasets folder such as ../shared/data/wikitext, a "
+        "folder with train.txt/validation.txt[/test.txt], or one .txt file) and --tokenizer PATH (a tokenizer folder "
+        "such as ../shared/data/roberta-base, or 'bpe' to train one), with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 set."
+    )
+
+
+def load_text_dataset(dataset: str, dataset_config: str | None) -> "datasets.DatasetDict":
+    """Load `dataset` as a DatasetDict with a `text` column and at least `train` and `validation` splits.
+
+    `dataset` is a Hub name ("wikitext"), a folder `datasets.load_dataset` understands (../shared/data/wikitext), a
+    folder holding train.txt / validation.txt / test.txt, or a single .txt file (its last 5% of lines, at least one,
+    become the validation split; lines stay in order so no paragraph leaks between splits).
+    """
+    import datasets
+
+    path = Path(dataset)
+    try:
+        if path.is_file():
+            if path.suffix != ".txt":
+                raise ConfigError(f"--dataset {dataset!r} is a file but not a .txt file; give a .txt file or a folder")
+            lines = datasets.load_dataset("text", data_files={"train": str(path)})["train"]
+            num_validation = max(1, len(lines) // 20)
+            raw = datasets.DatasetDict(
+                train=lines.select(range(len(lines) - num_validation)),
+                validation=lines.select(range(len(lines) - num_validation, len(lines))),
+            )
+        elif path.is_dir() and (path / "train.txt").is_file():
+            files = {split: str(path / f"{split}.txt") for split in ("train", "validation", "test")}
+            raw = datasets.load_dataset("text", data_files={k: v for k, v in files.items() if Path(v).is_file()})
+        else:
+            raw = datasets.load_dataset(dataset, dataset_config)
+    except ConfigError:
+        raise
+    except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError…)
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(
+            f"could not load --dataset {dataset!r} (config {dataset_config!r}): {first_line[:300]}. {offline_hint()}"
+        ) from error
+    if not isinstance(raw, datasets.DatasetDict) or "train" not in raw or "validation" not in raw:
+        splits = list(raw.keys()) if isinstance(raw, datasets.DatasetDict) else []
+        raise ConfigError(f"--dataset {dataset!r} must have 'train' and 'validation' splits; it has {splits}")
+    return datasets.DatasetDict({split: with_text_column(raw[split], dataset) for split in raw})
+
+
+def with_text_column(split: "datasets.Dataset", dataset: str) -> "datasets.Dataset":
+    """Return `split` with only a `text` column (renaming its single string column if it has another name)."""
+    string_columns = [name for name, feature in split.features.items() if getattr(feature, "dtype", None) == "string"]
+    if "text" in split.column_names:
+        column = "text"
+    elif len(string_columns) == 1:
+        column = string_columns[0]
+    else:
+        raise ConfigError(
+            f"--dataset {dataset!r} has no text column: expected a string column named 'text' (or exactly one "
+            f"string column); its columns are {split.column_names}"
+        )
+    split = split.select_columns([column])
+    return split if column == "text" else split.rename_column(column, "text")
+
+
+def train_bpe_tokenizer(texts: "datasets.Dataset", vocab_size: int) -> "transformers.PreTrainedTokenizerFast":
+    """Train a byte-level BPE tokenizer (RoBERTa's kind) on `texts` with the `tokenizers` library.
+
+    Its special tokens and their ids match RoBERTa's (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask> last), so everything
+    downstream treats it like roberta-base. Takes seconds on wikitext-2.
+    """
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        (batch["text"] for batch in texts.iter(batch_size=1000)),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
+        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+    )
+
+
+def load_tokenizer(tokenizer: str) -> "transformers.PreTrainedTokenizerBase":
+    """Load a pretrained tokenizer from a Hub name ("roberta-base") or a local folder, checking it can do MLM."""
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. {offline_hint()}") from error
+    check_tokenizer(loaded, tokenizer)
+    return loaded
+
+
+def check_tokenizer(tokenizer: "transformers.PreTrainedTokenizerBase", name: str) -> None:
+    """MLM needs a mask token, a pad token (RoBERTa's position ids count from it) and block framing tokens."""
+    missing = [
+        role
+        for role, token_id in (
+            ("mask_token", tokenizer.mask_token_id),
+            ("pad_token", tokenizer.pad_token_id),
+            ("bos_token or cls_token", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id),
+            ("eos_token or sep_token", tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id),
+        )
+        if token_id is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"--tokenizer {name!r} has no {', '.join(missing)}; MLM pretraining needs them. Use a RoBERTa/BERT-style "
+            "tokenizer or --tokenizer bpe to train one"
+        )
+
+
+def block_framing_ids(tokenizer: "transformers.PreTrainedTokenizerBase") -> tuple[int, int]:
+    """The (start, end) ids that frame every block and end every line: <s>/</s> for RoBERTa, [CLS]/[SEP] for BERT."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return start, end
+
+
+def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTrainedTokenizerBase") -> "datasets.Dataset":
+    """Tokenize every non-empty line once, ending each with the end token so line boundaries stay visible.
+
+    A batched `map`: fast (the Rust tokenizer sees 1,000 lines at a time) and cached on disk by `datasets`, so a
+    second run with the same data and tokenizer skips it. Empty lines produce no row at all.
+    """
+    _, end_id = block_framing_ids(tokenizer)
+
+    def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        lines = [line for line in batch["text"] if line.strip()]
+        ids = tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []
+        return {"input_ids": [line_ids + [end_id] for line_ids in ids]}
+
+    return split.map(tokenize_batch, batched=True, remove_columns=split.column_names, desc="tokenizing")
+
+
+def pack_blocks(token_lines: "datasets.Dataset", tokenizer: "transformers.PreTrainedTokenizerBase",
+                max_seq_length: int, split_name: str = "split") -> torch.Tensor:
+    """Concatenate every line of the split and cut it into full blocks `<s> ... </s>` of `max_seq_length` tokens.
+
+    Packing the whole split at once (not per `map` batch, as HF's `group_texts` does) loses only the final partial
+    block of the split, fewer than `max_seq_length` tokens, and no block needs padding, so every token trains.
+    Returns an int32 tensor [num_blocks, max_seq_length] (half the memory of int64; batches are widened on the fly).
+    """
+    import pyarrow.compute as pc
+
+    start_id, end_id = block_framing_ids(tokenizer)
+    stream = pc.list_flatten(token_lines.data.column("input_ids")).to_numpy().astype(np.int32)
+    body_length = max_seq_length - 2
+    num_blocks = len(stream) // body_length
+    if num_blocks == 0:
+        raise ConfigError(
+            f"the {split_name} split yields {len(stream)} tokens, fewer than one block of --max_seq_length "
+            f"{max_seq_length} needs ({body_length} plus <s> and </s>); use more text or a smaller --max_seq_length"
+        )
+    body = torch.from_numpy(stream[: num_blocks * body_length].reshape(num_blocks, body_length))
+    column = lambda token_id: torch.full((num_blocks, 1), token_id, dtype=torch.int32)  # noqa: E731
+    return torch.cat([column(start_id), body, column(end_id)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Masking: BERT's 80/10/10 rule, vectorised, reproducible from a generator.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def masking_function(
+    input_ids: torch.Tensor,
+    tokenizer: "transformers.PreTrainedTokenizerBase",
+    mask_prob: float = 0.15,
+    random_replace_prob: float = 0.1,
+    unmask_replace_prob: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask a batch of token ids for MLM; return `(masked_input_ids, labels)`.
+
+    The exact rule, for every position of the LongTensor `input_ids` [B, T]:
+
+    - A special token of the tokenizer (bos/eos/pad/unk/mask/cls/sep and any added special token) is never selected.
+    - Every other token is selected, independently, with probability `mask_prob`.
+    - A selected token is then, independently of everything else:
+        * replaced by a uniformly random non-special token id with probability `random_replace_prob`
+          (the replacement may by chance equal the original token: 1 in (vocab - specials));
+        * left unchanged with probability `unmask_replace_prob`;
+        * replaced by the mask token with probability `1 - random_replace_prob - unmask_replace_prob`.
+      So with the defaults (0.15, 0.1, 0.1) a non-special token becomes <mask> with probability 0.15 * 0.8 = 0.12,
+      a random token with 0.015, stays itself but is predicted with 0.015, and is not predicted with 0.85.
+      "10% random" means 10% *of the selected tokens*, not of all tokens.
+    - `labels` holds the original id at every selected position and -100 (ignored by the loss) everywhere else.
+
+    The same `generator` state gives the same masks; `input_ids` is not modified. Three random tensors are drawn
+    whatever the probabilities, so a generator's stream does not depend on them.
+    """
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=input_ids.device)
+    is_special = torch.isin(input_ids, special_ids)
+    selection_draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    replacement_draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    non_special_ids = torch.ones(len(tokenizer), dtype=torch.bool, device=input_ids.device)
+    non_special_ids[special_ids] = False
+    non_special_ids = non_special_ids.nonzero().squeeze(1)
+    random_ids = non_special_ids[
+        torch.randint(len(non_special_ids), input_ids.shape, generator=generator, device=input_ids.device)
+    ]
+
+    selected = (selection_draw < mask_prob) & ~is_special
+    replace_randomly = selected & (replacement_draw < random_replace_prob)
+    keep_unchanged = selected & (replacement_draw >= random_replace_prob) & (
+        replacement_draw < random_replace_prob + unmask_replace_prob
+    )
+    replace_with_mask = selected & ~replace_randomly & ~keep_unchanged
+
+    masked_input_ids = torch.where(replace_randomly, random_ids.to(input_ids.dtype), input_ids)
+    masked_input_ids = masked_input_ids.masked_fill(replace_with_mask, tokenizer.mask_token_id)
+    labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
+    return masked_input_ids, labels
+
+
+def seeded_generator(*numbers: int) -> torch.Generator:
+    """A torch.Generator seeded from a tuple of integers (e.g. seed, epoch, batch index) without collisions."""
+    seed = int(np.random.SeedSequence(list(numbers)).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def sparse_batch(masked_input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Turn (inputs, labels) into what the sparse MLM loss needs: inputs, flat masked positions, their labels.
+
+    Computing the positions here, on the data side, keeps the training step free of a device->host sync that
+    `hidden[labels != -100]` would force.
+    """
+    flat_labels = labels.flatten()
+    masked_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return {
+        "input_ids": masked_input_ids.long(),
+        "masked_positions": masked_positions,
+        "masked_labels": flat_labels[masked_positions].long(),
+    }
+
+
+@dataclasses.dataclass
+class MaskingConfig:
+    """The three masking probabilities and the tokenizer they apply to."""
+
+    tokenizer: Any
+    mask_prob: float
+    random_replace_prob: float
+    unmask_replace_prob: float
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        masked, labels = masking_function(
+            input_ids, self.tokenizer, self.mask_prob, self.random_replace_prob, self.unmask_replace_prob, generator
+        )
+        return sparse_batch(masked, labels)
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Item `i` is the i-th training batch of one epoch, for one rank, freshly masked.
+
+    Batch `i` of epoch `e` is a fixed slice of that epoch's shuffled block order (a permutation seeded by
+    (seed, e)), masked with a generator seeded by (seed, e, global batch index). Every random draw is therefore a
+    pure function of the position, so (epoch, batch index) is the whole data state: a resumed run continues with
+    exactly the batches and masks the uninterrupted run would have seen, for any `num_workers`, without replaying.
+    With several ranks, rank r takes global batches r, r + world_size, ...: different blocks and masks per rank.
+    The incomplete last batch of each epoch is skipped (a different one each epoch, since the order is reshuffled).
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, epoch: int, seed: int, masking: MaskingConfig,
+                 rank: int = 0, world_size: int = 1):
+        self.blocks, self.batch_size, self.epoch, self.seed = blocks, batch_size, epoch, seed
+        self.masking, self.rank, self.world_size = masking, rank, world_size
+        self.order = torch.randperm(len(blocks), generator=seeded_generator(seed, epoch))
+
+    def __len__(self) -> int:
+        return len(self.blocks) // (self.batch_size * self.world_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        global_index = index * self.world_size + self.rank
+        rows = self.order[global_index * self.batch_size : (global_index + 1) * self.batch_size]
+        return self.masking(self.blocks[rows], seeded_generator(self.seed, self.epoch, global_index))
+
+
+def ignore_sigint_in_worker(_: int) -> None:
+    """Ctrl-C reaches the whole process group; only the main process should react (it saves and exits)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_batches(blocks: torch.Tensor, batch_size: int, seed: int, masking: MaskingConfig, start: tuple[int, int],
+                  num_workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+                  ) -> Iterator[tuple[tuple[int, int], dict[str, torch.Tensor]]]:
+    """Yield `(next_position, batch)` forever, starting at `start` = (epoch, batch index).
+
+    `next_position` is where the data continues after this batch: what a checkpoint stores.
+    """
+    epoch, index = start
+    while True:
+        epoch_batches = TrainBatches(blocks, batch_size, epoch, seed, masking, rank, world_size)
+        if len(epoch_batches) == 0:
+            raise ConfigError(
+                f"the train split has {len(blocks)} blocks, fewer than one batch (--batch_size {batch_size} x "
+                f"{world_size} rank(s)); use more text or a smaller --batch_size"
+            )
+        loader = torch.utils.data.DataLoader(
+            epoch_batches,
+            batch_size=None,  # items already are batches
+            sampler=range(index, len(epoch_batches)),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            worker_init_fn=ignore_sigint_in_worker if num_workers else None,
+            generator=torch.Generator(),  # otherwise creating the iterator draws from (and shifts) the global RNG
+        )
+        for batch_index, batch in enumerate(loader, start=index):
+            yield (epoch, batch_index + 1), batch
+        epoch, index = epoch + 1, 0
+
+
+def eval_batches(blocks: torch.Tensor, batch_size: int, seed: int, masking: MaskingConfig) -> list[dict[str, torch.Tensor]]:
+    """The whole split in order, masked once with a generator fixed by `seed`: the same masks at every evaluation.
+
+    Fixed masks make evaluation numbers comparable across steps and across runs with the same seed.
+    """
+    generator = seeded_generator(seed, 0xE7A1)  # a tag so evaluation masks never coincide with a training batch's
+    return [masking(blocks[i : i + batch_size], generator) for i in range(0, len(blocks), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: a Hugging Face RobertaForMaskedLM, sized by the flags, with a sparse MLM loss.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
+                 tokenizer: "transformers.PreTrainedTokenizerBase", max_seq_length: int,
+                 ) -> "transformers.RobertaForMaskedLM":
+    """Build a randomly initialised `RobertaForMaskedLM` whose sizes come from the arguments and the tokenizer.
+
+    Vocabulary size and special ids come from the tokenizer (nothing is hard-coded to roberta-base). RoBERTa
+    numbers positions from pad_token_id + 1, so a block of `max_seq_length` tokens needs that many more position
+    embeddings. Attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
+    """
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    start_id, end_id = block_framing_ids(tokenizer)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=h_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=ff_dim,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_position_embeddings=max_seq_length + tokenizer.pad_token_id + 1,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=start_id,
+        eos_token_id=end_id,
+    )
+    return RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
+
+
+def mlm_loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
+             masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the model's predictions at the masked positions only ("sparse prediction").
+
+    The encoder runs on every token, but the MLM head (a d x d layer plus a d x vocab projection: most of a small
+    model's FLOPs) runs only where there is something to predict, ~15% of positions. Logits go to fp32 before the
+    softmax so autocast never computes the loss in half precision. `model.lm_head` is the model's own head, so the
+    trained weights load with `RobertaForMaskedLM.from_pretrained`. No attention mask: packed blocks have no padding.
+    """
+    hidden = model.roberta(input_ids=input_ids).last_hidden_state
+    hidden = hidden.flatten(0, 1).index_select(0, masked_positions)
+    logits = model.lm_head(hidden)
+    return F.cross_entropy(logits.float(), masked_labels, reduction=reduction)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied embedding/decoder weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_flops(config: "transformers.RobertaConfig", tokens: int, predicted: int, seq_length: int) -> float:
+    """FLOPs of one forward+backward pass, the usual 6·N·tokens estimate made specific to a sparse-head encoder.
+
+        6 · N_dense · tokens            N_dense = L·(4·d² + 2·d·f): attention projections and feed-forward matrices
+      + 12 · L · d · T · tokens         attention scores (QKᵀ) and weighted values, forward and backward
+      + 6 · (d² + d·V) · predicted      the MLM head (transform + decoder), only at the predicted positions
+    """
+    layers, d, ff, vocab = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    dense = layers * (4 * d * d + 2 * d * ff)
+    return 6 * dense * tokens + 12 * layers * d * seq_length * tokens + 6 * (d * d + d * vocab) * predicted
+
+
+# Dense peak FLOP/s of common accelerators (from the vendors' data sheets), for MFU. "fp32" means TF32 tensor cores,
+# which is what fp32 matmuls use on these GPUs with torch.set_float32_matmul_precision("high").
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 495e12},  # SXM; the PCIe card is ~25% lower
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "T4": {"fp16": 65e12, "fp32": 8.1e12},
+}
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """The device's dense peak FLOP/s for `dtype`, or None when unknown (always on CPU: MFU is "n/a")."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for model_name, peaks in PEAK_FLOPS.items():
+        if model_name in name:
+            return peaks.get(dtype)
+    return None
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: allocated accelerator memory on GPU, the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
+             autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    """Return a tensor [sum of token losses, number of predicted tokens] over `batches` (fixed masks).
+
+    A sum and a count rather than a mean, so results from several ranks or splits combine exactly.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in batches:
+        batch = to_device(batch, device)
+        with autocast():
+            loss_sum = mlm_loss(model, **batch, reduction="sum")
+        totals += torch.stack([loss_sum.double(), torch.tensor(len(batch["masked_labels"]), device=device).double()])
+    model.train(was_training)
+    return totals
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to `device`; non-blocking, so a pinned-memory copy overlaps with compute on GPU."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only: biases and LayerNorm weights are not decayed (BERT's recipe).
+
+    The fused implementation (one kernel for all parameters) on CPU and GPU.
+    """
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+
+
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, num_iterations: int
+                        ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then linear decay to 0 at `num_iterations`."""
+    from transformers import get_linear_schedule_with_warmup
+
+    return get_linear_schedule_with_warmup(optimizer, warmup_steps, num_iterations)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpointing: one dict holds the whole run's state; files are written atomically.
+# ----------------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_PATTERN = "checkpoint-*.pt"
+LATEST_POINTER = "latest"
+
+
+def checkpoint_path(experiment_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives; zero-padded so names sort by step."""
+    return experiment_dir / f"checkpoint-{step:08d}.pt"
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG the run draws from (python, numpy, torch CPU, CUDA), in a form `weights_only` loading accepts."""
+    numpy_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": numpy_state[2],
+                  "has_gauss": numpy_state[3], "cached_gaussian": numpy_state[4]},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` captured, so dropout continues exactly as in the uninterrupted run."""
+    random.setstate(states["python"])
+    numpy_state = states["numpy"]
+    np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write a file so that `path` is either its old version or the complete new one, never half of it.
+
+    Write to a temporary file in the same directory, flush and fsync it, `os.replace` it over `path` (atomic on
+    POSIX), then fsync the directory so the rename itself survives a power cut. On any failure the temporary file
+    is removed and `path` is untouched.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, mode) as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Save the run's state atomically, then point `latest` at it, then delete checkpoints beyond `keep_last`.
+
+    The order matters: the pointer moves only once the file is complete, and old checkpoints go only once the new
+    one is safe, so a crash at any moment leaves a loadable checkpoint. A failed save (e.g. a full disk) raises
+    `CheckpointError` and leaves the previous checkpoint as it was.
+    """
+    path = checkpoint_path(experiment_dir, state["step"])
+    try:
+        atomic_write(path, lambda file: torch.save(state, file))
+        atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(path.name + "\n"), mode="w")
+    except OSError as error:
+        raise CheckpointError(
+            f"could not save checkpoint {path.name} ({error.strerror or error}); the previous checkpoint is intact. "
+            "Free disk space, then resume with --load_checkpoint_dir"
+        ) from error
+    for old in sorted(experiment_dir.glob(CHECKPOINT_PATTERN))[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the newest intact checkpoint of `experiment_dir`.
+
+    Starts from the one `latest` points to (or the highest step if the pointer is missing); a truncated or corrupt
+    file is skipped with a warning naming it, falling back to the next newest. `weights_only=True` means loading
+    never runs pickled code; `map_location` lets a GPU checkpoint resume on CPU.
+    """
+    candidates = sorted(experiment_dir.glob(CHECKPOINT_PATTERN), reverse=True)
+    pointer = experiment_dir / LATEST_POINTER
+    if pointer.is_file():
+        pointed = experiment_dir / pointer.read_text().strip()
+        if pointed in candidates:
+            candidates.remove(pointed)
+            candidates.insert(0, pointed)
+    if not candidates:
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
+    for path in candidates:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # truncated zip, bad pickle, wrong format...
+            logger.warning(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                           "trying an older one")
+    raise CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are unreadable")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Experiment directory: everything needed to understand and reproduce a run.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def new_experiment_dir(checkpoint_dir: str) -> Path:
+    """Create `{checkpoint_dir}/bert_pretrain.YYYY.MM.DD.HH.MM.SS.{uuid4}`.
+
+    The uuid comes from `uuid.uuid4` (the OS's entropy), never from the seeded RNGs: two runs with the same seed
+    started in the same second still get different directories.
+    """
+    name = f"bert_pretrain.{datetime.datetime.now():%Y.%m.%d.%H.%M.%S}.{uuid.uuid4()}"
+    path = Path(checkpoint_dir) / name
+    path.mkdir(parents=True)
+    return path
+
+
+def git_output(*args: str) -> str | None:
+    """Output of a git command run in the script's directory, or None outside a repository / without git."""
+    try:
+        result = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def record_code_version(experiment_dir: Path) -> None:
+    """Write githash.log (the commit) and gitdiff.log (staged + unstaged changes, untracked files listed)."""
+    commit = git_output("rev-parse", "HEAD")
+    if commit is None:
+        note = f"not a git repository (or git is not installed): {HERE}\n"
+        (experiment_dir / "githash.log").write_text(note)
+        (experiment_dir / "gitdiff.log").write_text(note)
+        return
+    (experiment_dir / "githash.log").write_text(commit)
+    diff = git_output("diff", "HEAD") or ""
+    untracked = git_output("ls-files", "--others", "--exclude-standard") or ""
+    untracked_note = "".join(f"# untracked: {name}\n" for name in untracked.splitlines())
+    (experiment_dir / "gitdiff.log").write_text(diff + untracked_note or "# no changes against HEAD\n")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the results, recorded in hparams.json."""
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+            "datasets": datasets.__version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+
+
+class MetricsLogger:
+    """Sends each log record to loguru (stderr via tqdm + train.log), TensorBoard and metrics.jsonl."""
+
+    def __init__(self, experiment_dir: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl_path = experiment_dir / "metrics.jsonl"
+        drop_lines_after_step(self.jsonl_path, resume_step)  # the crashed run may have logged past its checkpoint
+        self.jsonl = open(self.jsonl_path, "a")
+        self.tensorboard = SummaryWriter(str(experiment_dir / "tb_dir"), purge_step=resume_step + 1)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (it must have a "step") to every sink."""
+        step = record["step"]
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None:
+                self.tensorboard.add_scalar(key, value, step)
+        logger.info(" ".join(f"{key} {format_number(value)}" for key, value in record.items()))
+
+    def close(self) -> None:
+        """Flush and close the files (also on errors and interruptions)."""
+        self.tensorboard.close()
+        self.jsonl.close()
+
+
+def drop_lines_after_step(jsonl_path: Path, step: int) -> None:
+    """Remove metrics.jsonl records from steps after `step` (written before a crash, redone after resume)."""
+    if not jsonl_path.is_file():
+        return
+    kept = [line for line in jsonl_path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write(jsonl_path, lambda file: file.writelines(kept), mode="w")
+
+
+def format_number(value: Any) -> str:
+    """Compact numbers for log lines."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+    return str(value)
+
+
+def setup_logging(experiment_dir: Path) -> list[int]:
+    """loguru to stderr (through tqdm, so the progress bar stays intact) and to train.log; returns the sink ids."""
+    logger.remove()
+    return [
+        logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level="INFO", colorize=False,
+                   format="{time:HH:mm:ss} | {level: <7} | {message}"),
+        logger.add(experiment_dir / "train.log", level="DEBUG", format="{time} | {level: <7} | {message}"),
+    ]
+
+
+def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FILL_MASK_SENTENCE) -> list[list[str]]:
+    """Load the exported model with `transformers.pipeline("fill-mask")` and return the top tokens per <mask>."""
+    from transformers import pipeline
+
+    fill_mask = pipeline("fill-mask", model=str(hf_model_dir), tokenizer=str(hf_model_dir), device=device)
+    sentence = sentence.replace("<mask>", fill_mask.tokenizer.mask_token)
+    if len(fill_mask.tokenizer(sentence)["input_ids"]) > fill_mask.tokenizer.model_max_length:
+        return []  # the sentence does not fit the model's blocks (a tiny tokenizer splits it into many pieces)
+    predictions = fill_mask(sentence, top_k=5)
+    per_mask = predictions if isinstance(predictions[0], list) else [predictions]
+    return [[candidate["token_str"].strip() for candidate in candidates] for candidates in per_mask]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags: validation (before anything is created) and resume.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Flags that fix the model's or the data's shape: a resume must use the values the checkpoint was trained with.
+RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size", "max_seq_length", "num_layers",
+                      "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "seed")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def validate_flags(flags: dict[str, Any]) -> None:
+    """Reject every bad flag value with one message naming the value and what is allowed. Creates nothing."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    given_dirs = [name for name in ("checkpoint_dir", "load_checkpoint_dir") if flags[name] is not None]
+    require(len(given_dirs) == 1,
+            "give exactly one of --checkpoint_dir DIR (start a new experiment in DIR) or --load_checkpoint_dir "
+            f"EXPERIMENT_DIR (resume it); got {'both' if given_dirs else 'neither'}")
+    for name in ("num_layers", "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "num_iterations",
+                 "checkpoint_every", "log_every", "eval_every", "keep_last", "bpe_vocab_size", "max_seq_length"):
+        require(is_int(flags[name]) and flags[name] > 0, f"--{name} must be a positive integer; got {flags[name]!r}")
+    for name in ("num_workers", "warmup_steps", "seed"):
+        require(is_int(flags[name]) and flags[name] >= 0, f"--{name} must be an integer >= 0; got {flags[name]!r}")
+    for name in ("mask_prob", "random_replace_prob", "unmask_replace_prob", "dropout"):
+        require(is_number(flags[name]) and 0 <= flags[name] <= 1,
+                f"--{name} must be a probability in [0, 1]; got {flags[name]!r}")
+    require(flags["mask_prob"] > 0, "--mask_prob must be > 0: with 0 no token is ever predicted and nothing trains")
+    require(flags["dropout"] < 1, f"--dropout must be < 1; got {flags['dropout']!r}")
+    require(flags["random_replace_prob"] + flags["unmask_replace_prob"] <= 1,
+            f"--random_replace_prob + --unmask_replace_prob must be <= 1 (they split the selected tokens); got "
+            f"{flags['random_replace_prob']} + {flags['unmask_replace_prob']} = "
+            f"{flags['random_replace_prob'] + flags['unmask_replace_prob']}")
+    for name in ("lr", "weight_decay", "grad_clip"):
+        require(is_number(flags[name]) and math.isfinite(flags[name]) and flags[name] >= 0,
+                f"--{name} must be a number >= 0; got {flags[name]!r}")
+    require(flags["lr"] > 0, f"--lr must be > 0; got {flags['lr']!r}")
+    require(flags["h_dim"] % flags["num_heads"] == 0,
+            f"--h_dim {flags['h_dim']} must be divisible by --num_heads {flags['num_heads']}")
+    require(flags["max_seq_length"] >= 8,
+            f"--max_seq_length must be at least 8 (2 of its tokens are <s> and </s>); got {flags['max_seq_length']}")
+    require(flags["dtype"] in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}; got {flags['dtype']!r}")
+    require(isinstance(flags["compile"], bool), f"--compile must be True or False; got {flags['compile']!r}")
+    require(is_int(flags["local_rank"]) and flags["local_rank"] >= -1,
+            f"--local_rank must be -1 (CPU) or a GPU index >= 0; got {flags['local_rank']!r}")
+    for name in ("dataset", "tokenizer"):
+        require(isinstance(flags[name], str) and flags[name] != "", f"--{name} must be a name or a path; got {flags[name]!r}")
+
+
+def resolve_device(local_rank: int, dtype: str) -> torch.device:
+    """`--local_rank -1` is the CPU, N is GPU N; check the device exists and supports `dtype`."""
+    if local_rank == -1:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--local_rank {local_rank} asks for GPU {local_rank}, but this machine has no CUDA GPU; "
+                          "use --local_rank -1 to train on the CPU")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"--local_rank {local_rank} asks for GPU {local_rank}, but there are only "
+                          f"{torch.cuda.device_count()} (0..{torch.cuda.device_count() - 1})")
+    if dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--dtype bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(local_rank)} "
+                          "cannot; use --dtype fp16 or fp32")
+    return torch.device("cuda", local_rank)
+
+
+def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Merge the flags of a resume with the experiment's hparams.json.
+
+    A flag left at its default takes the saved value (so `--load_checkpoint_dir DIR` alone continues the run as it
+    was). A flag given with another value is an error if it would change the model's or the data's shape, and
+    otherwise overrides the saved value (e.g. a larger --num_iterations to train further).
+    """
+    resolved = dict(flags)
+    for name, saved_value in saved.items():
+        if name not in flags or name in ("checkpoint_dir", "load_checkpoint_dir"):
+            continue
+        if flags[name] == defaults[name] or flags[name] == saved_value:
+            resolved[name] = saved_value
+        elif name in RUN_DEFINING_FLAGS:
+            raise ConfigError(f"--{name} {flags[name]!r} differs from the checkpoint's {saved_value!r}; it changes the "
+                              "model or data shape, so a resume must keep it (start a new experiment instead)")
+        else:
+            logger.info(f"resume: --{name} changed from {saved_value!r} to {flags[name]!r}")
+    return resolved
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so the step in flight completes."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.request_stop)
+        return self
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+        logger.warning(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Everything that comes from the dataset and the tokenizer, ready for the loop."""
+
+    tokenizer: Any
+    train_blocks: torch.Tensor
+    validation_blocks: torch.Tensor
+    test_blocks: torch.Tensor | None
+    masking: MaskingConfig
+
+
+def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None) -> PreparedData:
+    """Load the dataset and the tokenizer (or train one), tokenize and pack every split.
+
+    On a resume the tokenizer comes from the experiment directory, so it is exactly the one the run trained with.
+    """
+    raw = load_text_dataset(flags["dataset"], flags["dataset_config"])
+    if saved_tokenizer_dir is not None:
+        tokenizer = load_tokenizer(str(saved_tokenizer_dir))
+    elif flags["tokenizer"] == "bpe":
+        logger.info(f"training a byte-level BPE tokenizer ({flags['bpe_vocab_size']} tokens) on the train split")
+        tokenizer = train_bpe_tokenizer(raw["train"], flags["bpe_vocab_size"])
+    else:
+        tokenizer = load_tokenizer(flags["tokenizer"])
+    limit = tokenizer.model_max_length
+    if limit < 1_000_000 and flags["max_seq_length"] > limit:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} tokens that "
+                          f"tokenizer {flags['tokenizer']!r} is made for")
+    blocks = {split: pack_blocks(tokenize_lines(raw[split], tokenizer), tokenizer, flags["max_seq_length"], split)
+              for split in raw if split in ("train", "validation", "test")}
+    masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"])
+    return PreparedData(tokenizer, blocks["train"], blocks["validation"], blocks.get("test"), masking)
+
+
+def make_autocast(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts for `dtype` (a no-op context for fp32)."""
+    if dtype == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+def check_disk_space(directory: Path, model: torch.nn.Module) -> None:
+    """Fail before training if the disk cannot hold two checkpoints (model + 2 AdamW moments, fp32)."""
+    needed = 2 * 3 * 4 * count_parameters(model)
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ConfigError(f"{directory} has {free / 2**20:.0f} MiB free; checkpoints of this model need about "
+                          f"{needed / 2**20:.0f} MiB. Free space or choose another --checkpoint_dir")
+
+
+def check_writable(directory: str) -> None:
+    """Fail before loading anything if `directory` (or the parent it would be created in) is not writable."""
+    path = Path(directory).resolve()
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--checkpoint_dir {directory!r} is not writable ({path} is not a writable directory)")
+
+
+def train(
+    checkpoint_dir: str | None = None,
+    load_checkpoint_dir: str | None = None,
+    dataset: str = "wikitext",
+    dataset_config: str | None = "wikitext-2-v1",
+    tokenizer: str = "roberta-base",
+    bpe_vocab_size: int = 16384,
+    mask_prob: float = 0.15,
+    random_replace_prob: float = 0.1,
+    unmask_replace_prob: float = 0.1,
+    max_seq_length: int = 128,
+    num_layers: int = 6,
+    num_heads: int = 8,
+    ff_dim: int = 1024,
+    h_dim: int = 256,
+    dropout: float = 0.1,
+    batch_size: int = 32,
+    grad_accum_steps: int = 1,
+    num_iterations: int = 10000,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 500,
+    grad_clip: float = 1.0,
+    dtype: str = "fp32",
+    compile: bool = False,
+    seed: int = 42,
+    log_every: int = 10,
+    eval_every: int = 500,
+    checkpoint_every: int = 1000,
+    keep_last: int = 3,
+    num_workers: int = 0,
+    local_rank: int = -1,
+) -> str:
+    """Pretrain a RoBERTa encoder with masked language modelling; return the experiment directory.
+
+    Start:  python train_bert.py --checkpoint_dir ./experiments [flags]
+    Resume: python train_bert.py --load_checkpoint_dir ./experiments/bert_pretrain.YYYY... [--num_iterations N]
+
+    Args:
+        checkpoint_dir: Start a new experiment in a new folder `bert_pretrain.<time>.<uuid>` inside this directory.
+        load_checkpoint_dir: Resume the experiment in this folder from its newest intact checkpoint. Flags left at
+            their defaults take the experiment's saved values; model/data-shape flags may not change.
+        dataset: A Hugging Face Hub dataset name, a local datasets folder (../shared/data/wikitext), a folder with
+            train.txt / validation.txt [/ test.txt], or one .txt file (its last 5% of lines validate).
+        dataset_config: The dataset's configuration name (wikitext: "wikitext-2-v1"; ignored for .txt files).
+        tokenizer: A Hub name ("roberta-base"), a local tokenizer folder (../shared/data/roberta-base), or "bpe" to
+            train a byte-level BPE tokenizer on the train split (saved in the experiment directory).
+        bpe_vocab_size: Vocabulary size of the tokenizer trained with --tokenizer bpe.
+        mask_prob: Probability that a non-special token is selected for prediction (BERT: 0.15).
+        random_replace_prob: Of the selected tokens, the share replaced by a random non-special token (BERT: 0.1).
+        unmask_replace_prob: Of the selected tokens, the share left unchanged (BERT: 0.1); the rest become <mask>.
+        max_seq_length: Tokens per packed block, <s> and </s> included. 128, as in BERT's phase 1: attention cost grows
+            with length, and short blocks let a small model see more blocks per second early in training.
+        num_layers: Transformer layers.
+        num_heads: Attention heads per layer; must divide h_dim.
+        ff_dim: Width of each layer's feed-forward block (4 x h_dim is the usual ratio).
+        h_dim: Hidden size.
+        dropout: Dropout on hidden states and attention probabilities.
+        batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length).
+        grad_accum_steps: Micro-batches summed into each optimizer step (effective batch = batch_size x this).
+        num_iterations: Optimizer steps to train in total (exactly this many; a resume continues up to it).
+        lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). Small models tolerate a high one.
+        weight_decay: AdamW weight decay, applied to weight matrices only (not biases or LayerNorm).
+        warmup_steps: Steps of linear warmup from 0 to lr; afterwards lr decays linearly to 0 at num_iterations.
+        grad_clip: Clip the global gradient norm to this (0 disables clipping).
+        dtype: fp32, bf16 (autocast; the fast choice on CPUs with AMX and on Ampere+ GPUs) or fp16 (autocast with a
+            dynamic loss scaler). Master weights and the loss stay fp32 in every case.
+        compile: Compile the encoder with torch.compile (falls back to eager, with a warning, where it cannot compile).
+        seed: Seeds the data order, the masks, the initial weights and dropout.
+        log_every: Steps between log lines (loss averaged over the window, lr, grad norm, tokens/s, MFU, memory).
+        eval_every: Steps between evaluations on the whole validation split (also at the end, with the test split).
+        checkpoint_every: Steps between checkpoints (also at the end and when stopped by SIGTERM/Ctrl-C).
+        keep_last: Checkpoints kept; older ones are deleted once a newer one is safely written.
+        num_workers: DataLoader worker processes that mask batches ahead of the step (0: in the main process).
+        local_rank: -1 trains on the CPU; N >= 0 on GPU N.
+    """
+    flags = {name: value for name, value in locals().items()}
+    validate_flags(flags)
+    defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}
+    saved_tokenizer_dir = None
+    if load_checkpoint_dir is not None:
+        experiment_dir = Path(load_checkpoint_dir)
+        hparams_path = experiment_dir / "hparams.json"
+        if not hparams_path.is_file():
+            raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} is not an experiment directory "
+                              "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
+        if not any(experiment_dir.glob(CHECKPOINT_PATTERN)):
+            raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
+        flags = resolve_resume_flags(flags, json.loads(hparams_path.read_text())["flags"], defaults)
+        validate_flags(flags)
+        saved_tokenizer_dir = experiment_dir / "tokenizer"
+    else:
+        check_writable(checkpoint_dir)
+    device = resolve_device(flags["local_rank"], flags["dtype"])
+    return str(run_training(flags, device, saved_tokenizer_dir))
+
+
+def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None) -> Path:
+    """Prepare data and model, create or reopen the experiment directory, and run the training loop."""
+    torch.manual_seed(flags["seed"])
+    random.seed(flags["seed"])
+    np.random.seed(flags["seed"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
+
+    data = prepare_data(flags, saved_tokenizer_dir)
+    model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
+                         data.tokenizer, flags["max_seq_length"]).to(device)
+    optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
+    lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"])
+    scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
+
+    if saved_tokenizer_dir is None:  # a new experiment: only now, when all inputs loaded, create its directory
+        experiment_dir = new_experiment_dir(flags["checkpoint_dir"])
+        data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
+        hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
+                   "train_blocks": len(data.train_blocks), "validation_blocks": len(data.validation_blocks),
+                   "versions": library_versions()}
+        atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
+        record_code_version(experiment_dir)
+        start_step, data_position = 0, (0, 0)
+    else:
+        experiment_dir = saved_tokenizer_dir.parent
+        checkpoint = load_latest_checkpoint(experiment_dir, map_location=device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        scaler.load_state_dict(checkpoint["grad_scaler"])
+        set_rng_states(checkpoint["rng"])
+        start_step, data_position = checkpoint["step"], tuple(checkpoint["data_position"])
+        del checkpoint
+
+    check_disk_space(experiment_dir, model)
+    sinks = setup_logging(experiment_dir)
+    metrics = MetricsLogger(experiment_dir, start_step)
+    try:
+        logger.info(f"experiment {experiment_dir}: {'resuming at step ' + str(start_step) if start_step else 'new'}")
+        logger.info(f"model: {count_parameters(model) / 1e6:.1f}M parameters; data: {len(data.train_blocks)} train / "
+                    f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
+        training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
+                      start_step, data_position)
+        export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
+    finally:
+        metrics.close()
+        for sink in sinks:
+            logger.remove(sink)
+        logger.add(sys.stderr, level="INFO")
+    return experiment_dir
+
+
+def compile_encoder(model: torch.nn.Module) -> None:
+    """torch.compile the encoder in place (parameter names unchanged, so checkpoints are the same either way).
+
+    Only the encoder: its shapes are static, while the sparse head sees a different number of masked tokens every
+    step. If compilation fails (no C++ compiler, unsupported platform), dynamo falls back to eager with a warning.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    model.roberta.compile()
+
+
+def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.Module,
+                  optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: torch.amp.GradScaler,
+                  data: PreparedData, experiment_dir: Path, metrics: MetricsLogger, start_step: int,
+                  data_position: tuple[int, int]) -> None:
+    """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
+    if flags["compile"]:
+        compile_encoder(model)
+    autocast = make_autocast(device, flags["dtype"])
+    validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
+                            flags["num_workers"], pin_memory=device.type == "cuda")
+    tokens_per_step = flags["batch_size"] * flags["max_seq_length"] * flags["grad_accum_steps"]
+    peak = peak_flops(device, flags["dtype"])
+
+    def checkpoint_state(step: int) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "step": step,
+                "data_position": list(data_position), "rng": rng_states(), "flags": flags}
+
+    # Running sums stay on the device; reading them (.item()) happens only at log steps, so steps never wait on it.
+    window_loss = torch.zeros((), device=device)
+    window_predicted = torch.zeros((), device=device, dtype=torch.long)
+    first_nonfinite_step = torch.full((), -1, device=device, dtype=torch.long)
+    window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
+    check_finite = flags["dtype"] != "fp16"  # in fp16, overflowing steps are the loss scaler's to skip
+
+    def raise_if_nonfinite() -> None:
+        bad_step = int(first_nonfinite_step)
+        if check_finite and bad_step >= 0:
+            raise NonFiniteLossError(
+                f"the loss became non-finite (NaN or inf) at step {bad_step}; stopped without saving, the last good "
+                f"checkpoint in {experiment_dir} is intact. Lower --lr, raise --warmup_steps or use --dtype fp32, "
+                "then resume with --load_checkpoint_dir")
+
+    model.train()
+    progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step", disable=None)
+    with StopSignal() as stop:
+        for step in range(start_step + 1, flags["num_iterations"] + 1):
+            for _ in range(flags["grad_accum_steps"]):
+                data_position, batch = next(batches)
+                batch = to_device(batch, device)
+                with autocast():
+                    loss = mlm_loss(model, **batch)
+                # Each micro-batch's mean loss is divided by the number of micro-batches so the summed gradient
+                # is their average: the same update as one big batch.
+                scaler.scale(loss / flags["grad_accum_steps"]).backward()
+                window_loss += loss.detach() / flags["grad_accum_steps"]
+                window_predicted += len(batch["masked_labels"])
+                first_nonfinite_step = torch.where(
+                    (first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, first_nonfinite_step)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), flags["grad_clip"] or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            window_steps += 1
+            progress.update()
+
+            if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
+                raise_if_nonfinite()
+                now = time.perf_counter()
+                seconds_per_step = (now - window_start) / window_steps
+                flops = training_flops(model.config, tokens_per_step, int(window_predicted) / window_steps,
+                                       flags["max_seq_length"])
+                record = {
+                    "step": step, "loss": float(window_loss) / window_steps, "lr": lr_scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_step / seconds_per_step,
+                    "samples_per_sec": tokens_per_step / flags["max_seq_length"] / seconds_per_step,
+                    "step_time_ms": 1000 * seconds_per_step,
+                    "mfu": flops / seconds_per_step / peak if peak else None,
+                    "peak_memory_mib": peak_memory_mib(device),
+                    "elapsed_s": now - run_start,
+                    "eta_s": seconds_per_step * (flags["num_iterations"] - step),
+                }
+                if scaler.is_enabled():
+                    record["loss_scale"] = scaler.get_scale()
+                metrics.log({key: value for key, value in record.items() if value is not None})
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+                window_loss.zero_(), window_predicted.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+
+            if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
+                log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast))
+            if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
+                raise_if_nonfinite()
+                path = save_checkpoint(experiment_dir, checkpoint_state(step), flags["keep_last"])
+                logger.info(f"saved checkpoint {path.name}")
+            if stop.signum is not None:
+                progress.close()
+                raise TrainingInterrupted(
+                    f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved. Resume with: "
+                    f"python {Path(sys.argv[0]).name} --load_checkpoint_dir {experiment_dir}", stop.signum)
+    progress.close()
+    if data.test_blocks is not None:
+        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
+        log_evaluation(metrics, flags["num_iterations"], "test", evaluate(model, test, device, autocast))
+
+
+def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch.Tensor) -> None:
+    """Log the token-weighted mean loss and its perplexity from evaluate()'s [loss sum, token count]."""
+    loss = float(totals[0] / totals[1])
+    metrics.log({"step": step, f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 700))})
+
+
+def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path, device: torch.device,
+                    max_seq_length: int) -> None:
+    """Save model and tokenizer as a Hugging Face folder `hf_model/` and show its fill-mask predictions."""
+    hf_model_dir = experiment_dir / "hf_model"
+    model.save_pretrained(hf_model_dir)
+    tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
+    tokenizer.save_pretrained(hf_model_dir)
+    predictions = fill_mask_demo(hf_model_dir, device)
+    logger.info(f"fill-mask: {FILL_MASK_SENTENCE}" + ("" if predictions else " (longer than max_seq_length; skipped)"))
+    for number, candidates in enumerate(predictions, start=1):
+        logger.info(f"fill-mask, <mask> #{number}: {' | '.join(candidates)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_command_line(argv: list[str], function: Callable) -> None:
+    """Reject unknown flags and stray positional values before fire runs anything.
+
+    fire would otherwise run the whole training first and complain about an unknown `--flag` afterwards, or bind a
+    stray value to the first positional parameter.
+    """
+    known = set(inspect.signature(function).parameters)
+    expecting_value = False
+    for arg in argv:
+        if arg in ("-h", "--help", "--"):
+            return
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            bare = name[2:] if name.startswith("no") and name[2:] in known else name
+            if bare not in known:
+                raise ConfigError(f"unknown flag --{name}; see --help for the flags")
+            expecting_value = "=" not in arg and bare == name
+        elif expecting_value:
+            expecting_value = False
+        else:
+            raise ConfigError(f"unexpected value {arg!r}: every setting is a --flag (see --help)")
+
+
+def main(function: Callable = None) -> None:
+    """Run `function` (default: train) as a fire CLI; turn the errors users cause into one line and an exit code."""
+    import fire
+
+    function = function or train
+    try:
+        check_command_line(sys.argv[1:], function)
+        fire.Fire(function)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (NonFiniteLossError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingInterrupted as error:
+        print(str(error), file=sys.stderr)
+        sys.exit(128 + error.signum)
+
+
+if __name__ == "__main__":
+    main()
