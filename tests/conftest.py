@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny corpus and a tiny tokenizer made on the spot, so tests never need the network or ../shared."""
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# A handful of fixed sentences in random order: a masked word is predictable from its sentence, so a small model's
+# MLM loss falls quickly from ln(vocab) towards zero.
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog .",
+    "one two three four five six seven eight nine ten .",
+    "red orange yellow green blue indigo violet .",
+    "monday tuesday wednesday thursday friday saturday sunday .",
+    "january february march april may june july august .",
+    "north east south west and back to the north again .",
+    "alpha beta gamma delta epsilon zeta eta theta .",
+    "spring summer autumn winter and spring once more .",
+]
+
+
+def write_corpus(directory: Path, seed: int = 0, lines: dict[str, int] | None = None) -> Path:
+    """Write train.txt / validation.txt / test.txt of paragraphs made of SENTENCES, with blank lines between."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (lines or {"train": 600, "validation": 60, "test": 60}).items():
+        paragraphs = []
+        for index in range(count):
+            paragraphs.append("" if index % 4 == 3 else " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))))
+        (directory / f"{split}.txt").write_text("\n".join(paragraphs) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A folder with train.txt / validation.txt / test.txt (a few thousand tokens each)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (RoBERTa's special tokens) trained on the tiny corpus, saved as a folder."""
+    import datasets
+
+    import train_bert
+
+    texts = datasets.load_dataset("text", data_files={"train": str(tiny_corpus / "train.txt")})["train"]
+    tokenizer = train_bert.train_bpe_tokenizer(texts, vocab_size=400)
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# Flags for a model small enough that a step takes milliseconds.
+TINY_MODEL_FLAGS = {"num_layers": 2, "num_heads": 2, "h_dim": 32, "ff_dim": 64, "max_seq_length": 32, "batch_size": 4}
+
+
+@pytest.fixture
+def tiny_flags(tiny_corpus, tiny_tokenizer, tmp_path) -> dict:
+    """Keyword arguments of train_bert.train for a fast run on the tiny corpus, writing under tmp_path."""
+    return {"checkpoint_dir": str(tmp_path / "experiments"), "dataset": str(tiny_corpus),
+            "tokenizer": str(tiny_tokenizer), **TINY_MODEL_FLAGS}
+
+
+def cli_args(flags: dict) -> list[str]:
+    """Turn a flags dict into --name=value command-line arguments."""
+    return [f"--{name}={value}" for name, value in flags.items()]
+
+
+def run_cli(script: str, flags: dict, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python script --flag=value ...` as a user would; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, str(ROOT / script), *cli_args(flags)], capture_output=True, text=True,
+                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
