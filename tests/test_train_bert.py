@@ -1,0 +1,317 @@
+"""Tests of train_bert.py: each reads like a claim the tutorial makes."""
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_bert
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer)
+
+
+def token_batch(tokenizer, batch_size: int, seq_length: int, seed: int = 0) -> torch.Tensor:
+    """Random ids over the whole vocabulary (specials included, ~1%), framed <s> ... </s> like packed blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(tokenizer), (batch_size, seq_length), generator=generator)
+    ids[:, 0], ids[:, -1] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return ids
+
+
+def z_bound(p: float, n: int, z: float = 5.0) -> float:
+    """Tolerance for an observed rate: z binomial standard deviations sqrt(p(1-p)/n).
+
+    At z = 5 a correct implementation fails once in ~1.7 million runs; a wrong rate fails as soon as its error
+    exceeds the bound (e.g. 0.0035 for the 15% selection rate over 250,000 tokens).
+    """
+    return z * math.sqrt(p * (1 - p) / n)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Masking.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_masking_stats(tokenizer):
+    """Selection and the three replacement rates match the documented rule within 5 binomial standard deviations."""
+    mask_prob, random_prob, unmask_prob = 0.15, 0.1, 0.1
+    input_ids = token_batch(tokenizer, 256, 1024)
+    original = input_ids.clone()
+    generator = torch.Generator().manual_seed(1234)
+    masked, labels = train_bert.masking_function(input_ids, tokenizer, mask_prob, random_prob, unmask_prob, generator)
+
+    assert torch.equal(input_ids, original), "the input tensor must not be modified"
+    special = torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
+    selected = labels != -100
+    assert not (selected & special).any(), "a special token was selected"
+    assert torch.equal(labels[selected], input_ids[selected]), "labels must hold the original ids"
+    assert (labels[~selected] == -100).all()
+    assert torch.equal(masked[~selected], input_ids[~selected]), "unselected tokens must be untouched"
+
+    candidates = int((~special).sum())
+    selection_rate = int(selected.sum()) / candidates
+    assert abs(selection_rate - mask_prob) < z_bound(mask_prob, candidates)
+
+    # A random replacement can draw the original id by chance (probability 1/K, K non-special ids): it then looks
+    # unchanged, so the observable rates are shifted by exactly that much.
+    non_special_count = len(tokenizer) - len(set(tokenizer.all_special_ids))
+    n_selected = int(selected.sum())
+    became_mask = selected & (masked == tokenizer.mask_token_id)
+    stayed = selected & (masked == input_ids)
+    became_random = selected & ~became_mask & ~stayed
+    expected = {
+        "mask": (became_mask, 1 - random_prob - unmask_prob),
+        "unchanged": (stayed, unmask_prob + random_prob / non_special_count),
+        "random": (became_random, random_prob * (1 - 1 / non_special_count)),
+    }
+    for name, (positions, p) in expected.items():
+        rate = int(positions.sum()) / n_selected
+        assert abs(rate - p) < z_bound(p, n_selected), f"{name}: rate {rate:.4f}, expected {p:.4f}"
+    assert not torch.isin(masked[became_random], torch.tensor(tokenizer.all_special_ids)).any(), \
+        "a random replacement was a special token"
+
+
+def test_random_replacements_are_uniform_over_non_special_ids(tokenizer):
+    """With every token selected and replaced randomly, each non-special id appears equally often (chi-square)."""
+    input_ids = token_batch(tokenizer, 512, 1024, seed=1)
+    masked, _ = train_bert.masking_function(input_ids, tokenizer, 1.0, 1.0, 0.0, torch.Generator().manual_seed(5))
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    replaced = masked[~torch.isin(input_ids, special_ids)]
+    counts = torch.bincount(replaced, minlength=len(tokenizer)).double()
+    assert counts[special_ids].sum() == 0
+    non_special_counts = counts[~torch.isin(torch.arange(len(tokenizer)), special_ids)]
+    k = len(non_special_counts)
+    expected = replaced.numel() / k
+    chi_square = float(((non_special_counts - expected) ** 2 / expected).sum())
+    # chi-square with k-1 degrees of freedom: mean k-1, sd sqrt(2(k-1)); allow 6 sd.
+    assert chi_square < (k - 1) + 6 * math.sqrt(2 * (k - 1)), f"chi-square {chi_square:.0f} for {k} ids"
+
+
+def test_masking_is_reproducible_from_the_generator(tokenizer):
+    """The same generator seed gives the same masks; another seed gives others."""
+    input_ids = token_batch(tokenizer, 16, 64)
+    first = train_bert.masking_function(input_ids, tokenizer, generator=torch.Generator().manual_seed(7))
+    again = train_bert.masking_function(input_ids, tokenizer, generator=torch.Generator().manual_seed(7))
+    other = train_bert.masking_function(input_ids, tokenizer, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[1], other[1])
+
+
+@pytest.mark.parametrize("random_prob, unmask_prob, expect", [(0.0, 1.0, "unchanged"), (0.0, 0.0, "mask")])
+def test_masking_edge_probabilities(tokenizer, random_prob, unmask_prob, expect):
+    """unmask_replace_prob=1 keeps every selected token; both 0 turns every selected token into <mask>."""
+    input_ids = token_batch(tokenizer, 8, 64)
+    masked, labels = train_bert.masking_function(input_ids, tokenizer, 0.5, random_prob, unmask_prob,
+                                                 torch.Generator().manual_seed(0))
+    selected = labels != -100
+    assert selected.any()
+    target = input_ids[selected] if expect == "unchanged" else torch.full_like(input_ids[selected], tokenizer.mask_token_id)
+    assert torch.equal(masked[selected], target)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
+    """Blocks are full <s> ... </s> frames, no padding, empty lines dropped, only the split's final partial block lost."""
+    split = train_bert.load_text_dataset(str(tiny_corpus), None)["train"]
+    lines = train_bert.tokenize_lines(split, tokenizer)
+    non_empty = sum(1 for text in split["text"] if text.strip())
+    assert len(lines) == non_empty, "empty lines must not become rows"
+    stream = torch.tensor([token for row in lines["input_ids"] for token in row])
+    assert (torch.tensor([row[-1] for row in lines["input_ids"]]) == tokenizer.eos_token_id).all(), \
+        "every line must end with </s>"
+
+    blocks = train_bert.pack_blocks(lines, tokenizer, 32)
+    assert blocks.shape[1] == 32
+    assert (blocks[:, 0] == tokenizer.bos_token_id).all() and (blocks[:, -1] == tokenizer.eos_token_id).all()
+    assert not (blocks == tokenizer.pad_token_id).any()
+    bodies = blocks[:, 1:-1].flatten().long()
+    assert torch.equal(bodies, stream[: len(bodies)]), "blocks must be the token stream in order"
+    assert len(stream) - len(bodies) < 30, "at most one partial block may be dropped"
+
+
+def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpus, tokenizer):
+    """Batch (epoch, i) is the same however it is reached; two ranks get disjoint blocks and different masks."""
+    lines = train_bert.tokenize_lines(train_bert.load_text_dataset(str(tiny_corpus), None)["train"], tokenizer)
+    blocks = train_bert.pack_blocks(lines, tokenizer, 32)
+    masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
+    from_start = train_bert.train_batches(blocks, 4, 0, masking, (0, 0), num_workers=0, pin_memory=False)
+    batches = [next(from_start) for _ in range(5)]
+    assert [position for position, _ in batches] == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
+    resumed = train_bert.train_batches(blocks, 4, 0, masking, (0, 3), num_workers=2, pin_memory=False)
+    position, batch = next(resumed)
+    assert position == (0, 4)
+    assert all(torch.equal(batch[key], batches[3][1][key]) for key in batch)
+
+    # Sharding, seen through unique rows and an identity "masking": every block trained once per epoch, by one rank.
+    unique_blocks = torch.arange(64 * 8).reshape(64, 8)
+    shards = [train_bert.TrainBatches(unique_blocks, 4, 0, 0, lambda rows, generator: rows, rank, world_size=2)
+              for rank in range(2)]
+    rows_of = [{int(row[0]) for i in range(len(shard)) for row in shard[i]} for shard in shards]
+    assert len(shards[0]) == 8 and not rows_of[0] & rows_of[1]
+    assert len(rows_of[0] | rows_of[1]) == 64
+    masks_of = [train_bert.TrainBatches(blocks, 4, 0, 0, masking, rank, 2)[0]["masked_positions"] for rank in range(2)]
+    assert not torch.equal(masks_of[0], masks_of[1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer):
+    """Vocab and ids come from the tokenizer; the sparse MLM loss equals HF's dense loss over all positions."""
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.config._attn_implementation == "sdpa"
+    masked, labels = train_bert.masking_function(token_batch(tokenizer, 4, 32), tokenizer,
+                                                 generator=torch.Generator().manual_seed(0))
+    batch = train_bert.sparse_batch(masked, labels)
+    sparse = train_bert.mlm_loss(model, **batch)
+    dense = model(input_ids=masked, labels=labels).loss
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training, checkpoints, resume.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def metric_records(experiment_dir: Path, key: str) -> list[dict]:
+    """The metrics.jsonl records that carry `key`."""
+    lines = (Path(experiment_dir) / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if key in record]
+
+
+def test_model_checkpointing(tiny_flags, tmp_path):
+    """A run resumed from its step-10 checkpoint equals the uninterrupted 20-step run bit for bit (CPU, fp32)."""
+    flags = {**tiny_flags, "num_iterations": 20, "checkpoint_every": 10, "log_every": 1, "warmup_steps": 5,
+             "dropout": 0.1, "keep_last": 5}
+    full = Path(train_bert.train(**flags))
+
+    # The interrupted run: the same experiment as it stood after step 10 (nothing of steps 11-20 kept).
+    resumed = tmp_path / "resumed" / full.name
+    shutil.copytree(full, resumed)
+    for leftover in ("checkpoint-00000020.pt", "latest", "hf_model"):
+        shutil.rmtree(resumed / leftover) if (resumed / leftover).is_dir() else (resumed / leftover).unlink()
+    # num_workers may differ on resume: every batch is a function of its position only.
+    train_bert.train(load_checkpoint_dir=str(resumed), num_workers=2)
+
+    full_losses = [record["loss"] for record in metric_records(full, "loss")]
+    assert [record["step"] for record in metric_records(resumed, "loss")] == list(range(1, 21)), "exactly 20 steps"
+    assert [record["loss"] for record in metric_records(resumed, "loss")] == full_losses
+    assert metric_records(resumed, "eval_loss") == metric_records(full, "eval_loss")
+
+    final, final_resumed = (torch.load(d / "checkpoint-00000020.pt", weights_only=True) for d in (full, resumed))
+    assert final["step"] == 20 and final["lr_scheduler"]["last_epoch"] == 20
+    for name, tensor in final["model"].items():
+        assert torch.equal(tensor, final_resumed["model"][name]), name
+    optimizer_state = final["optimizer"]["state"]
+    from transformers import AutoModelForMaskedLM
+
+    assert len(optimizer_state) == len(list(AutoModelForMaskedLM.from_pretrained(full / "hf_model").parameters()))
+    for slot, resumed_slot in zip(optimizer_state.values(), final_resumed["optimizer"]["state"].values()):
+        assert float(slot["step"]) == 20
+        assert torch.equal(slot["exp_avg"], resumed_slot["exp_avg"])
+        assert torch.equal(slot["exp_avg_sq"], resumed_slot["exp_avg_sq"])
+
+
+def test_resume_can_train_further_and_rejects_shape_changes(tiny_flags):
+    """Raising --num_iterations continues the run; changing --h_dim on resume is refused before anything runs."""
+    experiment = train_bert.train(**{**tiny_flags, "num_iterations": 6, "log_every": 2, "checkpoint_every": 3})
+    train_bert.train(load_checkpoint_dir=experiment, num_iterations=10)
+    assert [record["step"] for record in metric_records(experiment, "loss")] == [2, 4, 6, 8, 10]
+    assert torch.load(Path(experiment) / "checkpoint-00000010.pt", weights_only=True)["step"] == 10
+    with pytest.raises(train_bert.ConfigError, match="h_dim"):
+        train_bert.train(load_checkpoint_dir=experiment, h_dim=64)
+
+
+def test_same_seed_same_run(tiny_flags):
+    """Two runs with the same seed log the same losses (and get different experiment directories)."""
+    flags = {**tiny_flags, "num_iterations": 5, "log_every": 1}
+    first, second = train_bert.train(**flags), train_bert.train(**flags)
+    assert first != second
+    assert [r["loss"] for r in metric_records(first, "loss")] == [r["loss"] for r in metric_records(second, "loss")]
+    other = train_bert.train(**{**flags, "seed": 1})
+    assert [r["loss"] for r in metric_records(other, "loss")] != [r["loss"] for r in metric_records(first, "loss")]
+
+
+def test_it_learns(tiny_flags):
+    """On the repetitive tiny corpus the validation loss falls from ~ln(vocab) to under a third of its start."""
+    flags = {**tiny_flags, "num_layers": 2, "h_dim": 64, "ff_dim": 128, "num_heads": 4, "batch_size": 16,
+             "num_iterations": 300, "eval_every": 30, "warmup_steps": 30, "lr": 2e-3, "log_every": 50}
+    experiment = train_bert.train(**flags)
+    eval_losses = [record["eval_loss"] for record in metric_records(experiment, "eval_loss")]
+    assert eval_losses[0] > 4.0, eval_losses  # near ln(400) = 6.0 at the start
+    assert eval_losses[-1] < eval_losses[0] / 3, eval_losses
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command line, as a user runs it.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_end_to_end(tiny_flags):
+    """`python train_bert.py --checkpoint_dir ...` writes the documented experiment directory."""
+    flags = {**tiny_flags, "num_iterations": 12, "log_every": 4, "eval_every": 6, "checkpoint_every": 5,
+             "keep_last": 2}
+    result = run_cli("train_bert.py", flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = Path(result.stdout.strip().splitlines()[-1])
+    assert experiment.parent == Path(flags["checkpoint_dir"])
+    assert re.fullmatch(r"bert_pretrain\.\d{4}(\.\d{2}){5}\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}",
+                        experiment.name), experiment.name
+
+    hparams = json.loads((experiment / "hparams.json").read_text())
+    assert hparams["flags"]["num_iterations"] == 12 and hparams["flags"]["mask_prob"] == 0.15
+    assert set(hparams["flags"]) == set(train_bert.inspect.signature(train_bert.train).parameters)
+    assert hparams["versions"]["torch"] == torch.__version__ and hparams["vocab_size"] > 0
+    assert (experiment / "githash.log").read_text().strip()
+    assert (experiment / "gitdiff.log").exists() and (experiment / "train.log").read_text()
+    assert sorted(p.name for p in experiment.glob("checkpoint-*.pt")) == ["checkpoint-00000010.pt",
+                                                                          "checkpoint-00000012.pt"]
+    assert (experiment / "latest").read_text().strip() == "checkpoint-00000012.pt"
+    assert list((experiment / "tb_dir").glob("events.out.tfevents.*"))
+
+    train_records = metric_records(experiment, "loss")
+    assert [r["step"] for r in train_records] == [4, 8, 12]
+    assert all({"lr", "tokens_per_sec", "grad_norm", "peak_memory_mib"} <= set(r) for r in train_records)
+    assert [r["step"] for r in metric_records(experiment, "eval_loss")] == [6, 12]
+    assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
+               for r in metric_records(experiment, "eval_loss"))
+    assert metric_records(experiment, "test_loss")
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(experiment / "hf_model")
+    tokenizer = AutoTokenizer.from_pretrained(experiment / "hf_model")
+    inputs = tokenizer(f"the quick brown {tokenizer.mask_token} jumps", return_tensors="pt")
+    assert model(**inputs).logits.shape[-1] == len(tokenizer)
+    assert "fill-mask" in result.stderr
+
+
+def test_cli_help_documents_every_flag():
+    """--help is a manual: every flag of train() appears with its docstring line."""
+    result = subprocess.run([sys.executable, "train_bert.py", "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=Path(train_bert.__file__).parent)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    for name in train_bert.inspect.signature(train_bert.train).parameters:
+        assert f"--{name}" in output, name
+    assert "Probability that a non-special token is selected" in output
