@@ -1,0 +1,72 @@
+"""Every `python train_bert.py ...` command of the README runs, on the tiny corpus, as the README writes it.
+
+Only what cannot run in a test is adapted: data paths point at the tiny corpus and tokenizer, the model is shrunk and
+trains 3 steps, and an experiment folder written as `.../bert_pretrain.<...>` is the one the previous command made.
+Commands that need a GPU (`--local_rank N` with N >= 0) are skipped on machines without one.
+"""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
+
+
+def readme_commands(script: str) -> list[str]:
+    """Lines of the README's ```bash blocks that run `python <script>`."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines()
+            if line.strip().startswith(f"python {script} ")]
+
+
+def parse_flags(command: str) -> dict[str, str]:
+    """`python train_bert.py --a 1 --b=2` -> {"a": "1", "b": "2"} (every README flag takes a value)."""
+    words = shlex.split(command)[2:]
+    flags, index = {}, 0
+    while index < len(words):
+        name, _, value = words[index][2:].partition("=")
+        if not value:
+            index += 1
+            value = words[index]
+        flags[name] = value
+        index += 1
+    return flags
+
+
+COMMANDS = readme_commands("train_bert.py")
+
+
+def test_readme_has_training_commands():
+    assert len(COMMANDS) >= 5, COMMANDS
+
+
+def test_every_readme_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
+    """Run the README's commands in order; each must exit 0 (a resume command resumes the previous experiment)."""
+    previous_experiment = None
+    ran = 0
+    for command in COMMANDS:
+        flags = parse_flags(command)
+        if int(flags.get("local_rank", -1)) >= 0 and not torch.cuda.is_available():
+            continue  # a GPU command; the same flags minus --local_rank run in the CPU commands
+        if "load_checkpoint_dir" in flags:
+            assert previous_experiment, f"{command!r} resumes, but no command before it made an experiment"
+            flags["load_checkpoint_dir"] = previous_experiment
+            if "num_iterations" in flags:
+                flags["num_iterations"] = "6"  # "train further": past the 3 steps the experiment was trained for
+        else:
+            flags["checkpoint_dir"] = str(tmp_path / "experiments")
+            if flags.get("tokenizer") != "bpe":
+                flags["tokenizer"] = str(tiny_tokenizer)
+            flags.update({"dataset": str(tiny_corpus), "num_iterations": "3", **TINY_MODEL_FLAGS})
+            flags.pop("dataset_config", None)
+        result = run_cli("train_bert.py", flags)
+        assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
+        if "checkpoint_dir" in flags:
+            previous_experiment = result.stdout.strip().splitlines()[-1]
+            assert Path(previous_experiment, "hf_model").is_dir()
+        ran += 1
+    assert ran >= 4
