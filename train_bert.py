@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import inspect
 import json
 import math
@@ -28,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -226,7 +228,10 @@ def pack_blocks(token_lines: "datasets.Dataset", tokenizer: "transformers.PreTra
     import pyarrow.compute as pc
 
     start_id, end_id = block_framing_ids(tokenizer)
-    stream = pc.list_flatten(token_lines.data.column("input_ids")).to_numpy().astype(np.int32)
+    if "input_ids" in token_lines.column_names:
+        stream = pc.list_flatten(token_lines.data.column("input_ids")).to_numpy().astype(np.int32)
+    else:  # every line was empty: `map` produced no rows, and so not even the column
+        stream = np.zeros(0, dtype=np.int32)
     body_length = max_seq_length - 2
     num_blocks = len(stream) // body_length
     if num_blocks == 0:
@@ -358,9 +363,12 @@ class TrainBatches(torch.utils.data.Dataset):
         return self.masking(self.blocks[rows], seeded_generator(self.seed, self.epoch, global_index))
 
 
-def ignore_sigint_in_worker(_: int) -> None:
-    """Ctrl-C reaches the whole process group; only the main process should react (it saves and exits)."""
+def ignore_stop_signals_in_worker(_: int) -> None:
+    """Ctrl-C (and SIGTERM from a scheduler such as SLURM) reaches the whole process group; only the main process
+    should react (it finishes the step, saves and exits). A worker killed by the signal would instead crash the
+    main process mid-step; ignoring it, the worker exits when the main process closes the DataLoader."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_batches(blocks: torch.Tensor, batch_size: int, seed: int, masking: MaskingConfig, start: tuple[int, int],
@@ -384,7 +392,7 @@ def train_batches(blocks: torch.Tensor, batch_size: int, seed: int, masking: Mas
             sampler=range(index, len(epoch_batches)),
             num_workers=num_workers,
             pin_memory=pin_memory,
-            worker_init_fn=ignore_sigint_in_worker if num_workers else None,
+            worker_init_fn=ignore_stop_signals_in_worker if num_workers else None,
             generator=torch.Generator(),  # otherwise creating the iterator draws from (and shifts) the global RNG
         )
         for batch_index, batch in enumerate(loader, start=index):
@@ -503,10 +511,12 @@ def peak_memory_mib(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+             autocast: Callable[[], contextlib.AbstractContextManager],
+             loss_function: Callable[..., torch.Tensor] = mlm_loss) -> torch.Tensor:
     """Return a tensor [sum of token losses, number of predicted tokens] over `batches` (fixed masks).
 
     A sum and a count rather than a mean, so results from several ranks or splits combine exactly.
+    `loss_function(model, **batch, reduction="sum")` computes the loss (the DeepSpeed script passes its engine's).
     """
     was_training = model.training
     model.eval()
@@ -514,7 +524,7 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], dev
     for batch in batches:
         batch = to_device(batch, device)
         with autocast():
-            loss_sum = mlm_loss(model, **batch, reduction="sum")
+            loss_sum = loss_function(model, **batch, reduction="sum")
         totals += torch.stack([loss_sum.double(), torch.tensor(len(batch["masked_labels"]), device=device).double()])
     model.train(was_training)
     return totals
@@ -530,16 +540,20 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups: weight matrices decay, biases and LayerNorm weights do not (BERT's recipe)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only: biases and LayerNorm weights are not decayed (BERT's recipe).
 
     The fused implementation (one kernel for all parameters) on CPU and GPU.
     """
-    decay, no_decay = [], []
-    for name, parameter in model.named_parameters():
-        (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 
 def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, num_iterations: int
@@ -548,6 +562,19 @@ def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, num
     from transformers import get_linear_schedule_with_warmup
 
     return get_linear_schedule_with_warmup(optimizer, warmup_steps, num_iterations)
+
+
+def apply_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      lr: float) -> None:
+    """After loading a checkpoint, use this run's peak `lr` and schedule from the checkpoint's step on.
+
+    Loading the optimizer and scheduler states restores the saved peak lr, so without this a resume with a lower
+    --lr (the cure for a NaN) would silently keep the old one. The schedule itself (--warmup_steps,
+    --num_iterations) comes from the new scheduler. With unchanged flags this recomputes exactly the saved values.
+    """
+    lr_scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
+        group["lr"] = lr * lr_lambda(lr_scheduler.last_epoch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -615,7 +642,8 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
 
     The order matters: the pointer moves only once the file is complete, and old checkpoints go only once the new
     one is safe, so a crash at any moment leaves a loadable checkpoint. A failed save (e.g. a full disk) raises
-    `CheckpointError` and leaves the previous checkpoint as it was.
+    `CheckpointError` and leaves the previous checkpoint as it was. Only checkpoints of earlier steps count towards
+    `keep_last`: one of a later step exists only if it was unreadable and the run resumed from before it.
     """
     path = checkpoint_path(experiment_dir, state["step"])
     try:
@@ -626,8 +654,11 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
             f"could not save checkpoint {path.name} ({error.strerror or error}); the previous checkpoint is intact. "
             "Free disk space, then resume with --load_checkpoint_dir"
         ) from error
-    for old in sorted(experiment_dir.glob(CHECKPOINT_PATTERN))[:-keep_last]:
+    older = sorted(other for other in experiment_dir.glob(CHECKPOINT_PATTERN) if other.name < path.name)
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         old.unlink()
+    for leftover in experiment_dir.glob(f".{CHECKPOINT_PATTERN}.*.tmp"):  # from a save that was killed midway
+        leftover.unlink(missing_ok=True)
     return path
 
 
@@ -845,12 +876,13 @@ def resolve_device(local_rank: int, dtype: str) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults: dict[str, Any],
+                         run_defining: tuple[str, ...] = RUN_DEFINING_FLAGS) -> dict[str, Any]:
     """Merge the flags of a resume with the experiment's hparams.json.
 
     A flag left at its default takes the saved value (so `--load_checkpoint_dir DIR` alone continues the run as it
-    was). A flag given with another value is an error if it would change the model's or the data's shape, and
-    otherwise overrides the saved value (e.g. a larger --num_iterations to train further).
+    was). A flag given with another value is an error if it is one of `run_defining` (it would change the model's
+    or the data's shape), and otherwise overrides the saved value (e.g. a larger --num_iterations to train further).
     """
     resolved = dict(flags)
     for name, saved_value in saved.items():
@@ -858,7 +890,7 @@ def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults:
             continue
         if flags[name] == defaults[name] or flags[name] == saved_value:
             resolved[name] = saved_value
-        elif name in RUN_DEFINING_FLAGS:
+        elif name in run_defining:
             raise ConfigError(f"--{name} {flags[name]!r} differs from the checkpoint's {saved_value!r}; it changes the "
                               "model or data shape, so a resume must keep it (start a new experiment instead)")
         else:
@@ -887,6 +919,12 @@ class StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+    def interruption(self, step: int, experiment_dir: Path) -> TrainingInterrupted:
+        """The error that ends the run once the checkpoint of `step` is saved; it says how to resume."""
+        return TrainingInterrupted(
+            f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved. Resume with: "
+            f"python {Path(sys.argv[0]).name} --load_checkpoint_dir {experiment_dir}", self.signum)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -924,6 +962,10 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
                           f"tokenizer {flags['tokenizer']!r} is made for")
     blocks = {split: pack_blocks(tokenize_lines(raw[split], tokenizer), tokenizer, flags["max_seq_length"], split)
               for split in raw if split in ("train", "validation", "test")}
+    if len(blocks["train"]) < flags["batch_size"]:  # checked here, before the experiment directory is created
+        raise ConfigError(f"the train split has {len(blocks['train'])} blocks of --max_seq_length "
+                          f"{flags['max_seq_length']} tokens, fewer than one batch (--batch_size {flags['batch_size']}); "
+                          "use more text or a smaller --batch_size")
     masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"])
     return PreparedData(tokenizer, blocks["train"], blocks["validation"], blocks.get("test"), masking)
 
@@ -935,22 +977,39 @@ def make_autocast(device: torch.device, dtype: str) -> Callable[[], contextlib.A
     return lambda: torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest existing parent (where a missing directory would be created)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_disk_space(directory: Path, model: torch.nn.Module) -> None:
-    """Fail before training if the disk cannot hold two checkpoints (model + 2 AdamW moments, fp32)."""
+    """Fail before training (and before creating anything) if the disk cannot hold two checkpoints (model + 2 AdamW
+    moments, fp32): a new checkpoint is written in full before the previous one is deleted."""
     needed = 2 * 3 * 4 * count_parameters(model)
-    free = shutil.disk_usage(directory).free
+    free = shutil.disk_usage(nearest_existing(directory)).free
     if free < needed:
         raise ConfigError(f"{directory} has {free / 2**20:.0f} MiB free; checkpoints of this model need about "
                           f"{needed / 2**20:.0f} MiB. Free space or choose another --checkpoint_dir")
 
 
-def check_writable(directory: str) -> None:
-    """Fail before loading anything if `directory` (or the parent it would be created in) is not writable."""
-    path = Path(directory).resolve()
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"--checkpoint_dir {directory!r} is not writable ({path} is not a writable directory)")
+def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
+    """Fail before loading anything if `directory` (or the parent it would be created in) is not writable.
+
+    It tries to create (and at once deletes) a file there: `os.access` is not enough, since root passes it on a
+    read-only mount or a virtual file system such as /proc.
+    """
+    path = nearest_existing(Path(directory))
+    try:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {directory!r} is not writable: {path} cannot hold new files ({error.strerror}); "
+                          "choose a writable directory") from error
 
 
 def train(
@@ -1035,19 +1094,58 @@ def train(
     saved_tokenizer_dir = None
     if load_checkpoint_dir is not None:
         experiment_dir = Path(load_checkpoint_dir)
-        hparams_path = experiment_dir / "hparams.json"
-        if not hparams_path.is_file():
-            raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} is not an experiment directory "
-                              "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
+        hparams = load_hparams(experiment_dir)
         if not any(experiment_dir.glob(CHECKPOINT_PATTERN)):
             raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
-        flags = resolve_resume_flags(flags, json.loads(hparams_path.read_text())["flags"], defaults)
+        check_writable(load_checkpoint_dir, "--load_checkpoint_dir")  # the resumed run saves its checkpoints there
+        flags = resolve_resume_flags(flags, hparams["flags"], defaults)
         validate_flags(flags)
         saved_tokenizer_dir = experiment_dir / "tokenizer"
     else:
         check_writable(checkpoint_dir)
     device = resolve_device(flags["local_rank"], flags["dtype"])
     return str(run_training(flags, device, saved_tokenizer_dir))
+
+
+def load_hparams(experiment_dir: Path) -> dict[str, Any]:
+    """An experiment's hparams.json (its resolved flags first); an error if the folder is not an experiment."""
+    hparams_path = experiment_dir / "hparams.json"
+    if not experiment_dir.is_dir():
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} does not exist; give a bert_pretrain.* "
+                          "folder made by --checkpoint_dir")
+    if not hparams_path.is_file():
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} is not an experiment directory "
+                          "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
+    return json.loads(hparams_path.read_text())
+
+
+def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn.Module, **extra: Any) -> Path:
+    """Create the experiment directory and write what reproduces the run: tokenizer, hparams.json, git state.
+
+    Called only once all inputs have loaded, so a bad dataset or tokenizer leaves no directory behind.
+    """
+    experiment_dir = new_experiment_dir(flags["checkpoint_dir"])
+    data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
+    hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
+               "train_blocks": len(data.train_blocks), "validation_blocks": len(data.validation_blocks),
+               "versions": library_versions(), **extra}
+    atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
+    record_code_version(experiment_dir)
+    return experiment_dir
+
+
+@contextlib.contextmanager
+def experiment_logging(experiment_dir: Path, start_step: int) -> Iterator[MetricsLogger]:
+    """Log to stderr, train.log, TensorBoard and metrics.jsonl for the `with` block; close them all on any exit."""
+    sinks = setup_logging(experiment_dir)
+    metrics = MetricsLogger(experiment_dir, start_step)
+    try:
+        yield metrics
+    finally:
+        metrics.close()
+        for sink in sinks:
+            logger.remove(sink)
+        logger.add(sys.stderr, level="INFO")
 
 
 def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None) -> Path:
@@ -1066,14 +1164,9 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
     lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"])
     scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
 
+    check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]), model)
     if saved_tokenizer_dir is None:  # a new experiment: only now, when all inputs loaded, create its directory
-        experiment_dir = new_experiment_dir(flags["checkpoint_dir"])
-        data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
-        hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
-                   "train_blocks": len(data.train_blocks), "validation_blocks": len(data.validation_blocks),
-                   "versions": library_versions()}
-        atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
-        record_code_version(experiment_dir)
+        experiment_dir = create_experiment(flags, data, model)
         start_step, data_position = 0, (0, 0)
     else:
         experiment_dir = saved_tokenizer_dir.parent
@@ -1081,27 +1174,26 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        apply_lr_schedule(optimizer, lr_scheduler, flags["lr"])
         scaler.load_state_dict(checkpoint["grad_scaler"])
         set_rng_states(checkpoint["rng"])
         start_step, data_position = checkpoint["step"], tuple(checkpoint["data_position"])
         del checkpoint
 
-    check_disk_space(experiment_dir, model)
-    sinks = setup_logging(experiment_dir)
-    metrics = MetricsLogger(experiment_dir, start_step)
-    try:
-        logger.info(f"experiment {experiment_dir}: {'resuming at step ' + str(start_step) if start_step else 'new'}")
-        logger.info(f"model: {count_parameters(model) / 1e6:.1f}M parameters; data: {len(data.train_blocks)} train / "
-                    f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
+    with experiment_logging(experiment_dir, start_step) as metrics:
+        log_run_start(experiment_dir, start_step, model, data, flags, device)
         training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
                       start_step, data_position)
         export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
-    finally:
-        metrics.close()
-        for sink in sinks:
-            logger.remove(sink)
-        logger.add(sys.stderr, level="INFO")
     return experiment_dir
+
+
+def log_run_start(experiment_dir: Path, start_step: int, model: torch.nn.Module, data: PreparedData,
+                  flags: dict[str, Any], device: torch.device) -> None:
+    """The first log lines: which experiment, new or resumed, how big the model and the data are."""
+    logger.info(f"experiment {experiment_dir}: {'resuming at step ' + str(start_step) if start_step else 'new'}")
+    logger.info(f"model: {count_parameters(model) / 1e6:.1f}M parameters; data: {len(data.train_blocks)} train / "
+                f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
 
 
 def compile_encoder(model: torch.nn.Module) -> None:
@@ -1116,6 +1208,67 @@ def compile_encoder(model: torch.nn.Module) -> None:
     model.roberta.compile()
 
 
+class LossWindow:
+    """The loss, the predicted-token count and the time between two log lines.
+
+    The sums stay on the device and are read (.item()) only at log steps, so no training step waits on the
+    accelerator. The first step with a non-finite loss is remembered the same way; in fp16 (`check_finite`
+    False) overflowing steps are the loss scaler's to skip instead.
+    """
+
+    def __init__(self, device: torch.device, grad_accum_steps: int, check_finite: bool):
+        self.loss = torch.zeros((), device=device)
+        self.predicted = torch.zeros((), device=device, dtype=torch.long)
+        self.first_nonfinite_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.grad_accum_steps, self.check_finite = grad_accum_steps, check_finite
+        self.micro_batches, self.start, self.run_start = 0, time.perf_counter(), time.perf_counter()
+
+    def add(self, step: int, loss: torch.Tensor, num_predicted: int) -> None:
+        """Count one micro-batch of optimizer step `step`: its mean loss and how many tokens it predicted."""
+        self.loss += loss.detach() / self.grad_accum_steps
+        self.predicted += num_predicted
+        self.first_nonfinite_step = torch.where(
+            (self.first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_nonfinite_step)
+        self.micro_batches += 1
+
+    def raise_if_nonfinite(self, experiment_dir: Path) -> None:
+        """Stop before anything from a bad step is logged or saved."""
+        bad_step = int(self.first_nonfinite_step)
+        if self.check_finite and bad_step >= 0:
+            raise NonFiniteLossError(
+                f"the loss became non-finite (NaN or inf) at step {bad_step}; stopped without saving, the last good "
+                f"checkpoint in {experiment_dir} is intact. Lower --lr, raise --warmup_steps or use --dtype fp32, "
+                "then resume with --load_checkpoint_dir")
+
+    def record(self, step: int, lr: float, grad_norm: float | None, flags: dict[str, Any],
+               model_config: "transformers.RobertaConfig", device: torch.device, num_ranks: int = 1
+               ) -> dict[str, Any]:
+        """The log line for the steps since the previous one, then start a new window.
+
+        Throughput counts the tokens of all `num_ranks` ranks (the loss and predicted count must already be summed
+        over ranks), and MFU divides by all their peaks. Values that do not apply (MFU on CPU) are left out.
+        """
+        now = time.perf_counter()
+        steps = self.micro_batches / self.grad_accum_steps
+        seconds_per_step = (now - self.start) / steps
+        tokens_per_step = num_ranks * flags["batch_size"] * flags["max_seq_length"] * flags["grad_accum_steps"]
+        flops = training_flops(model_config, tokens_per_step, int(self.predicted) / steps, flags["max_seq_length"])
+        peak = peak_flops(device, flags["dtype"])
+        record = {
+            "step": step, "loss": float(self.loss) / steps, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_step / seconds_per_step,
+            "samples_per_sec": tokens_per_step / flags["max_seq_length"] / seconds_per_step,
+            "step_time_ms": 1000 * seconds_per_step,
+            "mfu": flops / seconds_per_step / (num_ranks * peak) if peak else None,
+            "peak_memory_mib": peak_memory_mib(device),
+            "elapsed_s": now - self.run_start,
+            "eta_s": seconds_per_step * (flags["num_iterations"] - step),
+        }
+        self.loss.zero_(), self.predicted.zero_()
+        self.micro_batches, self.start = 0, time.perf_counter()
+        return {key: value for key, value in record.items() if value is not None}
+
+
 def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: torch.amp.GradScaler,
                   data: PreparedData, experiment_dir: Path, metrics: MetricsLogger, start_step: int,
@@ -1127,28 +1280,12 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
     validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
                             flags["num_workers"], pin_memory=device.type == "cuda")
-    tokens_per_step = flags["batch_size"] * flags["max_seq_length"] * flags["grad_accum_steps"]
-    peak = peak_flops(device, flags["dtype"])
+    window = LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
 
     def checkpoint_state(step: int) -> dict[str, Any]:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "step": step,
                 "data_position": list(data_position), "rng": rng_states(), "flags": flags}
-
-    # Running sums stay on the device; reading them (.item()) happens only at log steps, so steps never wait on it.
-    window_loss = torch.zeros((), device=device)
-    window_predicted = torch.zeros((), device=device, dtype=torch.long)
-    first_nonfinite_step = torch.full((), -1, device=device, dtype=torch.long)
-    window_start, window_steps, run_start = time.perf_counter(), 0, time.perf_counter()
-    check_finite = flags["dtype"] != "fp16"  # in fp16, overflowing steps are the loss scaler's to skip
-
-    def raise_if_nonfinite() -> None:
-        bad_step = int(first_nonfinite_step)
-        if check_finite and bad_step >= 0:
-            raise NonFiniteLossError(
-                f"the loss became non-finite (NaN or inf) at step {bad_step}; stopped without saving, the last good "
-                f"checkpoint in {experiment_dir} is intact. Lower --lr, raise --warmup_steps or use --dtype fp32, "
-                "then resume with --load_checkpoint_dir")
 
     model.train()
     progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step", disable=None)
@@ -1162,53 +1299,33 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 # Each micro-batch's mean loss is divided by the number of micro-batches so the summed gradient
                 # is their average: the same update as one big batch.
                 scaler.scale(loss / flags["grad_accum_steps"]).backward()
-                window_loss += loss.detach() / flags["grad_accum_steps"]
-                window_predicted += len(batch["masked_labels"])
-                first_nonfinite_step = torch.where(
-                    (first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, first_nonfinite_step)
+                window.add(step, loss, len(batch["masked_labels"]))
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), flags["grad_clip"] or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
-            window_steps += 1
             progress.update()
 
             if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
-                raise_if_nonfinite()
-                now = time.perf_counter()
-                seconds_per_step = (now - window_start) / window_steps
-                flops = training_flops(model.config, tokens_per_step, int(window_predicted) / window_steps,
-                                       flags["max_seq_length"])
-                record = {
-                    "step": step, "loss": float(window_loss) / window_steps, "lr": lr_scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm), "tokens_per_sec": tokens_per_step / seconds_per_step,
-                    "samples_per_sec": tokens_per_step / flags["max_seq_length"] / seconds_per_step,
-                    "step_time_ms": 1000 * seconds_per_step,
-                    "mfu": flops / seconds_per_step / peak if peak else None,
-                    "peak_memory_mib": peak_memory_mib(device),
-                    "elapsed_s": now - run_start,
-                    "eta_s": seconds_per_step * (flags["num_iterations"] - step),
-                }
+                window.raise_if_nonfinite(experiment_dir)
+                record = window.record(step, lr_scheduler.get_last_lr()[0], float(grad_norm), flags, model.config,
+                                       device)
                 if scaler.is_enabled():
                     record["loss_scale"] = scaler.get_scale()
-                metrics.log({key: value for key, value in record.items() if value is not None})
+                metrics.log(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-                window_loss.zero_(), window_predicted.zero_()
-                window_start, window_steps = time.perf_counter(), 0
 
             if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
                 log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast))
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
-                raise_if_nonfinite()
+                window.raise_if_nonfinite(experiment_dir)
                 path = save_checkpoint(experiment_dir, checkpoint_state(step), flags["keep_last"])
                 logger.info(f"saved checkpoint {path.name}")
             if stop.signum is not None:
                 progress.close()
-                raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint saved. Resume with: "
-                    f"python {Path(sys.argv[0]).name} --load_checkpoint_dir {experiment_dir}", stop.signum)
+                raise stop.interruption(step, experiment_dir)
     progress.close()
     if data.test_blocks is not None:
         test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)

@@ -1,0 +1,583 @@
+"""Masked language model pretraining of a RoBERTa encoder with DeepSpeed: `train_bert.py` plus what DeepSpeed changes.
+
+Data, masking, the model, the sparse MLM loss, the experiment directory, evaluation and logging all come from
+`train_bert.py`. What is here, top to bottom:
+
+    ds_config.json + flags -> processes and ranks -> the engine -> checkpoints -> export -> train -> __main__
+
+Run it:
+
+    python train_bert_ds.py --checkpoint_dir ./experiments                  # one process (GPU 0, or the CPU)
+    deepspeed train_bert_ds.py --checkpoint_dir ./experiments               # one process per GPU of this machine
+    torchrun --nproc_per_node 2 train_bert_ds.py --checkpoint_dir ./experiments
+    python train_bert_ds.py --load_checkpoint_dir ./experiments/bert_pretrain...   # resume (same number of ranks)
+    python train_bert_ds.py --help                                           # every flag, documented
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from loguru import logger
+from tqdm.auto import tqdm
+
+import train_bert
+from train_bert import (ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData, StopSignal,
+                        atomic_write, check_writable, compile_encoder, create_experiment, create_lr_scheduler,
+                        create_model, eval_batches, evaluate, experiment_logging, export_and_demo, load_hparams,
+                        log_evaluation, log_run_start, mlm_loss, parameter_groups, prepare_data,
+                        resolve_resume_flags, rng_states, set_rng_states, to_device, train_batches, validate_flags)
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DS_CONFIG = HERE / "ds_config.json"
+LATEST_POINTER = "latest"  # the file DeepSpeed's load_checkpoint and zero_to_fp32.py read the newest tag from
+TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags and ds_config.json: one source of truth per setting.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Settings that are both a flag and a field of ds_config.json (a path of keys). A flag the user passes wins and is
+# written into the config; a flag left out takes the config's value (or train_bert.py's default if the config has
+# none). `dtype` is the fifth, spread over fp16.enabled and bf16.enabled.
+CONFIG_FIELDS = {
+    "batch_size": ("train_micro_batch_size_per_gpu",),
+    "grad_accum_steps": ("gradient_accumulation_steps",),
+    "grad_clip": ("gradient_clipping",),
+    "lr": ("optimizer", "params", "lr"),
+    "weight_decay": ("optimizer", "params", "weight_decay"),
+    "zero_stage": ("zero_optimization", "stage"),
+    "offload_optimizer": ("zero_optimization", "offload_optimizer", "device"),
+    "offload_param": ("zero_optimization", "offload_param", "device"),
+}
+FLAGS_FROM_CONFIG = (*CONFIG_FIELDS, "dtype")
+OFFLOAD_DEVICES = ("none", "cpu")
+# A DeepSpeed checkpoint's layout depends on these, so a resume keeps them (besides train_bert.py's shape flags).
+DS_RUN_DEFINING_FLAGS = (*train_bert.RUN_DEFINING_FLAGS, "zero_stage", "dtype", "offload_optimizer", "offload_param")
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config; a missing or malformed file is a one-line error."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ConfigError(f"--ds_config {path!r} cannot be read ({error.strerror or error})") from error
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--ds_config {path!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"--ds_config {path!r} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def effective_ds_config(flags: dict[str, Any], config: dict[str, Any], world_size: int
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge flags and config both ways; return (resolved flags, the config DeepSpeed runs with).
+
+    DeepSpeed checks train_batch_size == micro batch x accumulation steps x ranks; it is derived here, and a
+    config that states another number is an error rather than silently one or the other.
+    """
+    flags, config = dict(flags), copy.deepcopy(config)
+    fallback = {name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()}
+    fallback |= {"zero_stage": 0, "offload_optimizer": "none", "offload_param": "none"}
+    for flag, path in CONFIG_FIELDS.items():
+        *parents, key = path
+        section = config
+        for parent in parents:
+            section = section.setdefault(parent, {})
+        if flags[flag] is None:
+            flags[flag] = section.get(key, fallback[flag])
+        section[key] = flags[flag]
+    if flags["dtype"] is None:
+        enabled = [dtype for dtype in ("fp16", "bf16") if config.get(dtype, {}).get("enabled", False)]
+        if len(enabled) == 2:
+            raise ConfigError(f"--ds_config {flags['ds_config']!r} enables both fp16 and bf16; enable one")
+        flags["dtype"] = enabled[0] if enabled else "fp32"
+    for dtype in ("fp16", "bf16"):
+        config.setdefault(dtype, {})["enabled"] = flags["dtype"] == dtype
+    train_batch_size = flags["batch_size"] * flags["grad_accum_steps"] * world_size
+    if config.get("train_batch_size", "auto") not in ("auto", train_batch_size):
+        raise ConfigError(
+            f"--ds_config sets train_batch_size {config['train_batch_size']}, but --batch_size {flags['batch_size']} "
+            f"x --grad_accum_steps {flags['grad_accum_steps']} x {world_size} rank(s) = {train_batch_size}; "
+            "remove train_batch_size (it is derived) or make them agree")
+    config["train_batch_size"] = train_batch_size
+    return flags, config
+
+
+def validate_ds_flags(flags: dict[str, Any]) -> None:
+    """Reject bad values of the DeepSpeed flags with one line each (train_bert.validate_flags checks the rest)."""
+    if flags["zero_stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3; got {flags['zero_stage']!r}")
+    for name in ("offload_optimizer", "offload_param"):
+        if flags[name] not in OFFLOAD_DEVICES:
+            raise ConfigError(f"--{name} must be one of {', '.join(OFFLOAD_DEVICES)}; got {flags[name]!r}")
+    if flags["offload_optimizer"] != "none" and flags["zero_stage"] == 0:
+        raise ConfigError("--offload_optimizer cpu needs ZeRO (--zero_stage 1, 2 or 3): only a partitioned optimizer "
+                          "can live in CPU memory")
+    if flags["offload_param"] != "none" and flags["zero_stage"] != 3:
+        raise ConfigError(f"--offload_param cpu needs --zero_stage 3 (only stage 3 partitions the parameters); "
+                          f"got --zero_stage {flags['zero_stage']}")
+    if flags["compile"] and flags["zero_stage"] == 3:
+        raise ConfigError("--compile is not supported with --zero_stage 3 here (ZeRO-3 gathers parameters in "
+                          "module hooks that torch.compile would trace); use --zero_stage 0, 1 or 2")
+
+
+def check_dtype_supported(dtype: str) -> None:
+    """Fail at once, with the fix, where DeepSpeed's accelerator cannot train in `dtype`."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[dtype]:
+        hint = "use --dtype bf16 or fp32" if supported["bf16"] else "use --dtype fp16 or fp32"
+        raise ConfigError(f"--dtype {dtype} is not supported by DeepSpeed's {accelerator.device_name()} accelerator "
+                          f"on this machine; {hint}")
+
+
+def inherit_flags(function: Callable, base: Callable, from_config: tuple[str, ...]) -> None:
+    """Give `function(**flags)` the signature and flag documentation of `base` plus its own keyword flags.
+
+    fire reads both (`__signature__` and the docstring's Args), so `--help` lists every flag and unknown flags
+    are rejected, while the flags themselves stay defined once, in train_bert.train. Flags in `from_config`
+    default to None: "take the value from ds_config.json".
+    """
+    own = [parameter for parameter in inspect.signature(function).parameters.values()
+           if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    inherited = [parameter.replace(default=None) if parameter.name in from_config else parameter
+                 for parameter in inspect.signature(base).parameters.values()]
+    keyword_only = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in inherited + own]
+    function.__signature__ = inspect.signature(function).replace(parameters=keyword_only)
+    head, own_args = function.__doc__.rstrip().split("Args:\n", 1)
+    docs = flag_docs(base.__doc__.split("Args:\n", 1)[1]) | flag_docs(own_args)  # our wording wins
+    names = [parameter.name for parameter in inherited + own]
+    function.__doc__ = head + "Args:\n" + "".join(docs[name] for name in names)
+
+
+def flag_docs(args_section: str) -> dict[str, str]:
+    """Split a docstring's Args section into {flag: its lines}."""
+    docs, name = {}, None
+    for line in args_section.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped and not line.startswith(" " * 12) and ":" in stripped:
+            name = stripped.split(":", 1)[0]
+            docs[name] = ""
+        if name is not None:
+            docs[name] += line
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Processes and ranks: every rank runs this script; rank 0 decides and writes, the others follow.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group of one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
+    """Join the launcher's process group (a group of one under plain `python`); return rank, world size, device.
+
+    deepspeed, torchrun and mpirun-style launchers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
+    Without them DeepSpeed would try MPI discovery (and fail without mpi4py), so a single process fills them in.
+    The accelerator is DeepSpeed's choice: CUDA where there is a GPU, else the CPU with the gloo backend
+    (DS_ACCELERATOR=cpu forces it).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
+    """Run `function` on rank 0 only and give every rank its (picklable) result.
+
+    If it fails, the other ranks stop with its message instead of waiting forever for a broadcast.
+    """
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome = [(True, function())]
+        except Exception as error:
+            dist.broadcast_object_list([(False, f"{type(error).__name__}: {error}")], src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    succeeded, value = outcome[0]
+    if not succeeded:
+        raise ConfigError(f"rank 0 failed, so this rank stops too: {value}")
+    return value
+
+
+def any_rank(value: int, group: Any) -> int:
+    """The largest of `value` over all ranks, via a CPU (gloo) group so no accelerator work waits on it."""
+    flag = torch.tensor([value])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag)
+
+
+def window_over_ranks(window: LossWindow, world_size: int) -> None:
+    """Turn each rank's log window into the whole run's: mean loss over ranks, predicted tokens summed."""
+    dist.all_reduce(window.loss)
+    window.loss /= world_size
+    dist.all_reduce(window.predicted)
+
+
+def nonfinite_over_ranks(window: LossWindow) -> None:
+    """Make every rank see a non-finite loss any rank saw, so they all stop together instead of one hanging."""
+    dist.all_reduce(window.first_nonfinite_step, op=dist.ReduceOp.MAX)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine: DeepSpeed wraps the model, the optimizer and the LR schedule.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class SparseMLM(torch.nn.Module):
+    """The model with train_bert.py's sparse MLM loss as its forward.
+
+    DeepSpeed's engine calls the module's forward, and ZeRO-3 gathers and releases each layer's parameters in
+    forward hooks that start from the root module, so the whole loss computation must run inside one forward.
+    Checkpoint keys get a `model.` prefix; the export removes it.
+    """
+
+    def __init__(self, model: "transformers.RobertaForMaskedLM"):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor,
+                reduction: str = "mean") -> torch.Tensor:
+        return mlm_loss(self.model, input_ids, masked_positions, masked_labels, reduction)
+
+
+def engine_loss(engine: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
+    """The loss through the engine's forward (what train_bert.evaluate calls as its `loss_function`)."""
+    return engine(**batch)
+
+
+def create_engine(model: torch.nn.Module, flags: dict[str, Any], config: dict[str, Any]) -> Any:
+    """`deepspeed.initialize`: the engine builds the optimizer from the config's "optimizer" section (torch's AdamW
+    with "torch_adam": true, on train_bert.py's decay / no-decay groups) and wraps it for ZeRO and fp16/bf16;
+    the LR schedule is train_bert.py's, stepped by the engine after each optimizer step."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=SparseMLM(model),
+        model_parameters=parameter_groups(model, flags["weight_decay"]),
+        lr_scheduler=lambda optimizer: create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"]),
+        config=config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: DeepSpeed writes one folder per step (each rank its own shard); the client state carries the rest.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_tags(experiment_dir: Path) -> list[str]:
+    """The experiment's checkpoint folders (tags), oldest first."""
+    tags = [path.name for path in experiment_dir.glob(f"{TAG_PREFIX}*") if path.is_dir()]
+    return sorted(tags, key=lambda tag: int(tag.removeprefix(TAG_PREFIX)))
+
+
+def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_position: tuple[int, int],
+                       flags: dict[str, Any], control_group: Any) -> str:
+    """Save a checkpoint on every rank, then point `latest` at it, then delete those beyond `keep_last`.
+
+    Only rank 0 writes the client state, so it carries every rank's RNG states. `engine.save_checkpoint` ends with
+    a barrier: once it returns, every rank's shard is on disk, and only then does the pointer move (atomically),
+    so a crash during a save leaves `latest` on the previous, complete checkpoint.
+    """
+    all_rng = [None] * dist.get_world_size()
+    dist.all_gather_object(all_rng, rng_states(), group=control_group)
+    tag = f"{TAG_PREFIX}{step}"
+    client_state = {"step": step, "data_position": list(data_position), "rng": all_rng, "flags": flags}
+    try:
+        engine.save_checkpoint(str(experiment_dir), tag=tag, client_state=client_state, save_latest=False)
+        if dist.get_rank() == 0:
+            atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(tag), mode="w")
+            for old in checkpoint_tags(experiment_dir)[:-flags["keep_last"]]:
+                shutil.rmtree(experiment_dir / old)
+    except OSError as error:
+        raise CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
+                              "at the previous one. Free disk space, then resume with --load_checkpoint_dir") from error
+    dist.barrier(group=control_group)
+    return tag
+
+
+def load_ds_checkpoint(engine: Any, experiment_dir: Path) -> tuple[int, tuple[int, int]]:
+    """Load the checkpoint `latest` names into the engine and this rank's RNGs; return (step, data position)."""
+    path, client_state = engine.load_checkpoint(str(experiment_dir))
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint that {experiment_dir / LATEST_POINTER} names")
+    set_rng_states(client_state["rng"][dist.get_rank()])
+    return client_state["step"], tuple(client_state["data_position"])
+
+
+def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[str, Any],
+                       tokenizer: Any) -> torch.nn.Module:
+    """The trained model as one fp32 RobertaForMaskedLM on the CPU (call on rank 0 after the final checkpoint).
+
+    With ZeRO or bf16 the fp32 master weights are partitioned across the ranks' optimizer states: DeepSpeed's
+    zero_to_fp32 gathers them from the checkpoint (ZeRO-3 included). Without ZeRO in fp32 or fp16, every rank holds
+    the whole model.
+    """
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(experiment_dir), tag=tag)
+    else:
+        state = engine.module.state_dict()
+    model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
+                         tokenizer, flags["max_seq_length"])
+    prefix = "model."
+    model.load_state_dict({key.removeprefix(prefix): value.float().cpu() for key, value in state.items()},
+                          strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
+          offload_param: str | None = None, **flags: Any) -> str:
+    """Pretrain a RoBERTa encoder with masked language modelling using DeepSpeed; return the experiment directory.
+
+    Start:  deepspeed train_bert_ds.py --checkpoint_dir ./experiments [flags]   (or torchrun, or plain python)
+    Resume: deepspeed train_bert_ds.py --load_checkpoint_dir ./experiments/bert_pretrain.YYYY... (same rank count)
+
+    Every flag of train_bert.py works here too. Those that ds_config.json also sets (--batch_size,
+    --grad_accum_steps, --lr, --weight_decay, --grad_clip, --dtype and the ZeRO flags) take the config's value when
+    not given, and override it when given. Each rank trains on its own batches: the effective batch is
+    batch_size x grad_accum_steps x ranks. The device is DeepSpeed's accelerator: CUDA where there is a GPU, else
+    the CPU (set DS_ACCELERATOR=cpu to choose it on a GPU machine).
+
+    Args:
+        batch_size: Blocks per micro-batch on each rank (ds_config: train_micro_batch_size_per_gpu).
+        dtype: fp32, bf16 or fp16 (DeepSpeed mixed precision: the model computes in 16 bits, the optimizer keeps
+            fp32 master weights; fp16 adds dynamic loss scaling); the config's fp16 / bf16 "enabled" when not given.
+        local_rank: This process's GPU on its machine; the deepspeed launcher passes it (torchrun sets LOCAL_RANK).
+        ds_config: DeepSpeed JSON config (precision, ZeRO, optimizer, clipping). The merged, effective config is
+            saved as ds_config.json in the experiment directory; a resume starts from that one unless given.
+        zero_stage: ZeRO stage 0 (plain data parallelism), 1 (partition the optimizer states), 2 (and the
+            gradients) or 3 (and the parameters); the config's when not given.
+        offload_optimizer: none or cpu: keep the optimizer states and step in CPU memory (ZeRO-Offload, stage >= 1).
+        offload_param: none or cpu: keep the parameters in CPU memory between uses (ZeRO-3 only).
+    """
+    all_flags = inspect.signature(train).bind(ds_config=ds_config, zero_stage=zero_stage,
+                                              offload_optimizer=offload_optimizer, offload_param=offload_param, **flags)
+    all_flags.apply_defaults()
+    flags = dict(all_flags.arguments)
+    defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    resuming = flags["load_checkpoint_dir"] is not None and flags["checkpoint_dir"] is None
+    if resuming:
+        experiment_dir = Path(flags["load_checkpoint_dir"])
+        hparams = load_hparams(experiment_dir)
+        if not (experiment_dir / LATEST_POINTER).is_file():
+            raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no DeepSpeed checkpoint (no "
+                              f"'{LATEST_POINTER}' file)")
+        config_given = flags["ds_config"] != defaults["ds_config"]
+        flags = resolve_resume_flags(flags, hparams["flags"], defaults, DS_RUN_DEFINING_FLAGS)
+        if not config_given:
+            flags["ds_config"] = str(experiment_dir / "ds_config.json")
+        if hparams["world_size"] != world_size:
+            raise ConfigError(
+                f"the checkpoint in {experiment_dir} was saved by {hparams['world_size']} rank(s), this run has "
+                f"{world_size}: ZeRO partitions the optimizer state per rank, so resume with {hparams['world_size']} "
+                f"process(es); to change the rank count, convert the checkpoint to fp32 weights with "
+                f"python {experiment_dir / 'zero_to_fp32.py'} {experiment_dir} OUTPUT_DIR and start a new run")
+    flags, config = effective_ds_config(flags, load_ds_config(flags["ds_config"]), world_size)
+    validate_flags(flags)
+    validate_ds_flags(flags)
+    check_dtype_supported(flags["dtype"])
+    if not resuming:
+        check_writable(flags["checkpoint_dir"])
+    rank, world_size, device = init_distributed(flags["local_rank"])
+    return str(run_training(flags, config, rank, world_size, device))
+
+
+inherit_flags(train, train_bert.train, FLAGS_FROM_CONFIG)
+
+
+def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
+                 device: torch.device) -> Path:
+    """Prepare data and model on every rank, agree on the experiment directory, build the engine, train, export."""
+    import deepspeed
+
+    torch.manual_seed(flags["seed"])  # the same initial weights on every rank
+    random.seed(flags["seed"])
+    np.random.seed(flags["seed"])
+
+    def prepare(tokenizer_dir: Path | None) -> tuple[PreparedData, torch.nn.Module]:
+        data = prepare_data(flags, tokenizer_dir)
+        model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
+                             flags["dropout"], data.tokenizer, flags["max_seq_length"])
+        return data, model
+
+    if flags["checkpoint_dir"] is None:
+        experiment_dir = Path(flags["load_checkpoint_dir"])
+        data, model = prepare(experiment_dir / "tokenizer")
+    else:  # rank 0 loads the inputs first (filling the datasets cache) and creates the directory; the rest follow
+        prepared = {}
+
+        def start_experiment() -> str:
+            prepared["data"], prepared["model"] = prepare(None)
+            return str(create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
+                                         deepspeed_version=deepspeed.__version__))
+
+        experiment_dir = Path(run_on_rank0(start_experiment, rank))
+        data, model = (prepared["data"], prepared["model"]) if rank == 0 else prepare(experiment_dir / "tokenizer")
+    if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
+        torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
+    if flags["compile"]:
+        compile_encoder(model)
+    engine = create_engine(model, flags, config)
+    control_group = dist.new_group(backend="gloo")
+    start_step, data_position = 0, (0, 0)
+    if flags["checkpoint_dir"] is None:
+        start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
+
+    with experiment_logging(experiment_dir, start_step) if rank == 0 else quiet_rank() as metrics:
+        if rank == 0:
+            atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2), mode="w")
+            log_run_start(experiment_dir, start_step, model, data, flags, device)
+            logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage {flags['zero_stage']}, "
+                        f"{flags['dtype']}; effective config {json.dumps(config, sort_keys=True)}")
+        training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
+                      control_group)
+        tag = f"{TAG_PREFIX}{flags['num_iterations']}"
+        if rank == 0:
+            exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
+            export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"), flags["max_seq_length"])
+    dist.barrier(group=control_group)
+    return experiment_dir
+
+
+class QuietRank:
+    """The metrics sink of ranks other than 0: rank 0 alone writes logs, TensorBoard and metrics.jsonl."""
+
+    def __enter__(self) -> "QuietRank":
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+
+def quiet_rank() -> QuietRank:
+    """Context manager: warnings only, no metrics (for ranks other than 0)."""
+    return QuietRank()
+
+
+def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
+                      ) -> torch.Tensor:
+    """Each rank evaluates its share of `batches`; the [loss sum, count] totals add up over ranks.
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers each layer's parameters from all ranks inside
+    forward), so a rank with one batch fewer than the others runs one more and drops its result. No autocast:
+    the engine already holds the model in the training dtype.
+    """
+    shard = batches[rank::world_size]
+    totals = evaluate(engine, shard, engine.device, contextlib.nullcontext, loss_function=engine_loss)
+    if len(shard) < math.ceil(len(batches) / world_size):
+        evaluate(engine, batches[:1], engine.device, contextlib.nullcontext, loss_function=engine_loss)
+    dist.all_reduce(totals)
+    return totals
+
+
+def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experiment_dir: Path,
+                  metrics: MetricsLogger | QuietRank, start_step: int, data_position: tuple[int, int], rank: int,
+                  world_size: int, control_group: Any) -> None:
+    """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
+    device = engine.device
+    validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
+                            flags["num_workers"], pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
+    window = LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
+
+    engine.train()
+    progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step",
+                    disable=None if rank == 0 else True)
+    with StopSignal() as stop:
+        for step in range(start_step + 1, flags["num_iterations"] + 1):
+            for _ in range(flags["grad_accum_steps"]):
+                data_position, batch = next(batches)
+                batch = to_device(batch, device)
+                loss = engine(**batch)
+                # The engine divides the loss by grad_accum_steps (and multiplies it by the fp16 loss scale), and
+                # steps the optimizer (clip, step, zero_grad, LR schedule) only after the last micro-batch.
+                engine.backward(loss)
+                engine.step()
+                window.add(step, loss, len(batch["masked_labels"]))
+            progress.update()
+            # A signal may reach the ranks at different steps; they must agree, or one would wait in a collective.
+            stop.signum = any_rank(stop.signum or 0, control_group) or None
+
+            if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
+                window_over_ranks(window, world_size)
+                nonfinite_over_ranks(window)
+                window.raise_if_nonfinite(experiment_dir)
+                grad_norm = engine.get_global_grad_norm()
+                record = window.record(step, engine.get_lr()[0], None if grad_norm is None else float(grad_norm),
+                                       flags, engine.module.model.config, device, world_size)
+                if flags["dtype"] == "fp16":
+                    record["loss_scale"] = float(engine.optimizer.loss_scale)
+                metrics.log(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+
+            if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
+                log_evaluation(metrics, step, "eval", evaluate_on_ranks(engine, validation, rank, world_size))
+            if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
+                nonfinite_over_ranks(window)
+                window.raise_if_nonfinite(experiment_dir)
+                tag = save_ds_checkpoint(engine, experiment_dir, step, data_position, flags, control_group)
+                logger.info(f"saved checkpoint {tag}")
+            if stop.signum is not None:
+                progress.close()
+                raise stop.interruption(step, experiment_dir)
+    progress.close()
+    if data.test_blocks is not None:
+        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
+        log_evaluation(metrics, flags["num_iterations"], "test", evaluate_on_ranks(engine, test, rank, world_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    train_bert.main(train)
