@@ -649,9 +649,13 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
     try:
         atomic_write(path, lambda file: torch.save(state, file))
         atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(path.name + "\n"), mode="w")
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
+        # torch.save's zip writer turns a failed write (e.g. ENOSPC) into a RuntimeError while closing the archive.
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
         raise CheckpointError(
-            f"could not save checkpoint {path.name} ({error.strerror or error}); the previous checkpoint is intact. "
+            f"could not save checkpoint {path.name} ({cause.strerror or cause}); the previous checkpoint is intact. "
             "Free disk space, then resume with --load_checkpoint_dir"
         ) from error
     older = sorted(other for other in experiment_dir.glob(CHECKPOINT_PATTERN) if other.name < path.name)
@@ -1181,18 +1185,18 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         del checkpoint
 
     with experiment_logging(experiment_dir, start_step) as metrics:
-        log_run_start(experiment_dir, start_step, model, data, flags, device)
+        log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
         training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
                       start_step, data_position)
         export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
     return experiment_dir
 
 
-def log_run_start(experiment_dir: Path, start_step: int, model: torch.nn.Module, data: PreparedData,
+def log_run_start(experiment_dir: Path, start_step: int, num_parameters: int, data: PreparedData,
                   flags: dict[str, Any], device: torch.device) -> None:
     """The first log lines: which experiment, new or resumed, how big the model and the data are."""
     logger.info(f"experiment {experiment_dir}: {'resuming at step ' + str(start_step) if start_step else 'new'}")
-    logger.info(f"model: {count_parameters(model) / 1e6:.1f}M parameters; data: {len(data.train_blocks)} train / "
+    logger.info(f"model: {num_parameters / 1e6:.1f}M parameters; data: {len(data.train_blocks)} train / "
                 f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
 
 
@@ -1206,6 +1210,25 @@ def compile_encoder(model: torch.nn.Module) -> None:
 
     torch._dynamo.config.suppress_errors = True
     model.roberta.compile()
+
+
+def nonfinite_error(what: str, experiment_dir: Path) -> NonFiniteLossError:
+    """The error for a NaN/inf: what happened, which checkpoint is the last good one, and how to go on from it."""
+    pointer = experiment_dir / LATEST_POINTER
+    if pointer.is_file():
+        kept = f"the last good checkpoint, {pointer.read_text().strip()} in {experiment_dir}, is intact"
+        go_on = f"then resume with --load_checkpoint_dir {experiment_dir}"
+    else:
+        kept, go_on = "no checkpoint had been saved yet", "then start again"
+    return NonFiniteLossError(f"{what}; stopped without saving: {kept}. Lower --lr, raise --warmup_steps, keep "
+                              f"--grad_clip on or use --dtype fp32, {go_on}")
+
+
+def raise_if_weights_nonfinite(model: torch.nn.Module, step: int, experiment_dir: Path) -> None:
+    """Refuse to save NaN/inf weights. A finite loss at a step does not prove them finite: the update that follows
+    it can still overflow (a huge lr) or spread an inf gradient. One device->host sync, at checkpoint steps only."""
+    if not bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all()):
+        raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
 
 
 class LossWindow:
@@ -1235,10 +1258,7 @@ class LossWindow:
         """Stop before anything from a bad step is logged or saved."""
         bad_step = int(self.first_nonfinite_step)
         if self.check_finite and bad_step >= 0:
-            raise NonFiniteLossError(
-                f"the loss became non-finite (NaN or inf) at step {bad_step}; stopped without saving, the last good "
-                f"checkpoint in {experiment_dir} is intact. Lower --lr, raise --warmup_steps or use --dtype fp32, "
-                "then resume with --load_checkpoint_dir")
+            raise nonfinite_error(f"the loss became non-finite (NaN or inf) at step {bad_step}", experiment_dir)
 
     def record(self, step: int, lr: float, grad_norm: float | None, flags: dict[str, Any],
                model_config: "transformers.RobertaConfig", device: torch.device, num_ranks: int = 1
@@ -1289,7 +1309,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
 
     model.train()
     progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step", disable=None)
-    with StopSignal() as stop:
+    with StopSignal() as stop, progress:  # the progress bar closes however the loop ends
         for step in range(start_step + 1, flags["num_iterations"] + 1):
             for _ in range(flags["grad_accum_steps"]):
                 data_position, batch = next(batches)
@@ -1321,21 +1341,26 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast))
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
                 window.raise_if_nonfinite(experiment_dir)
+                raise_if_weights_nonfinite(model, step, experiment_dir)
                 path = save_checkpoint(experiment_dir, checkpoint_state(step), flags["keep_last"])
                 logger.info(f"saved checkpoint {path.name}")
             if stop.signum is not None:
-                progress.close()
                 raise stop.interruption(step, experiment_dir)
-    progress.close()
-    if data.test_blocks is not None:
-        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
-        log_evaluation(metrics, flags["num_iterations"], "test", evaluate(model, test, device, autocast))
+    log_test_evaluation(metrics, data, flags, lambda test: evaluate(model, test, device, autocast))
 
 
 def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch.Tensor) -> None:
     """Log the token-weighted mean loss and its perplexity from evaluate()'s [loss sum, token count]."""
     loss = float(totals[0] / totals[1])
     metrics.log({"step": step, f"{prefix}_loss": loss, f"{prefix}_perplexity": math.exp(min(loss, 700))})
+
+
+def log_test_evaluation(metrics: MetricsLogger, data: PreparedData, flags: dict[str, Any],
+                        evaluate_batches: Callable[[list[dict[str, torch.Tensor]]], torch.Tensor]) -> None:
+    """At the end of training, evaluate the test split (if the dataset has one) with `evaluate_batches`."""
+    if data.test_blocks is not None:
+        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
+        log_evaluation(metrics, flags["num_iterations"], "test", evaluate_batches(test))
 
 
 def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path, device: torch.device,
