@@ -3,7 +3,7 @@
 Data, masking, the model, the sparse MLM loss, the experiment directory, evaluation and logging all come from
 `train_bert.py`. What is here, top to bottom:
 
-    ds_config.json + flags -> processes and ranks -> the engine -> checkpoints -> export -> train -> __main__
+    ds_config.json + flags -> processes and ranks -> the engine -> checkpoints and export -> training -> __main__
 
 Run it:
 
@@ -39,8 +39,9 @@ import train_bert
 from train_bert import (ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData, StopSignal,
                         atomic_write, check_writable, compile_encoder, create_experiment, create_lr_scheduler,
                         create_model, eval_batches, evaluate, experiment_logging, export_and_demo, load_hparams,
-                        log_evaluation, log_run_start, mlm_loss, parameter_groups, prepare_data,
-                        resolve_resume_flags, rng_states, set_rng_states, to_device, train_batches, validate_flags)
+                        log_evaluation, log_run_start, log_test_evaluation, mlm_loss, nonfinite_error,
+                        parameter_groups, prepare_data, resolve_resume_flags, rng_states, set_rng_states, to_device,
+                        train_batches, validate_flags)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DS_CONFIG = HERE / "ds_config.json"
@@ -53,7 +54,7 @@ TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
 
 # Settings that are both a flag and a field of ds_config.json (a path of keys). A flag the user passes wins and is
 # written into the config; a flag left out takes the config's value (or train_bert.py's default if the config has
-# none). `dtype` is the fifth, spread over fp16.enabled and bf16.enabled.
+# none). `dtype` is one more, spread over fp16.enabled and bf16.enabled.
 CONFIG_FIELDS = {
     "batch_size": ("train_micro_batch_size_per_gpu",),
     "grad_accum_steps": ("gradient_accumulation_steps",),
@@ -251,6 +252,15 @@ def window_over_ranks(window: LossWindow, world_size: int) -> None:
 def nonfinite_over_ranks(window: LossWindow) -> None:
     """Make every rank see a non-finite loss any rank saw, so they all stop together instead of one hanging."""
     dist.all_reduce(window.first_nonfinite_step, op=dist.ReduceOp.MAX)
+
+
+def raise_if_weights_nonfinite_on_any_rank(engine: Any, step: int, experiment_dir: Path, control_group: Any) -> None:
+    """train_bert.py's check before a save, on the weights each rank holds (under ZeRO-3 only its partition,
+    `ds_tensor`), decided by all ranks together."""
+    held = [getattr(parameter, "ds_tensor", parameter) for parameter in engine.module.parameters()]
+    finite = all(bool(torch.isfinite(tensor).all()) for tensor in held)
+    if any_rank(int(not finite), control_group):
+        raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -461,16 +471,17 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
     if flags["compile"]:
         compile_encoder(model)
+    num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
     engine = create_engine(model, flags, config)
     control_group = dist.new_group(backend="gloo")
     start_step, data_position = 0, (0, 0)
     if flags["checkpoint_dir"] is None:
         start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
 
-    with experiment_logging(experiment_dir, start_step) if rank == 0 else quiet_rank() as metrics:
+    with experiment_logging(experiment_dir, start_step) if rank == 0 else QuietRank() as metrics:
         if rank == 0:
             atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2), mode="w")
-            log_run_start(experiment_dir, start_step, model, data, flags, device)
+            log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
             logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage {flags['zero_stage']}, "
                         f"{flags['dtype']}; effective config {json.dumps(config, sort_keys=True)}")
         training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
@@ -484,7 +495,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
 
 
 class QuietRank:
-    """The metrics sink of ranks other than 0: rank 0 alone writes logs, TensorBoard and metrics.jsonl."""
+    """The logging of ranks other than 0: warnings only, no metrics (rank 0 alone writes logs, TensorBoard and
+    metrics.jsonl)."""
 
     def __enter__(self) -> "QuietRank":
         logger.remove()
@@ -496,11 +508,6 @@ class QuietRank:
 
     def log(self, record: dict[str, Any]) -> None:
         pass
-
-
-def quiet_rank() -> QuietRank:
-    """Context manager: warnings only, no metrics (for ranks other than 0)."""
-    return QuietRank()
 
 
 def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
@@ -532,7 +539,7 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
     engine.train()
     progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step",
                     disable=None if rank == 0 else True)
-    with StopSignal() as stop:
+    with StopSignal() as stop, progress:  # the progress bar closes however the loop ends
         for step in range(start_step + 1, flags["num_iterations"] + 1):
             for _ in range(flags["grad_accum_steps"]):
                 data_position, batch = next(batches)
@@ -564,15 +571,12 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
                 nonfinite_over_ranks(window)
                 window.raise_if_nonfinite(experiment_dir)
+                raise_if_weights_nonfinite_on_any_rank(engine, step, experiment_dir, control_group)
                 tag = save_ds_checkpoint(engine, experiment_dir, step, data_position, flags, control_group)
                 logger.info(f"saved checkpoint {tag}")
             if stop.signum is not None:
-                progress.close()
                 raise stop.interruption(step, experiment_dir)
-    progress.close()
-    if data.test_blocks is not None:
-        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
-        log_evaluation(metrics, flags["num_iterations"], "test", evaluate_on_ranks(engine, test, rank, world_size))
+    log_test_evaluation(metrics, data, flags, lambda test: evaluate_on_ranks(engine, test, rank, world_size))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

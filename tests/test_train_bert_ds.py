@@ -228,6 +228,22 @@ def test_fp16_loss_scale_survives_a_resume(tiny_flags, tmp_path):
     assert effective["fp16"]["enabled"] and effective["fp16"]["initial_scale_power"] == 20
 
 
+def test_nonfinite_loss_stops_without_saving(tiny_flags):
+    """A diverging run (absurd lr) stops with NonFiniteLossError naming the step; nothing from it is saved."""
+    import re
+
+    flags = {**tiny_flags, **RUN_FLAGS, "lr": 1e6, "grad_clip": 0.0, "warmup_steps": 0, "checkpoint_every": 1,
+             "dtype": "fp32", "zero_stage": 2}
+    with pytest.raises(train_bert.NonFiniteLossError, match="non-finite") as error:
+        train_bert_ds.train(**flags)
+    bad_step = int(re.search(r"(?:at|by) step (\d+)", str(error.value)).group(1))
+    experiment = only_experiment(tiny_flags["checkpoint_dir"])
+    saved = [int(tag.removeprefix(train_bert_ds.TAG_PREFIX)) for tag in train_bert_ds.checkpoint_tags(experiment)]
+    assert all(step < bad_step for step in saved), (bad_step, saved)
+    if saved:
+        assert (experiment / "latest").read_text() == f"{train_bert_ds.TAG_PREFIX}{max(saved)}"
+
+
 def test_cli_plain_python_with_the_shipped_config(tiny_flags):
     """`python train_bert_ds.py` without a launcher runs the shipped config (bf16, ZeRO-2) and exports hf_model/."""
     result = run_cli("train_bert_ds.py", {**tiny_flags, "num_iterations": 4, "log_every": 2, "eval_every": 4},
@@ -353,3 +369,36 @@ def test_zero3_export_loads_and_predicts(two_rank_runs):
     (candidates,) = train_bert.fill_mask_demo(experiment / "hf_model", torch.device("cpu"),
                                               "the quick brown <mask> jumps over the lazy dog .")
     assert len(candidates) == 5
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The README's part 2.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def readme_part2() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split("## Part 2", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_shows_the_current_loop_diff():
+    """The diff of the two training loops in the README is what its own command prints for the code as it is."""
+    import re
+
+    command, shown = re.search(r"```bash\n(diff -u [^\n]*)\n```\n\n```diff\n(.*?)```", readme_part2(), re.S).groups()
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=child_env())
+    assert result.returncode == 1, result.stderr  # diff's "files differ"
+    assert result.stdout == shown, "README part 2's loop diff is stale: rerun its command and paste the output"
+
+
+def test_readme_part2_commands_use_real_flags():
+    """Every train_bert_ds.py command line of part 2 passes the script's own flag check."""
+    import re
+    import shlex
+
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", readme_part2(), re.S) for line in block.splitlines()
+             if " train_bert_ds.py " in line and not line.startswith("diff ")]
+    assert len(lines) >= 8, lines
+    for line in lines:
+        words = shlex.split(line)
+        train_bert.check_command_line(words[words.index("train_bert_ds.py") + 1:], train_bert_ds.train)
