@@ -65,7 +65,8 @@ def main(tokenizer: str = "roberta-base", gpus: int = 1, gpu_gib: float = 16.0, 
         model = meta_model(loaded, layers, heads, h_dim, ff_dim, max_seq_length)
         rows.append((name, train_bert.count_parameters(model), largest_layer_params(model)))
 
-    print(f"Model states per GPU, ZeRO paper's formula (mixed-precision Adam, 16 bytes/parameter), {gpus} GPU(s), GiB:\n")
+    print(f"Model states per GPU, ZeRO paper's formula (mixed-precision Adam, 16 bytes/parameter), {gpus} GPU(s), "
+          "GiB:\n")
     print("| model | parameters | ZeRO-0: 16Ψ | ZeRO-1: 4Ψ+12Ψ/N | ZeRO-2: 2Ψ+14Ψ/N | ZeRO-3: 16Ψ/N |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, params, _ in rows:
