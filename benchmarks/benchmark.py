@@ -1,0 +1,905 @@
+"""Measure train_bert.py (and train_bert_ds.py) side by side with an upstream-style baseline.
+
+Two modes:
+
+    python benchmarks/benchmark.py throughput --suite cpu      # tokens/s, MFU, peak memory: one markdown row each
+    python benchmarks/benchmark.py ttq --budget_s 600          # validation loss after a fixed wall-clock budget
+    python benchmarks/benchmark.py --help                      # the modes; `throughput --help` for their flags
+
+Every configuration runs in a fresh process (so peak memory is its own) through the script's real `train()`: the
+figures are the ones the script itself logs to metrics.jsonl. A configuration warms up for one log window, then
+is timed over the next windows. The first row is the reference of the "x row 1" column; `--rounds N` repeats the
+whole list N times, interleaved, and reports the median (noise on a shared machine then hits every row alike).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import train_bert  # noqa: E402
+
+DEFAULT_DATASET = str(ROOT.parent / "shared" / "data" / "wikitext")
+DEFAULT_TOKENIZER = str(ROOT.parent / "shared" / "data" / "roberta-base")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configurations. A row is a dict: a name, a kind ("plain": train_bert.py, "ds": train_bert_ds.py, "upstream-style":
+# the baseline in upstream_style.py, "upstream": upstream's own script given by --upstream_script) and train() flags.
+# ----------------------------------------------------------------------------------------------------------------------
+
+UPSTREAM_DIMS = {"num_layers": 6, "h_dim": 256, "ff_dim": 512, "num_heads": 8}  # HelloDeepSpeed's model
+BERT_BASE_DIMS = {"num_layers": 12, "h_dim": 768, "ff_dim": 3072, "num_heads": 12}
+TINY_DIMS = {"num_layers": 2, "h_dim": 64, "ff_dim": 128, "num_heads": 2}
+
+
+def row(name: str, kind: str, **flags: Any) -> dict[str, Any]:
+    """One configuration: `flags` are train() flags (dims, batch, dtype...) plus `zero_stage`/`offload_optimizer`
+    for kind "ds", and optionally `memory_cap_gib` (cap the usable GPU memory, emulating a smaller card)."""
+    return {"name": name, "kind": kind, "flags": flags}
+
+
+def cpu_suite(batch_size: int, seq: int) -> list[dict[str, Any]]:
+    """Upstream's model at one batch/length: the upstream-style baseline first, then each of our speed-ups."""
+    dims = {**UPSTREAM_DIMS, "batch_size": batch_size, "max_seq_length": seq}
+    return [
+        row("upstream-style (padded lines, eager attention, Adam), fp32", "upstream-style", **dims, dtype="fp32",
+            dropout=0.1),
+        row("train_bert.py fp32, dropout 0.1", "plain", **dims, dtype="fp32", dropout=0.1),
+        row("train_bert.py fp32", "plain", **dims, dtype="fp32"),
+        row("train_bert.py bf16", "plain", **dims, dtype="bf16"),
+        row("train_bert.py bf16 + compile", "plain", **dims, dtype="bf16", compile=True),
+    ]
+
+
+def ds_rows(dims: dict[str, Any], dtype: str, **extra: Any) -> list[dict[str, Any]]:
+    """train_bert_ds.py at ZeRO 0, 1, 1 + CPU optimizer offload, 2 (only when the script exists)."""
+    if not (ROOT / "train_bert_ds.py").is_file():
+        return []
+    return [
+        row(f"train_bert_ds.py ZeRO-0 {dtype}", "ds", **dims, dtype=dtype, zero_stage=0, **extra),
+        row(f"train_bert_ds.py ZeRO-1 {dtype}", "ds", **dims, dtype=dtype, zero_stage=1, **extra),
+        row(f"train_bert_ds.py ZeRO-1 + CPU offload {dtype}", "ds", **dims, dtype=dtype, zero_stage=1,
+            offload_optimizer="cpu", **extra),
+        row(f"train_bert_ds.py ZeRO-2 {dtype}", "ds", **dims, dtype=dtype, zero_stage=2, **extra),
+    ]
+
+
+# A model that does not fit a 12 GiB GPU for mixed-precision Adam without ZeRO-Offload: 1.27B parameters (24 layers,
+# d 2048, ff 8192) need ~20 GiB of model states (16 bytes/param: bf16 weights + grads, fp32 master + 2 Adam moments);
+# with the optimizer offloaded to the CPU the GPU keeps ~5 GiB of bf16 weights and gradients.
+OFFLOAD_DIMS = {"num_layers": 24, "h_dim": 2048, "ff_dim": 8192, "num_heads": 16}
+OFFLOAD_GPU_GIB = 12
+
+
+def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
+    """The named list of configurations. `dry_run` turns the GPU suites into tiny CPU runs of the same rows."""
+    cpu_dims = {**UPSTREAM_DIMS, "batch_size": 32, "max_seq_length": 128}
+    gpu_dims = {**BERT_BASE_DIMS, "batch_size": 64, "max_seq_length": 128, "local_rank": 0}
+    memory_dims = {**BERT_BASE_DIMS, "batch_size": 32, "max_seq_length": 128, "local_rank": 0}
+    offload_dims = {**OFFLOAD_DIMS, "batch_size": 8, "max_seq_length": 128, "local_rank": 0,
+                    "memory_cap_gib": OFFLOAD_GPU_GIB}
+    if dry_run:
+        gpu_dims = memory_dims = offload_dims = {**TINY_DIMS, "batch_size": 4, "max_seq_length": 32, "local_rank": -1}
+    suites = {
+        # Upstream's model on this CPU: the rows the performance targets are about.
+        "cpu": cpu_suite(32, 128),
+        "cpu512": cpu_suite(8, 512),
+        # The DeepSpeed script on the CPU (DeepSpeed's CPU accelerator), next to the plain script.
+        "cpu-ds": [row("train_bert.py bf16", "plain", **cpu_dims, dtype="bf16"), *ds_rows(cpu_dims, "bf16")],
+        # BERT-base on one GPU: throughput and MFU, both scripts, compile off/on.
+        "gpu": [
+            row("train_bert.py bf16", "plain", **gpu_dims, dtype="bf16"),
+            row("train_bert.py bf16 + compile", "plain", **gpu_dims, dtype="bf16", compile=True),
+            row("train_bert_ds.py ZeRO-0 bf16", "ds", **gpu_dims, dtype="bf16", zero_stage=0),
+            row("train_bert_ds.py ZeRO-1 bf16", "ds", **gpu_dims, dtype="bf16", zero_stage=1),
+            row("train_bert_ds.py ZeRO-1 bf16 + compile", "ds", **gpu_dims, dtype="bf16", zero_stage=1, compile=True),
+        ],
+        # One model's peak memory by precision and ZeRO (BERT-base, batch 32 x 128).
+        "gpu-memory": [
+            row("train_bert.py fp32", "plain", **memory_dims, dtype="fp32"),
+            row("train_bert.py fp16", "plain", **memory_dims, dtype="fp16"),
+            row("train_bert.py bf16", "plain", **memory_dims, dtype="bf16"),
+            row("train_bert_ds.py ZeRO-1 bf16", "ds", **memory_dims, dtype="bf16", zero_stage=1),
+            row("train_bert_ds.py ZeRO-1 + CPU offload bf16", "ds", **memory_dims, dtype="bf16", zero_stage=1,
+                offload_optimizer="cpu"),
+        ],
+        # A 1.27B model on a GPU capped at OFFLOAD_GPU_GIB: out of memory without ZeRO-Offload, trains with it.
+        "gpu-offload": [
+            row(f"train_bert_ds.py ZeRO-1 bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB", "ds", **offload_dims,
+                dtype="bf16", zero_stage=1),
+            row(f"train_bert_ds.py ZeRO-1 + CPU offload bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB", "ds",
+                **offload_dims, dtype="bf16", zero_stage=1, offload_optimizer="cpu"),
+        ],
+        # Tiny dims: a quick end-to-end check of every kind of row (tests, dry runs).
+        "smoke": [
+            row("upstream-style fp32", "upstream-style", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="fp32"),
+            row("train_bert.py fp32", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="fp32"),
+            row("train_bert.py bf16", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="bf16"),
+        ],
+    }
+    if name not in suites:
+        raise train_bert.ConfigError(f"--suite must be one of {', '.join(suites)}; got {name!r}")
+    return suites[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: a copy of the dataset's text with a short validation split, so the runs' own end-of-run evaluation is cheap.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def prepare_corpus(dataset: str, dataset_config: str | None, directory: Path, validation_lines: int = 200) -> Path:
+    """Write `directory/train.txt` (every train line) and `validation.txt` (the first `validation_lines` lines).
+
+    The benchmark's measurements and evaluations use their own data; this keeps each run's own final evaluation
+    (which every run does) from costing minutes. Returns `directory`.
+    """
+    raw = train_bert.load_text_dataset(dataset, dataset_config)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, limit in (("train", None), ("validation", validation_lines)):
+        lines = [text.rstrip("\n") for text in raw[split]["text"]]
+        (directory / f"{split}.txt").write_text("\n".join(lines[:limit]) + "\n")
+    return directory
+
+
+def synthetic_corpus(directory: Path, num_lines: int = 40_000, num_words: int = 30_000, seed: int = 0) -> Path:
+    """A made-up corpus (Zipf-distributed pseudo-words in lines of 5-150 words) for machines without ../shared.
+
+    Enough distinct words for a BPE tokenizer of ~32k tokens, so the MLM head is BERT-sized; its loss means
+    nothing, its speed is what a real corpus of the same token count gives.
+    """
+    rng = random.Random(seed)
+    syllables = [consonant + vowel for consonant in "bcdfghjklmnprstvwz" for vowel in ("a", "e", "i", "o", "u", "ai", "ou")]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(num_words)]
+    weights = [1 / (rank + 1) for rank in range(num_words)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", num_lines), ("validation", max(200, num_lines // 50))):
+        lines = [" ".join(rng.choices(words, weights, k=rng.randint(5, 150))) for _ in range(count)]
+        (directory / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def bpe_tokenizer_folder(corpus: Path, directory: Path, vocab_size: int) -> Path:
+    """Train train_bert.py's byte-level BPE tokenizer on `corpus/train.txt` once and save it as a folder."""
+    import datasets
+
+    texts = datasets.load_dataset("text", data_files={"train": str(corpus / "train.txt")})["train"]
+    train_bert.train_bpe_tokenizer(texts, vocab_size).save_pretrained(directory)
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One measurement, in its own process.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class MeasurementDone(Exception):
+    """Raised from the metrics logger once the timed windows are logged: skips the run's checkpoint and export."""
+
+
+def script_flags(config: dict[str, Any], data: dict[str, str], work_dir: Path) -> dict[str, Any]:
+    """train() flags for a throughput run: log windows of `window` steps, nothing else during them."""
+    window, windows = data["window"], data["windows"]
+    flags = dict(config["flags"])
+    flags.pop("memory_cap_gib", None)
+    steps = window * (1 + windows)
+    return {"checkpoint_dir": str(work_dir / "experiments"), "dataset": data["dataset"], "dataset_config": None,
+            "tokenizer": data["tokenizer"], "num_iterations": steps, "log_every": window, "eval_every": steps,
+            "checkpoint_every": steps, "keep_last": 1, **flags}
+
+
+def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Run train_bert.py's or train_bert_ds.py's train() and read what it logs; the first window is warm-up."""
+    windows = data["windows"]
+    records: list[dict[str, Any]] = []
+    cpu_seconds: list[float] = []  # the process's CPU time (all threads) at each log line
+    original_log = train_bert.MetricsLogger.log
+
+    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+        if "tokens_per_sec" in record:
+            cpu_seconds.append(time.process_time())
+        original_log(self, record)
+        if "tokens_per_sec" in record:
+            records.append(record)
+            if len(records) == windows + 1:
+                raise MeasurementDone
+
+    train_bert.MetricsLogger.log = log
+    flags = script_flags(config, data, work_dir)
+    module = train_bert if config["kind"] == "plain" else importlib.import_module("train_bert_ds")
+    with contextlib.suppress(MeasurementDone):
+        module.train(**flags)
+    timed = records[1:]
+    seconds = [record["step_time_ms"] / 1000 * data["window"] for record in timed]
+    tokens_per_step = flags["batch_size"] * flags["max_seq_length"] * flags.get("grad_accum_steps", 1)
+    mfus = [record.get("mfu") for record in timed]
+    return {
+        "real_tokens_per_sec": tokens_per_step * data["window"] * len(timed) / sum(seconds),
+        "computed_tokens_per_sec": tokens_per_step * data["window"] * len(timed) / sum(seconds),
+        "step_time_ms": 1000 * sum(seconds) / (data["window"] * len(timed)),
+        "cpu_ms_per_step": 1000 * (cpu_seconds[-1] - cpu_seconds[0]) / (data["window"] * len(timed)),
+        "real_tokens_per_cpu_second": tokens_per_step * data["window"] * len(timed) / (cpu_seconds[-1] - cpu_seconds[0]),
+        "mfu": None if None in mfus else sum(m * s for m, s in zip(mfus, seconds)) / sum(seconds),
+        "peak_memory_mib": timed[-1]["peak_memory_mib"],
+        "loss": timed[-1]["loss"],
+    }
+
+
+def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Time the upstream-style loop (upstream_style.py) the same way: one window of warm-up, then timed steps."""
+    import upstream_style
+
+    flags = config["flags"]
+    device = torch.device("cpu") if flags.get("local_rank", -1) < 0 else torch.device("cuda", flags["local_rank"])
+    tokenizer = train_bert.load_tokenizer(data["tokenizer"])
+    texts = [text for text in train_bert.load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
+    torch.manual_seed(42)
+    model = upstream_style.upstream_style_model(
+        tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags.get("dropout", 0.1),
+        flags["max_seq_length"]).to(device)
+    batches = (train_bert.to_device(batch, device)
+               for batch in upstream_style.upstream_style_batches(texts, tokenizer, flags["batch_size"],
+                                                                  flags["max_seq_length"]))
+    warmup, timed = data["window"], data["window"] * data["windows"]
+    steps: list[tuple[float, int, int, float]] = []
+    cpu_seconds: list[float] = []  # the process's CPU time after each step
+
+    def on_step(step: int, seconds: float, real: int, padded: int, loss: float) -> None:
+        steps.append((seconds, real, padded, loss))
+        cpu_seconds.append(time.process_time())
+
+    upstream_style.train_upstream_style(model, batches, tokenizer.pad_token_id,
+                                        should_stop=lambda done, _: done >= warmup + timed, on_step=on_step)
+    measured = steps[warmup:]
+    seconds = sum(s for s, _, _, _ in measured)
+    cpu = cpu_seconds[-1] - cpu_seconds[warmup - 1]
+    return {
+        "real_tokens_per_sec": sum(r for _, r, _, _ in measured) / seconds,
+        "computed_tokens_per_sec": sum(p for _, _, p, _ in measured) / seconds,
+        "step_time_ms": 1000 * seconds / len(measured),
+        "cpu_ms_per_step": 1000 * cpu / len(measured),
+        "real_tokens_per_cpu_second": sum(r for _, r, _, _ in measured) / cpu,
+        "mfu": None,
+        "peak_memory_mib": train_bert.peak_memory_mib(device),
+        "loss": measured[-1][3],
+    }
+
+
+def measure_upstream_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Run upstream's own HelloDeepSpeed `train_bert.py` (a local copy given by --upstream_script), unchanged.
+
+    Its data iterator is wrapped to time each step (the time between two batches, as its loop fetches one batch
+    per step) and to count real tokens; `datasets.load_dataset("wikitext", ...)` is pointed at the local copy and
+    its two experiment-directory helpers' dependencies (pytz, sh) are stubbed when not installed.
+    """
+    import datasets
+
+    for name, stub in (("pytz", upstream_stub_pytz), ("sh", upstream_stub_sh)):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = stub()
+    original_load = datasets.load_dataset
+    datasets.load_dataset = lambda path, *args, **kwargs: original_load(
+        data["original_dataset"] if path == "wikitext" else path, *args, **kwargs)
+    spec = importlib.util.spec_from_file_location("upstream_train_bert", data["upstream_script"])
+    upstream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upstream)
+
+    stamps: list[tuple[float, int, int]] = []
+    original_iterator = upstream.create_data_iterator
+
+    def timed_iterator(*args: Any, **kwargs: Any) -> Any:
+        iterator = original_iterator(*args, **kwargs)
+
+        class Timed:
+            def __iter__(self) -> "Timed":
+                return self
+
+            def __next__(self) -> dict[str, torch.Tensor]:
+                batch = next(iterator)
+                stamps.append((time.perf_counter(), int(batch["attention_mask"].sum()), batch["src_tokens"].numel(),
+                               time.process_time()))
+                return batch
+        return Timed()
+
+    upstream.create_data_iterator = timed_iterator
+    flags = config["flags"]
+    warmup, timed = data["window"], data["window"] * data["windows"]
+    torch.manual_seed(42)  # the seeds of upstream's __main__
+    upstream.np.random.seed(0)
+    random.seed(0)
+    upstream.train(checkpoint_dir=str(work_dir / "upstream"), tokenizer=data["tokenizer"],
+                   max_seq_length=flags["max_seq_length"], batch_size=flags["batch_size"],
+                   num_layers=flags["num_layers"], num_heads=flags["num_heads"], ff_dim=flags["ff_dim"],
+                   h_dim=flags["h_dim"], num_iterations=warmup + timed + 1, checkpoint_every=10**9,
+                   log_every=data["window"])
+    # Batch k is trained between stamps k and k + 1.
+    measured = [(stamps[k + 1][0] - stamps[k][0], stamps[k][1], stamps[k][2]) for k in range(warmup, warmup + timed)]
+    seconds = sum(s for s, _, _ in measured)
+    cpu = stamps[warmup + timed][3] - stamps[warmup][3]
+    return {
+        "real_tokens_per_sec": sum(r for _, r, _ in measured) / seconds,
+        "computed_tokens_per_sec": sum(p for _, _, p in measured) / seconds,
+        "step_time_ms": 1000 * seconds / len(measured),
+        "cpu_ms_per_step": 1000 * cpu / len(measured),
+        "real_tokens_per_cpu_second": sum(r for _, r, _ in measured) / cpu,
+        "mfu": None,
+        "peak_memory_mib": train_bert.peak_memory_mib(torch.device("cpu")),
+        "loss": None,
+    }
+
+
+def upstream_stub_pytz() -> types.ModuleType:
+    """Upstream names its experiment folder in US/Pacific time; any zone does for a benchmark."""
+    module = types.ModuleType("pytz")
+    module.timezone = lambda name: datetime.timezone.utc
+    return module
+
+
+def upstream_stub_sh() -> types.ModuleType:
+    """Upstream records `git log`/`git diff` through the `sh` package; an empty record does for a benchmark."""
+    module = types.ModuleType("sh")
+    module.ErrorReturnCode_128 = type("ErrorReturnCode_128", (Exception,), {})
+    module.ErrorReturnCode_129 = type("ErrorReturnCode_129", (Exception,), {})
+    module.git = types.SimpleNamespace(log=lambda *args, **kwargs: "", diff=lambda *args, **kwargs: "")
+    return module
+
+
+MEASURE = {"plain": measure_script, "ds": measure_script, "upstream-style": measure_upstream_style,
+           "upstream": measure_upstream_script}
+
+
+def run_one(job: str) -> None:
+    """Child-process entry point: read a job file (config + data settings), measure, write the result next to it."""
+    job_path = Path(job)
+    spec = json.loads(job_path.read_text())
+    config, data = spec["config"], spec["data"]
+    if data.get("threads"):
+        torch.set_num_threads(data["threads"])
+    if config["flags"].get("memory_cap_gib") and torch.cuda.is_available():  # emulate a smaller GPU
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config["flags"]["memory_cap_gib"] * 2**30 / total))
+    work_dir = job_path.parent
+    started = time.perf_counter()
+    try:
+        result = {"status": "ok", **MEASURE[config["kind"]](config, data, work_dir)}
+    except Exception as error:  # noqa: BLE001  (a row that fails, e.g. out of memory, is reported, not fatal)
+        out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+        result = {"status": "out of memory" if out_of_memory else f"failed: {type(error).__name__}: {str(error)[:300]}"}
+    result["wall_s"] = time.perf_counter() - started
+    (work_dir / "result.json").write_text(json.dumps(result))
+
+
+LIVE_CHILDREN: list[subprocess.Popen] = []
+
+
+def stop_children_on_exit() -> None:
+    """When the benchmark itself is stopped (Ctrl-C, SIGTERM, an error), stop the runs it started too."""
+    def stop_children() -> None:
+        for process in LIVE_CHILDREN:
+            if process.poll() is None:
+                process.terminate()  # `timeout` passes the signal on to the run
+
+    atexit.register(stop_children)
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+
+
+def run_child(command: str, config: dict[str, Any], data: dict[str, Any], work_dir: Path, timeout_s: float
+              ) -> subprocess.Popen:
+    """Start `benchmark.py <command>` for one job in `work_dir` (its output goes to work_dir/log.txt)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "job.json").write_text(json.dumps({"config": config, "data": data}))
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    log = open(work_dir / "log.txt", "w")
+    process = subprocess.Popen(
+        ["timeout", "--signal=KILL", str(int(timeout_s)), sys.executable, str(Path(__file__).resolve()), command,
+         "--job", str(work_dir / "job.json")], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    process.log = log
+    LIVE_CHILDREN.append(process)
+    return process
+
+
+def child_result(process: subprocess.Popen, work_dir: Path) -> dict[str, Any]:
+    """Wait for a child and read its result (a missing result reports the end of its log)."""
+    process.wait()
+    process.log.close()
+    LIVE_CHILDREN.remove(process)
+    result_path = work_dir / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    tail = (work_dir / "log.txt").read_text(errors="replace").strip().splitlines()[-3:]
+    return {"status": f"failed (exit {process.returncode}): {' | '.join(tail)[-300:]}"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Throughput: rows -> markdown table + JSON.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def describe(config: dict[str, Any]) -> str:
+    """The dims, batch and sequence length of a row, compactly: 6L/256/512/8h, 32x128."""
+    f = config["flags"]
+    return f"{f['num_layers']}L/{f['h_dim']}/{f['ff_dim']}/{f['num_heads']}h, {f['batch_size']}x{f['max_seq_length']}"
+
+
+def format_value(value: float | None, digits: int = 0) -> str:
+    """Numbers for the table: thousands separators, "n/a" when not applicable."""
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a markdown table; the "x row 1" columns divide by the first row's figure.
+
+    On the CPU two more columns count the process's CPU time (all its threads) instead of the wall clock: on a
+    machine shared with other work they stay comparable while wall-clock figures follow the load.
+    """
+    on_cpu = all(result["config"]["flags"].get("local_rank", -1) < 0 for result in rows)
+    cpu_head, cpu_rule = (" CPU s/step | real tokens per CPU-second | x row 1 (CPU) |", "---:|---:|---:|") if on_cpu \
+        else ("", "")
+    lines = ["| # | configuration | model, batch x seq | real tokens/s | x row 1 | tokens/s incl. padding | step (ms) |"
+             f"{cpu_head} MFU | peak memory (MiB) |",
+             f"|---|---|---|---:|---:|---:|---:|{cpu_rule}---:|---:|"]
+    reference = rows[0].get("real_tokens_per_sec") if rows else None
+    cpu_reference = rows[0].get("real_tokens_per_cpu_second") if rows else None
+    for number, result in enumerate(rows, start=1):
+        config = result["config"]
+        if result.get("status") != "ok":
+            empty = "| " * (9 if on_cpu else 6)
+            lines.append(f"| {number} | {config['name']} | {describe(config)} | {result['status']} {empty}|")
+            continue
+        ratio = f"{result['real_tokens_per_sec'] / reference:.2f}x" if reference else "n/a"
+        spread = result.get("real_tokens_per_sec_range")
+        spread_text = f" ({spread[0]:,.0f}-{spread[1]:,.0f})" if spread and spread[0] != spread[1] else ""
+        mfu = "n/a" if result.get("mfu") is None else f"{100 * result['mfu']:.1f}%"
+        cpu = ""
+        if on_cpu:
+            cpu_ratio = f"{result['real_tokens_per_cpu_second'] / cpu_reference:.2f}x" if cpu_reference else "n/a"
+            cpu = (f" {result['cpu_ms_per_step'] / 1000:,.2f} | {result['real_tokens_per_cpu_second']:,.0f} "
+                   f"| {cpu_ratio} |")
+        lines.append(
+            f"| {number} | {config['name']} | {describe(config)} | {result['real_tokens_per_sec']:,.0f}{spread_text} "
+            f"| {ratio} | {result['computed_tokens_per_sec']:,.0f} | {result['step_time_ms']:,.0f} |{cpu} {mfu} "
+            f"| {result['peak_memory_mib']:,.0f} |")
+    if any(result.get("mfu") is not None for result in rows):
+        lines.append("\nMFU = model FLOPs per step / step time / the GPU's dense peak for the dtype (train_bert.PEAK_FLOPS); "
+                     "FLOPs per step = 6·N_dense·tokens + 12·L·d·T·tokens + 6·(d² + d·V)·predicted tokens, "
+                     "N_dense = L·(4·d² + 2·d·ff) (train_bert.training_flops).")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """One line naming the machine: CPU model and cores, GPU if any, torch version."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) "
+            "when the table was printed")
+
+
+def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine one row's rounds: the median of each figure, the range of real tokens/s."""
+    good = [m for m in measurements if m.get("status") == "ok"]
+    if not good:
+        return measurements[-1]
+    combined = {"status": "ok", "rounds": measurements}
+    for key in ("real_tokens_per_sec", "computed_tokens_per_sec", "step_time_ms", "peak_memory_mib", "mfu",
+                "cpu_ms_per_step", "real_tokens_per_cpu_second"):
+        values = [m[key] for m in good if m.get(key) is not None]
+        combined[key] = statistics.median(values) if values else None
+    values = [m["real_tokens_per_sec"] for m in good]
+    combined["real_tokens_per_sec_range"] = [min(values), max(values)]
+    return combined
+
+
+def data_settings(dataset: str, dataset_config: str | None, tokenizer: str, work_dir: Path, **extra: Any
+                  ) -> dict[str, Any]:
+    """Resolve the benchmark's data: "synthetic" makes a corpus and a BPE tokenizer; a dataset gets a short copy."""
+    if dataset == "synthetic":  # made once per work_dir, reused by later calls with the same work_dir
+        corpus = work_dir / "synthetic_corpus"
+        if not (corpus / "validation.txt").is_file():
+            synthetic_corpus(corpus)
+        if tokenizer in ("bpe", "synthetic"):
+            tokenizer = work_dir / "bpe_tokenizer"
+            if not (tokenizer / "tokenizer.json").is_file():
+                bpe_tokenizer_folder(corpus, tokenizer, vocab_size=32768)
+        return {"dataset": str(corpus), "original_dataset": str(corpus), "tokenizer": str(tokenizer), **extra}
+    corpus = prepare_corpus(dataset, dataset_config, work_dir / "corpus")
+    return {"dataset": str(corpus), "original_dataset": dataset, "original_dataset_config": dataset_config,
+            "tokenizer": tokenizer, **extra}
+
+
+def throughput(
+    suite: str = "cpu",
+    configs: str | None = None,
+    rounds: int = 1,
+    window: int = 5,
+    windows: int = 2,
+    threads: int | None = None,
+    dataset: str = DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    tokenizer: str = DEFAULT_TOKENIZER,
+    upstream_script: str | None = None,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    work_dir: str | None = None,
+    timeout_s: int = 1800,
+    time_limit_s: float | None = None,
+    dry_run: bool = False,
+) -> None:
+    """Benchmark training throughput; print a markdown table, one row per configuration.
+
+    Args:
+        suite: Which rows: cpu (upstream's model, batch 32 x 128), cpu512 (batch 8 x 512), cpu-ds (the
+            DeepSpeed script on the CPU), gpu (BERT-base on GPU 0), smoke (tiny, seconds).
+        configs: Instead of a suite, a JSON file with a list of rows ({"name", "kind", "flags"}).
+        rounds: Run the whole list this many times, interleaved; the table shows medians (and the range).
+        window: Steps per log window. The first window is warm-up (and compilation); then `windows` are timed.
+        windows: Timed windows per configuration.
+        threads: torch threads in each run (default: torch's choice, one per core).
+        dataset: Text to train on (a datasets folder, a folder of .txt files, or "synthetic" for a made-up corpus).
+        dataset_config: The dataset's configuration name.
+        tokenizer: A tokenizer folder (or "bpe" with the synthetic dataset: train one once).
+        upstream_script: Path to a local copy of upstream's HelloDeepSpeed train_bert.py: adds a row that runs it
+            unchanged, right after the upstream-style row (needs deepspeed installed; pytz and sh are stubbed).
+        json_path: Also write every measurement (all rounds) as JSON here.
+        markdown_path: Also write the table (with the machine and the command) here.
+        work_dir: Keep the runs' files here (default: a temporary folder, removed at the end).
+        timeout_s: Kill a configuration's run after this many seconds (it is reported as failed).
+        time_limit_s: Stop the whole benchmark after this many seconds: runs are cut at the limit and rows not
+            started by then are reported as skipped (the GPU check uses it to end in time).
+        dry_run: Run the GPU suites' rows with tiny dims on the CPU (checks the rows work, measures nothing).
+    """
+    deadline = time.monotonic() + time_limit_s if time_limit_s else math.inf
+    stop_children_on_exit()
+    rows = json.loads(Path(configs).read_text()) if configs else suite_rows(suite, dry_run)
+    if upstream_script:  # right after the upstream-style row, with its dims, batch and length
+        baseline = rows[0] if rows[0]["kind"] == "upstream-style" else row("", "", **UPSTREAM_DIMS, batch_size=32,
+                                                                            max_seq_length=128)
+        rows.insert(1 if rows[0]["kind"] == "upstream-style" else 0,
+                    {**baseline, "name": "upstream's train_bert.py, unchanged, fp32", "kind": "upstream"})
+    with working_directory(work_dir) as directory:
+        data = data_settings(dataset, dataset_config, tokenizer, directory, window=window, windows=windows,
+                             threads=threads, upstream_script=upstream_script)
+        measurements: list[list[dict[str, Any]]] = [[] for _ in rows]
+        for round_number in range(rounds):
+            for index, config in enumerate(rows):
+                job_dir = directory / f"round{round_number}" / f"row{index}"
+                left = deadline - time.monotonic()
+                if left < 10:
+                    measurements[index].append({"status": "skipped (time limit)"})
+                    continue
+                result = child_result(run_child("run_one", config, data, job_dir, min(timeout_s, left)), job_dir)
+                measurements[index].append(result)
+                print(f"[round {round_number + 1}/{rounds}] {config['name']}: "
+                      f"{format_value(result.get('real_tokens_per_sec'))} real tokens/s ({result['status']})",
+                      file=sys.stderr, flush=True)
+    results = [{"config": config, **median_over_rounds(m)} for config, m in zip(rows, measurements)]
+    table = markdown_table(results)
+    header = f"Machine: {machine_description()}.\nCommand: `{command_line()}`\n"
+    print(header + "\n" + table)
+    if markdown_path:
+        Path(markdown_path).write_text(header + "\n" + table + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine_description(), "command": command_line(),
+                                               "results": results}, indent=2))
+
+
+def command_line() -> str:
+    """The command that produced this output, as typed (relative to the project root)."""
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT) if sys.argv else "benchmarks/benchmark.py"
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def working_directory(path: str | None):
+    """`path` (created) or a temporary folder removed afterwards."""
+    if path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bert_benchmark.") as temporary:
+            yield Path(temporary)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Time to quality: train each recipe for the same wall-clock budget, then one evaluation with fixed masks.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# Upstream's defaults (HelloDeepSpeed train_bert.py): batch 8 of lines up to 512 tokens, ff 512, Adam lr 1e-4.
+UPSTREAM_RECIPE = row("upstream-style defaults", "upstream-style", **UPSTREAM_DIMS, batch_size=8, max_seq_length=512,
+                      dropout=0.1)
+EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
+
+
+def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A recipe from its name ("default": train_bert.py's defaults, "upstream": upstream's) or a dict of flags.
+
+    A dict may name itself ("name") and the script ("kind", default "plain"); its other keys are train() flags.
+    """
+    if spec == "upstream":
+        return UPSTREAM_RECIPE
+    if spec == "default":
+        return row("train_bert.py defaults", "plain")
+    if isinstance(spec, dict):
+        flags = {key: value for key, value in spec.items() if key not in ("name", "kind")}
+        name = spec.get("name") or ("train_bert.py " + " ".join(f"--{k} {v}" for k, v in flags.items()))
+        return row(name, spec.get("kind", "plain"), **flags)
+    raise train_bert.ConfigError(f"a recipe is 'default', 'upstream' or a dict of flags; got {spec!r}")
+
+
+def ttq_one(job: str) -> None:
+    """Child entry point of time-to-quality: train one recipe for the budget, evaluate it, write the result."""
+    job_path = Path(job)
+    spec = json.loads(job_path.read_text())
+    config, data = spec["config"], spec["data"]
+    if data.get("threads"):
+        torch.set_num_threads(data["threads"])
+    work_dir = job_path.parent
+    try:
+        trained = (train_upstream_style_for_budget if config["kind"] == "upstream-style" else train_script_for_budget)(
+            config, data, work_dir)
+        model, tokenizer = trained.pop("model"), trained.pop("tokenizer")
+        result = {"status": "ok", **trained, **validation_losses(model, tokenizer, data)}
+    except Exception as error:  # noqa: BLE001
+        result = {"status": f"failed: {type(error).__name__}: {str(error)[:300]}"}
+    (work_dir / "result.json").write_text(json.dumps(result))
+
+
+def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Run the script's train() and send it SIGTERM when the budget is spent (it saves a checkpoint and stops).
+
+    The budget starts when the training loop starts (after data and model are ready, as for the baseline), and
+    the loop's own end-of-run evaluation (a short validation split here) counts against it.
+    """
+    module = train_bert if config["kind"] == "plain" else importlib.import_module("train_bert_ds")
+    flags = {"checkpoint_dir": str(work_dir / "experiments"), "dataset": data["dataset"], "dataset_config": None,
+             "tokenizer": data["tokenizer"], "keep_last": 1, "log_every": 50, **config["flags"]}
+    flags.setdefault("eval_every", flags.get("num_iterations", 10**6))
+    flags.setdefault("checkpoint_every", flags.get("num_iterations", 10**6))
+    timing: dict[str, float] = {}
+    original_loop = module.training_loop
+
+    def budgeted_loop(*args: Any, **kwargs: Any) -> Any:
+        timer = threading.Timer(data["budget_s"], os.kill, (os.getpid(), signal.SIGTERM))
+        timing["start"] = time.perf_counter()
+        timer.start()
+        try:
+            return original_loop(*args, **kwargs)
+        finally:
+            timing["seconds"] = time.perf_counter() - timing["start"]
+            timer.cancel()
+
+    module.training_loop = budgeted_loop
+    with contextlib.suppress(train_bert.TrainingInterrupted):
+        module.train(**flags)
+    experiment_dir = next((work_dir / "experiments").glob("bert_pretrain.*"))
+    checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
+    hparams = json.loads((experiment_dir / "hparams.json").read_text())
+    resolved = hparams["flags"]
+    tokenizer = train_bert.load_tokenizer(str(experiment_dir / "tokenizer"))
+    model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
+                                    resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"])
+    model.load_state_dict(checkpoint["model"])
+    steps = checkpoint["step"]
+    return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
+            "tokens_trained": steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"],
+            "flags": {key: resolved[key] for key in ("lr", "warmup_steps", "num_iterations", "batch_size", "dtype",
+                                                     "dropout", "ff_dim", "max_seq_length", "compile")}}
+
+
+def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Train the upstream-style baseline until the budget is spent (it has no schedule to fit)."""
+    import upstream_style
+
+    flags = config["flags"]
+    tokenizer = train_bert.load_tokenizer(data["tokenizer"])
+    texts = [text for text in train_bert.load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
+    torch.manual_seed(42)
+    model = upstream_style.upstream_style_model(tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"],
+                                                flags["h_dim"], flags.get("dropout", 0.1), flags["max_seq_length"])
+    batches = upstream_style.upstream_style_batches(texts, tokenizer, flags["batch_size"], flags["max_seq_length"])
+    real_tokens = []
+    start = time.perf_counter()
+    steps = upstream_style.train_upstream_style(
+        model, batches, tokenizer.pad_token_id, should_stop=lambda _, seconds: seconds >= data["budget_s"],
+        on_step=lambda step, seconds, real, padded, loss: real_tokens.append(real))
+    return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": time.perf_counter() - start,
+            "tokens_trained": sum(real_tokens),
+            "flags": {"lr": upstream_style.UPSTREAM_LR, "batch_size": flags["batch_size"], "dtype": "fp32",
+                      "dropout": flags.get("dropout", 0.1), "ff_dim": flags["ff_dim"],
+                      "max_seq_length": flags["max_seq_length"]}}
+
+
+def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, Any]) -> dict[str, float]:
+    """MLM loss on the original dataset's validation split, 15% masking with masks fixed by EVAL_SEED, two ways.
+
+    - packed: the split packed into 128-token blocks (train_bert.py's format), evaluated by train_bert.evaluate;
+    - lines: each line alone, `<s> line </s>` truncated to 128 tokens and padded (upstream's format).
+    (128 is `eval_seq_length`'s default.)
+    Both are token-weighted means over the predicted tokens, in fp32, with the same masking rule.
+    """
+    import upstream_style
+
+    model.eval()
+    device = torch.device("cpu")
+    validation = train_bert.load_text_dataset(data["original_dataset"], data.get("original_dataset_config"))["validation"]
+    if data.get("validation_lines"):
+        validation = validation.select(range(min(data["validation_lines"], len(validation))))
+    masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
+    seq_length = data["eval_seq_length"]
+    blocks = train_bert.pack_blocks(train_bert.tokenize_lines(validation, tokenizer), tokenizer, seq_length)
+    batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
+    packed = train_bert.evaluate(model, batches, device, contextlib.nullcontext)
+
+    lines = [text for text in validation["text"] if text.strip()]
+    generator = train_bert.seeded_generator(EVAL_SEED, 0x11E5)
+    totals = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, len(lines), EVAL_BATCH_SIZE):
+            encoded = tokenizer(lines[start : start + EVAL_BATCH_SIZE], truncation=True, max_length=seq_length,
+                                padding=True, return_tensors="pt")
+            masked, labels = train_bert.masking_function(encoded["input_ids"], tokenizer, generator=generator)
+            labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
+            batch = {"input_ids": masked, "labels": labels, "attention_mask": encoded["attention_mask"]}
+            loss_sum = upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id, reduction="sum")
+            totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())], dtype=torch.float64)
+    return {"val_loss_packed": float(packed[0] / packed[1]), "val_loss_lines": float(totals[0] / totals[1]),
+            "val_tokens_packed": int(packed[1]), "val_tokens_lines": int(totals[1])}
+
+
+def ttq(
+    budget_s: float = 600,
+    recipes: Any = ("default", "upstream"),
+    side_by_side: bool = True,
+    threads: int | None = None,
+    fit_schedule: bool = True,
+    dataset: str = DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    tokenizer: str = DEFAULT_TOKENIZER,
+    json_path: str | None = None,
+    markdown_path: str | None = None,
+    validation_lines: int | None = None,
+    eval_seq_length: int = 128,
+    work_dir: str | None = None,
+) -> None:
+    """Time to quality: train each recipe for `budget_s` seconds, then report its validation MLM loss.
+
+    Args:
+        budget_s: Wall-clock seconds of training per recipe (from the first step; setup is not counted).
+        recipes: A list of recipes: "default" (train_bert.py's defaults), "upstream" (upstream's defaults, run by
+            the upstream-style baseline) or dicts of train() flags, e.g. '[{"lr": 2e-3}, "upstream"]'.
+        side_by_side: Run all recipes at the same time (each with `threads` threads, default cores / recipes), so
+            a busy machine slows them alike; otherwise one after the other with all cores.
+        threads: torch threads per recipe.
+        fit_schedule: For train_bert.py recipes without --num_iterations: first time a few steps of each (side by
+            side, like the real run) and set num_iterations to the steps that fit the budget, so the learning
+            rate decays to zero when the budget ends. Off: the recipe's own num_iterations, cut at the budget.
+        dataset: Train and validation text (the validation split is evaluated in full).
+        dataset_config: The dataset's configuration name.
+        tokenizer: The tokenizer folder.
+        json_path: Also write the results as JSON here.
+        markdown_path: Also write the table here.
+        validation_lines: Evaluate on only the first this many lines of the validation split (default: all).
+        eval_seq_length: Block length (and line truncation) of the evaluation; at most every recipe's length.
+        work_dir: Keep the runs' files here (default: a temporary folder, removed at the end).
+    """
+    rows = [recipe(spec) for spec in ([recipes] if isinstance(recipes, (str, dict)) else recipes)]
+    stop_children_on_exit()
+    threads = threads or (max(1, (os.cpu_count() or 1) // len(rows)) if side_by_side else None)
+    with working_directory(work_dir) as directory:
+        data = data_settings(dataset, dataset_config, tokenizer, directory, budget_s=budget_s, threads=threads,
+                             window=5, windows=2, validation_lines=validation_lines, eval_seq_length=eval_seq_length)
+        if fit_schedule:
+            fit_num_iterations(rows, data, directory, side_by_side)
+        results = run_jobs("ttq_one", rows, data, directory / "ttq", side_by_side, timeout_s=budget_s * 3 + 1200)
+    table = ttq_table(rows, results, budget_s)
+    header = (f"Machine: {machine_description()}; {threads or 'all'} thread(s) per recipe"
+              f"{', recipes side by side' if side_by_side else ''}.\nCommand: `{command_line()}`\n")
+    print(header + "\n" + table)
+    if markdown_path:
+        Path(markdown_path).write_text(header + "\n" + table + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"machine": machine_description(), "command": command_line(),
+                                               "budget_s": budget_s, "rows": rows, "results": results}, indent=2))
+
+
+def run_jobs(command: str, rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool,
+             timeout_s: float) -> list[dict[str, Any]]:
+    """Run one child per row, all at once or one after the other; return their results in order."""
+    job_dirs = [directory / f"row{index}" for index in range(len(rows))]
+    if side_by_side:
+        processes = [run_child(command, config, data, job_dir, timeout_s) for config, job_dir in zip(rows, job_dirs)]
+        return [child_result(process, job_dir) for process, job_dir in zip(processes, job_dirs)]
+    return [child_result(run_child(command, config, data, job_dir, timeout_s), job_dir)
+            for config, job_dir in zip(rows, job_dirs)]
+
+
+def fit_num_iterations(rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool) -> None:
+    """Set num_iterations of each train_bert.py recipe that has none to the steps its measured speed fits."""
+    to_fit = [index for index, config in enumerate(rows)
+              if config["kind"] != "upstream-style" and "num_iterations" not in config["flags"]]
+    if not to_fit:
+        return
+    # Calibrate every recipe at once when they will run side by side, so each sees the load it will see.
+    calibration_rows = [throughput_config(config) for config in rows] if side_by_side else \
+        [throughput_config(rows[index]) for index in to_fit]
+    results = run_jobs("run_one", calibration_rows, data, directory / "calibration", side_by_side, timeout_s=1800)
+    by_row = dict(zip(range(len(rows)) if side_by_side else to_fit, results))
+    for index in to_fit:
+        result = by_row[index]
+        if result.get("status") != "ok":
+            raise RuntimeError(f"calibrating {rows[index]['name']} failed: {result['status']}")
+        steps = int(0.97 * data["budget_s"] / (result["step_time_ms"] / 1000))
+        rows[index]["flags"]["num_iterations"] = max(steps, 1)
+        print(f"{rows[index]['name']}: {result['step_time_ms']:.0f} ms/step -> --num_iterations {steps}",
+              file=sys.stderr, flush=True)
+
+
+def train_bert_default(name: str) -> Any:
+    """A train() flag's default."""
+    import inspect
+
+    return inspect.signature(train_bert.train).parameters[name].default
+
+
+def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A recipe as a throughput row, with train_bert.py's defaults filled in where the recipe leaves a flag out."""
+    defaults = {name: train_bert_default(name) for name in
+                ("num_layers", "h_dim", "ff_dim", "num_heads", "batch_size", "max_seq_length", "dtype")}
+    return {**config, "flags": {**defaults, **config["flags"]}}
+
+
+def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_s: float) -> str:
+    """Time-to-quality results as a markdown table."""
+    lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | val loss, single lines "
+             "| key flags |", "|---|---:|---:|---:|---:|---:|---|"]
+    for config, result in zip(rows, results):
+        if result.get("status") != "ok":
+            lines.append(f"| {config['name']} | {result['status']} | | | | | |")
+            continue
+        flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
+        lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
+                     f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | {result['val_loss_lines']:.3f} "
+                     f"| {flags} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"throughput": throughput, "ttq": ttq, "run_one": run_one, "ttq_one": ttq_one})

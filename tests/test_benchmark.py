@@ -1,0 +1,114 @@
+"""benchmarks/: the upstream-style baseline does what upstream does, and both modes run end to end on tiny data.
+
+Speed is never asserted: the tests check that the figures exist, are consistent with each other and are reported.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL_FLAGS
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import upstream_style  # noqa: E402
+
+import train_bert  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return train_bert.load_tokenizer(str(tiny_tokenizer))
+
+
+def test_upstream_style_pads_each_batch_to_its_longest_line_and_masks_every_line(tokenizer):
+    texts = ["the quick brown fox jumps over the lazy dog .", "red orange .", "one two three four five six seven ."]
+    dataset = upstream_style.UpstreamStyleLines(texts, tokenizer, max_seq_length=8, seed=0)
+    samples = [dataset[i] for i in range(len(texts))]
+    batch = upstream_style.pad_batch(samples, tokenizer.pad_token_id)
+    lengths = [len(ids) for ids, _ in samples]
+    assert max(lengths) <= 8 and batch["input_ids"].shape == (3, max(lengths))  # truncated, padded to the longest
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for (ids, labels), row in zip(samples, batch["labels"]):
+        chosen = labels != tokenizer.pad_token_id
+        inner = len(ids) - 2
+        assert 1 <= chosen.sum() <= inner and not chosen[0] and not chosen[-1]  # never <s> or </s>
+        assert (row[len(ids):] == tokenizer.pad_token_id).all()
+
+
+def test_upstream_style_masks_fifteen_percent_with_the_80_10_10_split(tokenizer):
+    text = " ".join(["alpha beta gamma delta"] * 40)
+    dataset = upstream_style.UpstreamStyleLines([text] * 400, tokenizer, max_seq_length=128, seed=1)
+    original = np.array([tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)[:126],
+                         tokenizer.eos_token_id])
+    chosen = mask = kept = 0
+    for index in range(len(dataset)):
+        masked, labels = dataset[index]
+        selected = labels != tokenizer.pad_token_id
+        chosen += selected.sum()
+        mask += (masked[selected] == tokenizer.mask_token_id).sum()
+        kept += (masked[selected] == original[selected]).sum()
+        assert (labels[selected] == original[selected]).all()
+    assert chosen / (400 * 126) == pytest.approx(0.15, abs=0.01)
+    assert mask / chosen == pytest.approx(0.8, abs=0.02) and kept / chosen == pytest.approx(0.1, abs=0.02)
+
+
+def test_upstream_style_loss_matches_the_sparse_loss_on_unpadded_input(tokenizer):
+    torch.manual_seed(0)
+    model = upstream_style.upstream_style_model(tokenizer, 2, 2, 64, 32, 0.0, 32).eval()
+    ids = torch.randint(5, len(tokenizer), (2, 16))
+    masked, labels = train_bert.masking_function(ids, tokenizer, mask_prob=0.3, generator=torch.Generator().manual_seed(0))
+    sparse = train_bert.sparse_batch(masked, labels)
+    padded_labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
+    batch = {"input_ids": masked, "labels": padded_labels, "attention_mask": torch.ones_like(masked)}
+    with torch.no_grad():
+        assert upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id).item() == \
+            pytest.approx(train_bert.mlm_loss(model, **sparse).item(), rel=1e-5)
+
+
+def run_benchmark(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_throughput_table_reports_every_row(tiny_corpus, tiny_tokenizer, tmp_path):
+    rows = [{"name": "upstream-style", "kind": "upstream-style", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}},
+            {"name": "ours", "kind": "plain", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}}]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    result = run_benchmark("throughput", "--configs", str(tmp_path / "rows.json"), "--dataset", str(tiny_corpus),
+                           "--tokenizer", str(tiny_tokenizer), "--window", "2", "--windows", "1",
+                           "--json_path", str(tmp_path / "out.json"), "--markdown_path", str(tmp_path / "out.md"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert [r["status"] for r in results] == ["ok", "ok"], results
+    baseline, ours = results
+    # Padding is computed but not counted: the baseline's real tokens/s are below its tokens/s incl. padding.
+    assert 0 < baseline["real_tokens_per_sec"] < baseline["computed_tokens_per_sec"]
+    assert ours["real_tokens_per_sec"] == ours["computed_tokens_per_sec"] > 0  # packed blocks: no padding
+    assert ours["mfu"] is None and ours["peak_memory_mib"] > 0  # no MFU on CPU
+    table = (tmp_path / "out.md").read_text()
+    assert "| 1 | upstream-style |" in table and "| 1.00x |" in table and "| 2 | ours |" in table
+    assert f"{ours['real_tokens_per_sec'] / baseline['real_tokens_per_sec']:.2f}x" in table
+
+
+def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny_corpus, tiny_tokenizer, tmp_path):
+    recipes = [{"name": "ours", **TINY_MODEL_FLAGS, "max_seq_length": 32, "warmup_steps": 2},
+               {"name": "baseline", "kind": "upstream-style", **TINY_MODEL_FLAGS}]
+    result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
+                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
+                           "--json_path", str(tmp_path / "ttq.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "ttq.json").read_text())
+    ours, baseline = report["results"]
+    assert ours["status"] == "ok" and baseline["status"] == "ok", report["results"]
+    assert report["rows"][0]["flags"]["num_iterations"] >= 1  # fitted to the budget from a measured step time
+    assert baseline["train_seconds"] >= 4  # the baseline trains until the budget is spent
+    for trained in (ours, baseline):
+        assert trained["steps"] >= 1 and trained["tokens_trained"] > 0
+        # Fixed masks on the same validation text for both: the same number of predicted tokens.
+        assert 0 < trained["val_loss_packed"] < 20 and 0 < trained["val_loss_lines"] < 20
+    assert ours["val_tokens_packed"] == baseline["val_tokens_packed"]
+    assert ours["val_tokens_lines"] == baseline["val_tokens_lines"]
