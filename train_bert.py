@@ -918,7 +918,9 @@ class StopSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signum = signum
-        logger.warning(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+        # A raw write, not the logger: the signal may have interrupted a log call, and loguru is not re-entrant.
+        os.write(sys.stderr.fileno(),
+                 f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint\n".encode())
 
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self.previous.items():
@@ -926,6 +928,7 @@ class StopSignal:
 
     def interruption(self, step: int, experiment_dir: Path) -> TrainingInterrupted:
         """The error that ends the run once the checkpoint of `step` is saved; it says how to resume."""
+        logger.warning(f"received {signal.Signals(self.signum).name}: stopping after the checkpoint of step {step}")
         return TrainingInterrupted(
             f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved. Resume with: "
             f"python {Path(sys.argv[0]).name} --load_checkpoint_dir {experiment_dir}", self.signum)
@@ -1241,10 +1244,9 @@ def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
 
 
 def nonfinite_error(what: str, experiment_dir: Path) -> NonFiniteLossError:
-    """The error for a NaN/inf: what happened, which checkpoint is the last good one, and how to go on from it."""
-    pointer = experiment_dir / LATEST_POINTER
-    if pointer.is_file():
-        kept = f"the last good checkpoint, {pointer.read_text().strip()} in {experiment_dir}, is intact"
+    """The error for a NaN/inf: what happened, that the last good checkpoint is kept, and how to go on from it."""
+    if (experiment_dir / LATEST_POINTER).is_file():
+        kept = f"the last good checkpoint in {experiment_dir} is intact"
         go_on = f"then resume with --load_checkpoint_dir {experiment_dir}"
     else:
         kept, go_on = "no checkpoint had been saved yet", "then start again"
@@ -1448,6 +1450,10 @@ def main(function: Callable = None) -> None:
     except TrainingInterrupted as error:
         print(str(error), file=sys.stderr)
         sys.exit(128 + error.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
+              "--load_checkpoint_dir EXPERIMENT_DIR", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
