@@ -727,7 +727,7 @@ def record_code_version(experiment_dir: Path) -> None:
         return
     (experiment_dir / "githash.log").write_text(commit)
     diff = git_output("diff", "HEAD") or ""
-    untracked = git_output("ls-files", "--others", "--exclude-standard") or ""
+    untracked = git_output("ls-files", "--others", "--exclude-standard", "--directory") or ""  # a folder: one line
     untracked_note = "".join(f"# untracked: {name}\n" for name in untracked.splitlines())
     (experiment_dir / "gitdiff.log").write_text(diff + untracked_note or "# no changes against HEAD\n")
 
@@ -1134,12 +1134,17 @@ def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn
     Called only once all inputs have loaded, so a bad dataset or tokenizer leaves no directory behind.
     """
     experiment_dir = new_experiment_dir(flags["checkpoint_dir"])
-    data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
     hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
                "train_blocks": len(data.train_blocks), "validation_blocks": len(data.validation_blocks),
                "versions": library_versions(), **extra}
-    atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
-    record_code_version(experiment_dir)
+    try:
+        data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
+        atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
+        record_code_version(experiment_dir)
+    except OSError as error:  # e.g. the disk filled up: leave no half-made experiment behind
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
+                              f"({error.strerror or error}); nothing was kept. Free space and start again") from error
     return experiment_dir
 
 
