@@ -1,9 +1,11 @@
 """Measure train_bert.py (and train_bert_ds.py) side by side with an upstream-style baseline.
 
-Two modes:
+Modes:
 
     python benchmarks/benchmark.py throughput --suite cpu      # tokens/s, MFU, peak memory: one markdown row each
     python benchmarks/benchmark.py ttq --budget_s 600          # validation loss after a fixed wall-clock budget
+    python benchmarks/benchmark.py profile --dtype bf16        # torch.profiler's top operators in a training step
+    python benchmarks/benchmark.py ceiling                     # matmul FLOP/s here vs the model's FLOPs per token
     python benchmarks/benchmark.py --help                      # the modes; `throughput --help` for their flags
 
 Every configuration runs in a fresh process (so peak memory is its own) through the script's real `train()`: the
@@ -73,9 +75,9 @@ def cpu_suite(batch_size: int, seq: int) -> list[dict[str, Any]]:
         row("upstream-style (padded lines, eager attention, Adam), fp32", "upstream-style", **dims, dtype="fp32",
             dropout=0.1),
         row("train_bert.py fp32, dropout 0.1", "plain", **dims, dtype="fp32", dropout=0.1),
-        row("train_bert.py fp32", "plain", **dims, dtype="fp32"),
-        row("train_bert.py bf16", "plain", **dims, dtype="bf16"),
-        row("train_bert.py bf16 + compile", "plain", **dims, dtype="bf16", compile=True),
+        row("train_bert.py fp32, dropout 0", "plain", **dims, dtype="fp32", dropout=0.0),
+        row("train_bert.py bf16, dropout 0", "plain", **dims, dtype="bf16", dropout=0.0),
+        row("train_bert.py bf16 + compile, dropout 0", "plain", **dims, dtype="bf16", compile=True, dropout=0.0),
     ]
 
 
@@ -507,8 +509,7 @@ def machine_description() -> str:
                 break
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) "
-            "when the table was printed")
+    return f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) at the end"
 
 
 def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -637,6 +638,110 @@ def working_directory(path: str | None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Profile: where one training step's time goes, inside train_bert.py's own loop.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def profile(
+    dtype: str = "fp32",
+    dropout: float = 0.1,
+    compile: bool = False,
+    batch_size: int = 32,
+    max_seq_length: int = 128,
+    window: int = 3,
+    threads: int | None = None,
+    rows: int = 15,
+    dataset: str = DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    tokenizer: str = DEFAULT_TOKENIZER,
+) -> None:
+    """Run train_bert.py's train() on upstream's model and profile one log window after a warm-up window.
+
+    Prints torch.profiler's table of the operators with the most time of their own (self CPU time), over `window`
+    steps: the top costs to attack first.
+
+    Args:
+        dtype: fp32, bf16 or fp16.
+        dropout: The model's dropout (0 lets attention use the fused flash kernel on CPU).
+        compile: Profile the --compile loss.
+        batch_size: Blocks per step.
+        max_seq_length: Tokens per block.
+        window: Steps per log window: one window warms up, the next is profiled.
+        threads: torch threads (default: one per core).
+        rows: Operators shown.
+        dataset: Training text.
+        dataset_config: The dataset's configuration name.
+        tokenizer: The tokenizer folder.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if threads:
+        torch.set_num_threads(threads)
+    profiler = torch_profile(activities=[ProfilerActivity.CPU])
+    original_log = train_bert.MetricsLogger.log
+    logged = []
+
+    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+        original_log(self, record)
+        if "tokens_per_sec" in record:
+            logged.append(record)
+            if len(logged) == 1:
+                profiler.start()
+            else:
+                profiler.stop()
+                raise MeasurementDone
+
+    train_bert.MetricsLogger.log = log
+    with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
+        train_bert.train(checkpoint_dir=str(directory), dataset=dataset, dataset_config=dataset_config,
+                         tokenizer=tokenizer, **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length,
+                         dtype=dtype, dropout=dropout, compile=compile, log_every=window, num_iterations=3 * window,
+                         eval_every=3 * window, checkpoint_every=3 * window)
+    print(f"{window} steps, {logged[-1]['step_time_ms']:.0f} ms/step ({machine_description()}):")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_length: int = 128,
+            vocab_size: int = 50265) -> None:
+    """The fastest a training step could be here: large-matmul FLOP/s per dtype against the model's FLOPs per token.
+
+    Prints the best of 5 [size x size] @ [size x size] products in fp32 and bf16 with `threads` threads, the
+    training FLOPs per token of upstream's model on packed blocks (train_bert.training_flops, 15% of the
+    non-special tokens predicted), and the tokens/s that would take at 100% of each ceiling: no real step can
+    beat that, since everything besides the matrix products only adds time.
+
+    Args:
+        threads: torch threads.
+        size: Matrix side of the measured products.
+        batch_size: Blocks per step.
+        max_seq_length: Tokens per block.
+        vocab_size: Vocabulary (roberta-base's by default).
+    """
+    from transformers import RobertaConfig
+
+    torch.set_num_threads(threads)
+    config = RobertaConfig(vocab_size=vocab_size, hidden_size=UPSTREAM_DIMS["h_dim"],
+                           num_hidden_layers=UPSTREAM_DIMS["num_layers"], intermediate_size=UPSTREAM_DIMS["ff_dim"],
+                           num_attention_heads=UPSTREAM_DIMS["num_heads"])
+    tokens = batch_size * max_seq_length
+    predicted = 0.15 * batch_size * (max_seq_length - 2)
+    per_token = train_bert.training_flops(config, tokens, predicted, max_seq_length) / tokens
+    print(f"{machine_description()}; {threads} thread(s)")
+    print(f"training FLOPs per token, {describe(row('', '', **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))}"
+          f", vocab {vocab_size}: {per_token / 1e6:.1f} MFLOP")
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        best = 0.0
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * size**3 / (time.perf_counter() - start))
+        print(f"{str(dtype).split('.')[1]}: {best / 1e9:.0f} GFLOP/s -> at most {best / per_token:,.0f} tokens/s")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Time to quality: train each recipe for the same wall-clock budget, then one evaluation with fixed masks.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -649,7 +754,8 @@ EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
 def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
     """A recipe from its name ("default": train_bert.py's defaults, "upstream": upstream's) or a dict of flags.
 
-    A dict may name itself ("name") and the script ("kind", default "plain"); its other keys are train() flags.
+    A dict may name itself ("name") and the script ("kind", default "plain"); its other keys are train() flags,
+    and "warmup_fraction" sets --warmup_steps to that share of the steps fitted to the budget.
     """
     if spec == "upstream":
         return UPSTREAM_RECIPE
@@ -858,14 +964,18 @@ def fit_num_iterations(rows: list[dict[str, Any]], data: dict[str, Any], directo
     # Calibrate every recipe at once when they will run side by side, so each sees the load it will see.
     calibration_rows = [throughput_config(config) for config in rows] if side_by_side else \
         [throughput_config(rows[index]) for index in to_fit]
+    for config in calibration_rows:
+        config["flags"].pop("warmup_fraction", None)
     results = run_jobs("run_one", calibration_rows, data, directory / "calibration", side_by_side, timeout_s=1800)
     by_row = dict(zip(range(len(rows)) if side_by_side else to_fit, results))
     for index in to_fit:
         result = by_row[index]
         if result.get("status") != "ok":
             raise RuntimeError(f"calibrating {rows[index]['name']} failed: {result['status']}")
-        steps = int(0.97 * data["budget_s"] / (result["step_time_ms"] / 1000))
-        rows[index]["flags"]["num_iterations"] = max(steps, 1)
+        steps = max(1, int(0.97 * data["budget_s"] / (result["step_time_ms"] / 1000)))
+        rows[index]["flags"]["num_iterations"] = steps
+        if "warmup_fraction" in rows[index]["flags"]:  # a warmup scaled to the steps that fit
+            rows[index]["flags"]["warmup_steps"] = int(rows[index]["flags"].pop("warmup_fraction") * steps)
         print(f"{rows[index]['name']}: {result['step_time_ms']:.0f} ms/step -> --num_iterations {steps}",
               file=sys.stderr, flush=True)
 
@@ -902,4 +1012,5 @@ def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "run_one": run_one, "ttq_one": ttq_one})
+    fire.Fire({"throughput": throughput, "ttq": ttq, "profile": profile, "ceiling": ceiling, "run_one": run_one,
+               "ttq_one": ttq_one})
