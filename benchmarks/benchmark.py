@@ -379,13 +379,18 @@ MEASURE = {"plain": measure_script, "ds": measure_script, "upstream-style": meas
            "upstream": measure_upstream_script}
 
 
-def run_one(job: str) -> None:
-    """Child-process entry point: read a job file (config + data settings), measure, write the result next to it."""
+def read_job(job: str) -> tuple[Path, dict, dict]:
+    """Read a child process's job file; apply its thread count. Returns (job file, config, data settings)."""
     job_path = Path(job)
     spec = json.loads(job_path.read_text())
-    config, data = spec["config"], spec["data"]
-    if data.get("threads"):
-        torch.set_num_threads(data["threads"])
+    if spec["data"].get("threads"):
+        torch.set_num_threads(spec["data"]["threads"])
+    return job_path, spec["config"], spec["data"]
+
+
+def run_one(job: str) -> None:
+    """Child-process entry point: read a job file (config + data settings), measure, write the result next to it."""
+    job_path, config, data = read_job(job)
     if config["flags"].get("memory_cap_gib") and torch.cuda.is_available():  # emulate a smaller GPU
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, config["flags"]["memory_cap_gib"] * 2**30 / total))
@@ -770,11 +775,7 @@ def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
 
 def ttq_one(job: str) -> None:
     """Child entry point of time-to-quality: train one recipe for the budget, evaluate it, write the result."""
-    job_path = Path(job)
-    spec = json.loads(job_path.read_text())
-    config, data = spec["config"], spec["data"]
-    if data.get("threads"):
-        torch.set_num_threads(data["threads"])
+    job_path, config, data = read_job(job)
     work_dir = job_path.parent
     try:
         trained = (train_upstream_style_for_budget if config["kind"] == "upstream-style" else train_script_for_budget)(
