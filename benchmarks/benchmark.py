@@ -656,16 +656,20 @@ def profile(
     window: int = 3,
     threads: int | None = None,
     rows: int = 15,
+    model: str = "upstream",
+    local_rank: int = -1,
     dataset: str = DEFAULT_DATASET,
     dataset_config: str | None = "wikitext-2-v1",
     tokenizer: str = DEFAULT_TOKENIZER,
 ) -> None:
-    """Run train_bert.py's train() on upstream's model and profile one log window after a warm-up window.
+    """Run train_bert.py's train() and profile one log window after a warm-up window.
 
-    Prints torch.profiler's table of the operators with the most time of their own (self CPU time), over `window`
-    steps: the top costs to attack first.
+    Prints torch.profiler's table of the operators with the most time of their own (self CPU time, or self CUDA
+    time on a GPU), over `window` steps: the top costs to attack first.
 
     Args:
+        model: upstream (HelloDeepSpeed's 6 x 256) or bert-base (12 x 768).
+        local_rank: -1 for the CPU, 0 for GPU 0.
         dtype: fp32, bf16 or fp16.
         dropout: The model's dropout (0 lets attention use the fused flash kernel on CPU).
         compile: Profile the --compile loss.
@@ -681,9 +685,13 @@ def profile(
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    dims = {"upstream": UPSTREAM_DIMS, "bert-base": BERT_BASE_DIMS}.get(model)
+    if dims is None:
+        raise train_bert.ConfigError(f"--model must be upstream or bert-base; got {model!r}")
     if threads:
         torch.set_num_threads(threads)
-    profiler = torch_profile(activities=[ProfilerActivity.CPU])
+    on_gpu = local_rank >= 0
+    profiler = torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])])
     original_log = train_bert.MetricsLogger.log
     logged = []
 
@@ -699,12 +707,16 @@ def profile(
 
     train_bert.MetricsLogger.log = log
     with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
-        train_bert.train(checkpoint_dir=str(directory), dataset=dataset, dataset_config=dataset_config,
-                         tokenizer=tokenizer, **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length,
-                         dtype=dtype, dropout=dropout, compile=compile, log_every=window, num_iterations=3 * window,
+        data = data_settings(dataset, dataset_config, tokenizer, directory)
+        train_bert.train(checkpoint_dir=str(directory), dataset=data["dataset"],
+                         dataset_config=None, tokenizer=data["tokenizer"], **dims,
+                         batch_size=batch_size, max_seq_length=max_seq_length, dtype=dtype, dropout=dropout,
+                         compile=compile, local_rank=local_rank, log_every=window, num_iterations=3 * window,
                          eval_every=3 * window, checkpoint_every=3 * window)
-    print(f"{window} steps, {logged[-1]['step_time_ms']:.0f} ms/step ({machine_description()}):")
-    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    mfu = f", MFU {100 * logged[-1]['mfu']:.1f}%" if logged[-1].get("mfu") else ""
+    print(f"{model}, {window} steps, {logged[-1]['step_time_ms']:.0f} ms/step{mfu} ({machine_description()}):")
+    sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
 def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_length: int = 128,

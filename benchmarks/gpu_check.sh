@@ -6,6 +6,7 @@
 #      optimizer offload;
 #   3. a 1.27B-parameter model on the GPU capped at 12 GiB (torch.cuda.set_per_process_memory_fraction): out of
 #      memory with ZeRO-1, trains with ZeRO-1 + ZeRO-Offload;
+#   4. torch.profiler's top operators of a compiled BERT-base bf16 step;
 # and write REPORT_DIR/report.md and REPORT_DIR/report.json (plus one .md/.json per part).
 #
 #   bash benchmarks/gpu_check.sh REPORT_DIR            # on the GPU machine
@@ -19,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT_DIR=${1:?usage: bash benchmarks/gpu_check.sh REPORT_DIR [--dry-run]}
 DRY_RUN=${2:-}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-465}  # 8 minutes, less a margin for the report
+BUDGET_S=${GPU_CHECK_BUDGET_S:-375}  # parts 1-3; with the profile (90 s at most) and the report: 8 minutes
 START=$(date +%s)
 PYTHON=${PYTHON:-python3}
 mkdir -p "$REPORT_DIR"
@@ -69,17 +70,33 @@ run_part gpu 10 2
 run_part gpu-memory 3 1
 run_part gpu-offload 2 1
 
-# 3. One report: the three tables, and their JSON together.
+# 3. Where a compiled BERT-base step spends its time (torch.profiler, top operators by self time), within 90 s.
+echo "== profile"
+if [ "$DRY_RUN" = "--dry-run" ]; then PROFILE=(--model upstream --batch_size 4 --max_seq_length 32 --window 2)
+else PROFILE=(--model bert-base --local_rank 0 --batch_size 64 --max_seq_length 128 --window 5); fi
+timeout 90 "$PYTHON" benchmarks/benchmark.py profile --dtype bf16 --dropout 0.1 --compile True --rows 20 \
+    --dataset synthetic --tokenizer bpe "${PROFILE[@]}" > "$REPORT_DIR/profile.log" 2>&1 \
+    || echo "(profile did not finish: exit $?)" >> "$REPORT_DIR/profile.log"
+sed -n '/ms\/step/,$p' "$REPORT_DIR/profile.log" > "$REPORT_DIR/profile.txt"
+"$PYTHON" -c "import sys, torch, transformers, deepspeed, datasets; print('python', sys.version.split()[0], '| torch',
+torch.__version__, '| CUDA', torch.version.cuda, '| transformers', transformers.__version__, '| deepspeed',
+deepspeed.__version__, '| datasets', datasets.__version__)" > "$REPORT_DIR/versions.txt" 2>/dev/null
+
+# 4. One report: the three tables and the profile, and their JSON together.
 {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    [ -s "$REPORT_DIR/gpu.csv" ] && { echo '```'; cat "$REPORT_DIR/gpu.csv"; echo '```'; echo; }
+    [ -s "$REPORT_DIR/gpu.csv" ] && { echo '```'; cat "$REPORT_DIR/gpu.csv"; cat "$REPORT_DIR/versions.txt"; echo '```'; echo; }
     for part in gpu gpu-memory gpu-offload; do
         echo "## $part"
         echo
         cat "$REPORT_DIR/$part.md" 2>/dev/null || echo "(no result)"
         echo
     done
+    echo "## profile (bf16 + compile, self time per operator)"
+    echo
+    echo '```'; cat "$REPORT_DIR/profile.txt"; echo '```'
+    echo
     echo "Total: $(( $(date +%s) - START )) s."
 } > "$REPORT_DIR/report.md"
 "$PYTHON" - "$REPORT_DIR" <<'EOF'
