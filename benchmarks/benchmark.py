@@ -124,6 +124,14 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
             row("train_bert_ds.py ZeRO-1 bf16", "ds", **gpu_dims, dtype="bf16", zero_stage=1),
             row("train_bert_ds.py ZeRO-1 bf16 + compile", "ds", **gpu_dims, dtype="bf16", zero_stage=1, compile=True),
         ],
+        # BERT-base at batch 256 x 128: enough work per step to hide the host's kernel launches; with and without
+        # dropout (without it, attention can use the fused flash kernel under compile too).
+        "gpu-batch256": [
+            row("train_bert.py bf16 + compile, batch 256", "plain", **{**gpu_dims, "batch_size": 256}, dtype="bf16",
+                compile=True),
+            row("train_bert.py bf16 + compile, batch 256, dropout 0", "plain", **{**gpu_dims, "batch_size": 256},
+                dtype="bf16", compile=True, dropout=0.0),
+        ],
         # One model's peak memory by precision and ZeRO (BERT-base, batch 32 x 128).
         "gpu-memory": [
             row("train_bert.py fp32", "plain", **memory_dims, dtype="fp32"),
