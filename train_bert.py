@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -306,18 +307,27 @@ def seeded_generator(*numbers: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+PREDICTION_BUCKET = 64  # the number of predicted positions per batch is padded to a multiple of this
+
+
 def sparse_batch(masked_input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Turn (inputs, labels) into what the sparse MLM loss needs: inputs, flat masked positions, their labels.
 
     Computing the positions here, on the data side, keeps the training step free of a device->host sync that
-    `hidden[labels != -100]` would force.
+    `hidden[labels != -100]` would force. Their number varies from batch to batch; it is padded up to a multiple of
+    PREDICTION_BUCKET (position 0, label -100: the loss ignores them), so the head's tensors take only a few
+    distinct shapes. With a new shape every step, glibc's allocator on CPU fragmented its heap and the process grew
+    by ~1.5 GiB over 120 steps (benchmarks/README.md, "Memory over a long run"); on GPU, fixed shapes let compiled
+    kernels and CUDA graphs be reused.
     """
     flat_labels = labels.flatten()
     masked_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    padding = -len(masked_positions) % PREDICTION_BUCKET
+    masked_labels = F.pad(flat_labels[masked_positions].long(), (0, padding), value=IGNORE_INDEX)
     return {
         "input_ids": masked_input_ids.long(),
-        "masked_positions": masked_positions,
-        "masked_labels": flat_labels[masked_positions].long(),
+        "masked_positions": F.pad(masked_positions, (0, padding)),
+        "masked_labels": masked_labels,
     }
 
 
@@ -512,20 +522,27 @@ def peak_memory_mib(device: torch.device) -> float:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
              autocast: Callable[[], contextlib.AbstractContextManager],
-             loss_function: Callable[..., torch.Tensor] = mlm_loss) -> torch.Tensor:
+             loss_function: Callable[..., torch.Tensor] = mlm_loss, description: str = "evaluating") -> torch.Tensor:
     """Return a tensor [sum of token losses, number of predicted tokens] over `batches` (fixed masks).
 
     A sum and a count rather than a mean, so results from several ranks or splits combine exactly.
     `loss_function(model, **batch, reduction="sum")` computes the loss (the DeepSpeed script passes its engine's).
+    Never silent: a progress bar on a terminal, and a log line with the batch count and the expected duration
+    (timed on the first batch) for log files.
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
+    start = time.perf_counter()
+    for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", leave=False, disable=None)):
         batch = to_device(batch, device)
         with autocast():
             loss_sum = loss_function(model, **batch, reduction="sum")
-        totals += torch.stack([loss_sum.double(), torch.tensor(len(batch["masked_labels"]), device=device).double()])
+        totals += torch.stack([loss_sum.double(), (batch["masked_labels"] != IGNORE_INDEX).sum().double()])
+        if index == 0 and len(batches) > 1:
+            float(totals[1])  # wait for the first batch (one sync per evaluation) to time it
+            expected = datetime.timedelta(seconds=round((time.perf_counter() - start) * len(batches)))
+            logger.info(f"{description}: {len(batches):,} batches, about {expected}")
     model.train(was_training)
     return totals
 
@@ -761,7 +778,7 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
                 self.tensorboard.add_scalar(key, value, step)
-        logger.info(" ".join(f"{key} {format_number(value)}" for key, value in record.items()))
+        logger.info(log_line(record))
 
     def close(self) -> None:
         """Flush and close the files (also on errors and interruptions)."""
@@ -778,11 +795,35 @@ def drop_lines_after_step(jsonl_path: Path, step: int) -> None:
     atomic_write(jsonl_path, lambda file: file.writelines(kept), mode="w")
 
 
-def format_number(value: Any) -> str:
-    """Compact numbers for log lines."""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
-    return str(value)
+def format_number(value: Any, digits: int = 3) -> str:
+    """Compact numbers for log lines: whole numbers from 1,000 up, `digits` significant digits below, e-notation
+    only under 0.001 (learning rates)."""
+    if not isinstance(value, float):
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
+
+
+# How each metric reads in a log line: (label, unit); the metrics.jsonl record keeps every key and full precision.
+LOG_LINE_FIELDS = {"loss": ("loss", ""), "lr": ("lr", ""), "grad_norm": ("grad", ""), "loss_scale": ("scale", ""),
+                   "tokens_per_sec": ("", " tok/s"), "step_time_ms": ("", " ms/step"), "mfu": ("MFU", "%"),
+                   "peak_memory_mib": ("mem", " MiB"), "eta_s": ("eta", "")}
+
+
+def log_line(record: dict[str, Any]) -> str:
+    """One short line for a record: "step 10 | loss 9.86 | lr 2.0e-05 | 4,521 tok/s | 905 ms/step | ..." """
+    parts = [f"step {record['step']:,}"]
+    for key, value in record.items():
+        if key == "step" or key in ("samples_per_sec", "elapsed_s"):  # derivable; kept in metrics.jsonl
+            continue
+        label, unit = LOG_LINE_FIELDS.get(key, (key, ""))
+        if key == "eta_s":
+            text = str(datetime.timedelta(seconds=round(value)))
+        else:
+            text = format_number(100 * value if key == "mfu" else value, digits=4 if key.endswith("loss") else 3)
+        parts.append(f"{label} {text}{unit}".strip())
+    return " | ".join(parts)
 
 
 def setup_logging(experiment_dir: Path) -> list[int]:
@@ -803,9 +844,12 @@ def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FIL
     sentence = sentence.replace("<mask>", fill_mask.tokenizer.mask_token)
     if len(fill_mask.tokenizer(sentence)["input_ids"]) > fill_mask.tokenizer.model_max_length:
         return []  # the sentence does not fit the model's blocks (a tiny tokenizer splits it into many pieces)
-    predictions = fill_mask(sentence, top_k=5)
+    predictions = fill_mask(sentence, top_k=20)
     per_mask = predictions if isinstance(predictions[0], list) else [predictions]
-    return [[candidate["token_str"].strip() for candidate in candidates] for candidates in per_mask]
+    # A token that is only white space or a special token (</s>) shows nothing to a reader: skip it.
+    specials = set(fill_mask.tokenizer.all_special_tokens)
+    return [[word for word in (candidate["token_str"].strip() for candidate in candidates)
+             if word and word not in specials][:5] for candidates in per_mask]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1281,10 +1325,10 @@ class LossWindow:
         self.grad_accum_steps, self.check_finite = grad_accum_steps, check_finite
         self.micro_batches, self.start, self.run_start = 0, time.perf_counter(), time.perf_counter()
 
-    def add(self, step: int, loss: torch.Tensor, num_predicted: int) -> None:
+    def add(self, step: int, loss: torch.Tensor, masked_labels: torch.Tensor) -> None:
         """Count one micro-batch of optimizer step `step`: its mean loss and how many tokens it predicted."""
         self.loss += loss.detach() / self.grad_accum_steps
-        self.predicted += num_predicted
+        self.predicted += (masked_labels != IGNORE_INDEX).sum()
         self.first_nonfinite_step = torch.where(
             (self.first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_nonfinite_step)
         self.micro_batches += 1
@@ -1353,7 +1397,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 # Each micro-batch's mean loss is divided by the number of micro-batches so the summed gradient
                 # is their average: the same update as one big batch.
                 scaler.scale(loss / flags["grad_accum_steps"]).backward()
-                window.add(step, loss, len(batch["masked_labels"]))
+                window.add(step, loss, batch["masked_labels"])
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), flags["grad_clip"] or float("inf"))
             scaler.step(optimizer)
@@ -1372,7 +1416,8 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
 
             if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
-                log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast))
+                log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast,
+                                                              description="validation"))
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
                 window.raise_if_nonfinite(experiment_dir)
                 raise_if_weights_nonfinite(model, step, experiment_dir)
@@ -1380,7 +1425,8 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 logger.info(f"saved checkpoint {path.name}")
             if stop.signum is not None:
                 raise stop.interruption(step, experiment_dir)
-    log_test_evaluation(metrics, data, flags, lambda test: evaluate(model, test, device, autocast))
+    log_test_evaluation(metrics, data, flags,
+                        lambda test: evaluate(model, test, device, autocast, description="test"))
 
 
 def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch.Tensor) -> None:
@@ -1424,7 +1470,7 @@ def check_command_line(argv: list[str], function: Callable) -> None:
     known = set(inspect.signature(function).parameters)
     expecting_value = False
     for arg in argv:
-        if arg in ("-h", "--help", "--"):
+        if arg == "--":
             return
         if arg.startswith("--"):
             name = arg[2:].split("=", 1)[0].replace("-", "_")
@@ -1434,8 +1480,32 @@ def check_command_line(argv: list[str], function: Callable) -> None:
             expecting_value = "=" not in arg and bare == name
         elif expecting_value:
             expecting_value = False
+        elif arg.startswith("-"):  # fire would read "-x" as the one flag starting with x (-h as --h_dim)
+            raise ConfigError(f"unknown flag {arg}: flags are spelled out in full (--name value); see --help")
         else:
             raise ConfigError(f"unexpected value {arg!r}: every setting is a --flag (see --help)")
+
+
+def help_text(function: Callable, program: str) -> str:
+    """`--help`: the docstring's summary and description, then each flag with its type, default and meaning.
+
+    Written here rather than by fire, whose help opens a pager, names types as `Optional['str | None']` and offers
+    one-letter abbreviations (-t for --tokenizer) that collide as flags are added.
+    """
+    import textwrap
+
+    from fire import docstrings
+
+    doc = docstrings.parse(inspect.getdoc(function))
+    meanings = {arg.name: arg.description for arg in doc.args or []}
+    hints = typing.get_type_hints(function)
+    lines = [f"{program}: {doc.summary}", "", doc.description or "", "", "Flags:"]
+    for name, parameter in inspect.signature(function).parameters.items():
+        hint = hints.get(name)
+        type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
+        lines.append(f"  --{name} {type_name}  (default: {parameter.default!r})")
+        lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def main(function: Callable = None) -> None:
@@ -1443,8 +1513,13 @@ def main(function: Callable = None) -> None:
     import fire
 
     function = function or train
+    arguments = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in arguments[:arguments.index("--") if "--" in arguments else None]):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
+        print(help_text(function, f"python {Path(sys.argv[0]).name}"))
+        return
     try:
-        check_command_line(sys.argv[1:], function)
+        check_command_line(arguments, function)
         fire.Fire(function)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -549,7 +549,7 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
                 # steps the optimizer (clip, step, zero_grad, LR schedule) only after the last micro-batch.
                 engine.backward(loss)
                 engine.step()
-                window.add(step, loss, len(batch["masked_labels"]))
+                window.add(step, loss, batch["masked_labels"])
             progress.update()
             # A signal may reach the ranks at different steps; they must agree, or one would wait in a collective.
             stop.signum = any_rank(stop.signum or 0, control_group) or None

@@ -183,6 +183,9 @@ def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer):
     masked, labels = train_bert.masking_function(token_batch(tokenizer, 4, 32), tokenizer,
                                                  generator=torch.Generator().manual_seed(0))
     batch = train_bert.sparse_batch(masked, labels)
+    # The predicted positions are padded to a bucket (label -100) so the head's shapes repeat; the loss ignores them.
+    assert len(batch["masked_positions"]) % train_bert.PREDICTION_BUCKET == 0
+    assert (batch["masked_labels"] != train_bert.IGNORE_INDEX).sum() == (labels != train_bert.IGNORE_INDEX).sum()
     sparse = train_bert.mlm_loss(model, **batch)
     dense = model(input_ids=masked, labels=labels).loss
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
@@ -298,6 +301,10 @@ def test_cli_end_to_end(tiny_flags):
     assert [r["step"] for r in train_records] == [4, 8, 12]
     assert all({"lr", "tokens_per_sec", "grad_norm", "peak_memory_mib"} <= set(r) for r in train_records)
     assert [r["step"] for r in metric_records(experiment, "eval_loss")] == [6, 12]
+    # Log lines are short and readable (no 2.898e+04), and an evaluation says how long it will take.
+    log_lines = [line for line in result.stderr.splitlines() if " | INFO    | step " in line]
+    assert log_lines and all(len(line) <= 130 and "e+" not in line for line in log_lines), log_lines
+    assert re.search(r"validation: [\d,]+ batches, about \d+:\d\d:\d\d", result.stderr), result.stderr[-2000:]
     assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
                for r in metric_records(experiment, "eval_loss"))
     assert metric_records(experiment, "test_loss")
@@ -309,6 +316,36 @@ def test_cli_end_to_end(tiny_flags):
     inputs = tokenizer(f"the quick brown {tokenizer.mask_token} jumps", return_tensors="pt")
     assert model(**inputs).logits.shape[-1] == len(tokenizer)
     assert "fill-mask" in result.stderr
+
+
+def test_fill_mask_demo_shows_words_only(tiny_flags):
+    """The demo lists real tokens: never a whitespace-only piece or a special token such as </s>."""
+    experiment = Path(train_bert.train(**tiny_flags, num_iterations=4, eval_every=4, checkpoint_every=4))
+    predictions = train_bert.fill_mask_demo(experiment / "hf_model", torch.device("cpu"), "the <mask> fox jumps .")
+    specials = set(train_bert.load_tokenizer(str(experiment / "hf_model")).all_special_tokens)
+    assert len(predictions) == 1 and len(predictions[0]) == 5, predictions
+    assert all(word.strip() == word and word and word not in specials for word in predictions[0]), predictions
+
+
+@pytest.mark.parametrize("help_flag", ["-h", "--help"])
+def test_help_is_plain_text_with_real_types(help_flag):
+    """-h and --help print the manual to stdout: no pager, no fire banner, types as written in the code."""
+    result = subprocess.run([sys.executable, "train_bert.py", help_flag], capture_output=True, text=True, timeout=120,
+                            cwd=Path(train_bert.__file__).parent)
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    assert "--h_dim int  (default: " in result.stdout
+    assert "--checkpoint_dir str | None" in result.stdout
+    assert "Optional[" not in result.stdout and "INFO:" not in result.stdout and "error" not in result.stdout
+
+
+def test_one_letter_abbreviations_are_refused(tiny_flags):
+    """fire would read -t as the only flag starting with t (--tokenizer); flags must be spelled out."""
+    result = subprocess.run([sys.executable, "train_bert.py", "-t", "bpe", "--checkpoint_dir",
+                             tiny_flags["checkpoint_dir"]], capture_output=True, text=True, timeout=120,
+                            cwd=Path(train_bert.__file__).parent)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: unknown flag -t: flags are spelled out in full (--name value); see --help"]
+    assert not Path(tiny_flags["checkpoint_dir"]).exists()
 
 
 def test_cli_help_documents_every_flag():
