@@ -1,4 +1,4 @@
-"""Every `python train_bert.py ...` command of the README runs, on the tiny corpus, as the README writes it.
+"""Every `python train_bert.py ...` command of the README and docs/ runs, on the tiny corpus, as the README writes it.
 
 Only what cannot run in a test is adapted: data paths point at the tiny corpus and tokenizer, the model is shrunk and
 trains 3 steps, and an experiment folder written as `.../bert_pretrain.<...>` is the one the previous command made.
@@ -16,9 +16,9 @@ from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 
 def readme_commands(script: str) -> list[str]:
-    """Lines of the README's ```bash blocks that run `python <script>`."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    """Lines of the ```bash blocks of the README (then docs/*.md) that run `python <script>`."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
     return [line.strip() for block in blocks for line in block.splitlines()
             if line.strip().startswith(f"python {script} ")]
 

@@ -372,13 +372,13 @@ def test_zero3_export_loads_and_predicts(two_rank_runs):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The README's part 2.
+# The README's part 2 and its long form, docs/deepspeed.md.
 # --------------------------------------------------------------------------------------------------------------------
 
 
 def readme_part2() -> str:
     readme = (ROOT / "README.md").read_text()
-    return readme.split("## Part 2", 1)[1].split("\n## ", 1)[0]
+    return readme.split("## Part 2", 1)[1].split("\n## ", 1)[0] + (ROOT / "docs" / "deepspeed.md").read_text()
 
 
 def test_readme_shows_the_current_loop_diff():
@@ -388,7 +388,7 @@ def test_readme_shows_the_current_loop_diff():
     command, shown = re.search(r"```bash\n(diff -u [^\n]*)\n```\n\n```diff\n(.*?)```", readme_part2(), re.S).groups()
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=child_env())
     assert result.returncode == 1, result.stderr  # diff's "files differ"
-    assert result.stdout == shown, "README part 2's loop diff is stale: rerun its command and paste the output"
+    assert result.stdout == shown, "docs/deepspeed.md's loop diff is stale: rerun its command and paste the output"
 
 
 def test_readme_part2_commands_use_real_flags():
