@@ -1423,6 +1423,9 @@ def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn
         shutil.rmtree(experiment_dir, ignore_errors=True)
         raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
                               f"({error.strerror or error}); nothing was kept. Free space and start again") from error
+    except BaseException:  # a stop signal: the same, no half-made experiment
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise
     return experiment_dir
 
 
