@@ -341,3 +341,168 @@ def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags
     assert_one_line_error(result, "out of memory during training", f"last checkpoint in {experiment} is intact",
                           "Resume with: ")
     assert {name: data for name, data in snapshot(experiment).items() if name.startswith("checkpoint")} == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8-11. train_bert_ds.py under the deepspeed launcher: 2 ranks on the CPU (gloo).
+# --------------------------------------------------------------------------------------------------------------------
+
+DS_ENV = {**{name: value for name, value in ENV.items()
+             if name not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")},
+          "DS_ACCELERATOR": "cpu"}
+DS_FLAGS = {"zero_stage": 2, "dtype": "fp32", "eval_every": 1000, "checkpoint_every": 1000, "log_every": 10}
+needs_deepspeed_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed command")
+
+
+def start_deepspeed(args: list[str], log: Path) -> subprocess.Popen:
+    """`deepspeed --num_gpus=2 train_bert_ds.py args...` from the repository, as a user types it, in its own
+    process group (runner, per-node launcher and ranks), output to `log`."""
+    with open(log, "w") as output:
+        return subprocess.Popen([shutil.which("deepspeed"), "--num_gpus=2", "train_bert_ds.py", *args], cwd=ROOT,
+                                env=DS_ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def group_processes(group: int) -> list:
+    """The live processes of process group `group` (the launcher's runner, its launcher and the ranks)."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == group and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def wait_for_group_to_end(group: int, timeout_s: float = 180) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while group_processes(group) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return not group_processes(group)
+
+
+def kill_group(group: int) -> None:
+    for process in group_processes(group):
+        process.kill()
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+@pytest.fixture(scope="module")
+def launcher_stopped_run(run_flags, tmp_path_factory) -> dict:
+    """A 2-rank run to 300 steps whose `deepspeed` runner got SIGTERM mid-run (what `docker stop` does), then the
+    resume command it printed, pasted into bash."""
+    root = tmp_path_factory.mktemp("launcher_stop")
+    log = root / "launcher.log"
+    runner = start_deepspeed(cli_args({**run_flags, **DS_FLAGS, "checkpoint_dir": root / "experiments",
+                                       "num_iterations": 300}), log)
+    try:
+        wait_until(lambda: list((root / "experiments").glob("*/metrics.jsonl")) and metric_records(
+            only_experiment(root / "experiments"), "loss"), runner, log)
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=60)
+        ranks_ended = wait_for_group_to_end(runner.pid)
+    finally:
+        kill_group(runner.pid)
+    output = log.read_text()
+    experiment = only_experiment(root / "experiments")
+    stopped_tag = (experiment / "latest").read_text() if (experiment / "latest").exists() else None
+    resume = subprocess.run(["bash", "-c", printed_command(output, "Resume with: ")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600, env=DS_ENV) if "Resume with: " in output else None
+    return {"output": output, "experiment": experiment, "ranks_ended": ranks_ended, "stopped_tag": stopped_tag,
+            "resume": resume}
+
+
+@pytest.mark.slow
+@needs_deepspeed_launcher
+def test_sigterm_to_the_deepspeed_launcher_stops_every_rank_with_one_checkpoint(launcher_stopped_run):
+    run = launcher_stopped_run
+    assert run["ranks_ended"], f"the ranks went on training without their launcher:\n{run['output'][-3000:]}"
+    assert "Traceback" not in run["output"], run["output"][-3000:]
+    assert run["output"].count("stopped by SIGTERM after step") == 1, "said once, by rank 0"
+    step = int(run["stopped_tag"].removeprefix("global_step"))
+    assert 0 < step < 300
+    assert f"stopped by SIGTERM after step {step}; checkpoint saved" in run["output"]
+
+
+@pytest.mark.slow
+@needs_deepspeed_launcher
+def test_the_printed_multi_rank_resume_command_works_as_printed(launcher_stopped_run):
+    run = launcher_stopped_run
+    command = printed_command(run["output"], "Resume with: ")
+    assert command.startswith("deepspeed --num_gpus=2 train_bert_ds.py --load_checkpoint_dir ")
+    assert run["resume"].returncode == 0, run["resume"].stderr[-3000:]
+    assert (run["experiment"] / "latest").read_text() == "global_step300"
+    assert run["resume"].stdout.splitlines().count(str(run["experiment"])) == 1, "the path, printed once"
+
+
+@pytest.mark.slow
+@needs_deepspeed_launcher
+def test_every_rank_refuses_a_busy_experiment_and_one_line_says_why(launcher_stopped_run, tmp_path):
+    experiment = launcher_stopped_run["experiment"]
+    with train_bert.experiment_lock(experiment):  # this test process is the run that holds it
+        runner = start_deepspeed(["--load_checkpoint_dir", str(experiment), "--num_iterations=400"],
+                                 tmp_path / "busy.log")
+        try:
+            runner.wait(timeout=300)
+            assert wait_for_group_to_end(runner.pid), "every rank exits"
+        finally:
+            kill_group(runner.pid)
+    output = (tmp_path / "busy.log").read_text()
+    assert runner.returncode != 0
+    assert "Traceback" not in output, output[-3000:]
+    assert error_lines(output) == [line for line in error_lines(output) if f"in use by pid {os.getpid()}" in line]
+    assert len(error_lines(output)) == 1, output[-3000:]
+    assert (experiment / "latest").read_text() == "global_step300", "nothing was trained"
+
+
+@pytest.mark.slow
+@needs_deepspeed_launcher
+def test_a_killed_rank_is_one_line_naming_the_checkpoint_a_resume_uses(run_flags, tmp_path):
+    import psutil
+
+    log = tmp_path / "launcher.log"
+    runner = start_deepspeed(cli_args({**run_flags, **DS_FLAGS, "checkpoint_dir": tmp_path / "experiments",
+                                       "num_iterations": 100000, "checkpoint_every": 20}), log)
+    try:
+        wait_until(lambda: list((tmp_path / "experiments").glob("*/latest")), runner, log)
+        [rank_1] = [process for process in psutil.Process(runner.pid).children(recursive=True)
+                    if "--local_rank=1" in process.cmdline()]
+        rank_1.kill()  # SIGKILL, as the OOM killer does
+        runner.wait(timeout=300)
+    finally:
+        kill_group(runner.pid)
+    output = log.read_text()
+    experiment = only_experiment(tmp_path / "experiments")
+    assert "Traceback" not in output, output[-3000:]
+    [line] = error_lines(output)
+    assert line.startswith("error: rank 0: another rank stopped (")
+    assert "cannot save alone" in line
+    assert (f"a resume uses the last complete checkpoint, {(experiment / 'latest').read_text()} in {experiment}: "
+            f"deepspeed --num_gpus=2 train_bert_ds.py --load_checkpoint_dir {experiment}") in line
+
+
+@pytest.mark.slow
+@needs_deepspeed_launcher
+@pytest.mark.parametrize("config, named", [
+    ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage (in --ds_config", "must be 0, 1, 2 or 3"]),
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     ["zero_optimization.offload_param.device (in --ds_config", "needs zero_optimization.stage (in --ds_config"]),
+], ids=["stage", "offload_param"])
+def test_a_bad_ds_config_value_is_one_line_naming_its_field(run_flags, tmp_path, config, named):
+    ds_config = tmp_path / "my_config.json"
+    ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, **config}))
+    runner = start_deepspeed(cli_args({**run_flags, "checkpoint_dir": tmp_path / "experiments",
+                                       "ds_config": ds_config}), tmp_path / "run.log")
+    runner.wait(timeout=300)
+    output = (tmp_path / "run.log").read_text()
+    assert runner.returncode != 0
+    assert "Traceback" not in output, output[-3000:]
+    [line] = error_lines(output)
+    for piece in [*named, str(ds_config)]:
+        assert piece in line, line
+    assert not (tmp_path / "experiments").exists()
