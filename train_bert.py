@@ -862,7 +862,8 @@ def validate_flags(flags: dict[str, Any]) -> None:
         require(is_int(flags[name]) and flags[name] > 0, f"--{name} must be a positive integer; got {flags[name]!r}")
     for name in ("num_workers", "warmup_steps", "seed"):
         require(is_int(flags[name]) and flags[name] >= 0, f"--{name} must be an integer >= 0; got {flags[name]!r}")
-    require(flags["seed"] <= MAX_SEED, f"--seed must be at most {MAX_SEED} (numpy seeds are 32-bit); got {flags['seed']}")
+    require(flags["seed"] <= MAX_SEED,
+            f"--seed must be at most {MAX_SEED} (numpy seeds are 32-bit); got {flags['seed']}")
     for name in ("mask_prob", "random_replace_prob", "unmask_replace_prob", "dropout"):
         require(is_number(flags[name]) and 0 <= flags[name] <= 1,
                 f"--{name} must be a probability in [0, 1]; got {flags[name]!r}")
@@ -987,15 +988,16 @@ def launch_command() -> list[str]:
     if world_size == 1:
         return ["python", script]
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
-    nodes = [] if per_node == world_size else [f"--nnodes={world_size // per_node}"]
+    nodes = world_size // per_node
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
-        return ["torchrun", *(nodes or ["--standalone"]), f"--nproc_per_node={per_node}", script]
-    return ["deepspeed", *[flag.replace("--nnodes", "--num_nodes") for flag in nodes], f"--num_gpus={per_node}", script]
+        return ["torchrun", f"--nnodes={nodes}" if nodes > 1 else "--standalone", f"--nproc_per_node={per_node}",
+                script]
+    return ["deepspeed", *([f"--num_nodes={nodes}"] if nodes > 1 else []), f"--num_gpus={per_node}", script]
 
 
 def start_command() -> str:
-    """The command line of this run, shell-quoted, to start it again."""
-    return shlex.join(launch_command() + sys.argv[1:])
+    """The command line of this run, shell-quoted, to start it again (less the --local_rank a launcher adds)."""
+    return shlex.join(launch_command() + [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank=")])
 
 
 def resume_command(experiment_dir: Path) -> str:
@@ -1023,8 +1025,9 @@ def experiment_lock(experiment_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise ConfigError(f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to an "
-                              "experiment: wait for it to end or stop it (it saves a checkpoint), then resume") from None
+            raise ConfigError(f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to "
+                              "an experiment: wait for it to end or stop it (it saves a checkpoint), then resume"
+                              ) from None
         try:
             lock.truncate(0)
             lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
@@ -1073,8 +1076,8 @@ def record_flag_changes(experiment_dir: Path, flags: dict[str, Any], step: int) 
     changed = {name: {"from": hparams["flags"][name], "to": value} for name, value in flags.items()
                if name in hparams["flags"] and name not in PER_PROCESS_FLAGS and hparams["flags"][name] != value}
     if changed:
-        hparams.setdefault("flag_history", []).append({"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}",
-                                                       "changed": changed})
+        hparams.setdefault("flag_history", []).append(
+            {"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "changed": changed})
         hparams["flags"] |= {name: change["to"] for name, change in changed.items()}
         atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
 
@@ -1156,28 +1159,21 @@ def check_memory(flags: dict[str, Any], device: torch.device) -> None:
 
 
 def check_sequence_limits(flags: dict[str, Any]) -> None:
-    """Fail before loading anything if --max_seq_length exceeds a limit the tokenizer folder declares: the
-    tokenizer's model_max_length (tokenizer_config.json) or its model's positions (config.json)."""
-    folder = Path(flags["tokenizer"])
-    if not folder.is_dir():
-        return  # a Hub name or "bpe": prepare_data checks the loaded tokenizer's limit
-    limits = []
-    tokenizer_config, model_config = folder / "tokenizer_config.json", folder / "config.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        limit = json.loads(tokenizer_config.read_text()).get("model_max_length")
-        if isinstance(limit, int) and limit < 1_000_000:  # transformers writes ~1e30 for "no limit"
-            limits.append((limit, f"model_max_length {limit} in {tokenizer_config}"))
-    with contextlib.suppress(OSError, ValueError, TypeError):
+    """Fail before loading anything if --max_seq_length exceeds the positions of the model a tokenizer folder
+    comes with (its config.json), which the tokenizer itself may not declare (roberta-base's tokenizer.json alone
+    has no limit). The tokenizer's own model_max_length is checked once it is loaded (`prepare_data`)."""
+    model_config = Path(flags["tokenizer"]) / "config.json"
+    try:
         config = json.loads(model_config.read_text())
-        positions = config["max_position_embeddings"]
-        # RoBERTa-style models number positions from pad_token_id + 1: two of their positions are never used.
-        offset = config.get("pad_token_id", 1) + 1 if "roberta" in config.get("model_type", "") else 0
-        limits.append((positions - offset, f"{positions - offset} positions of its model (max_position_embeddings "
-                                           f"{positions} in {model_config})"))
-    for limit, where in limits:
-        if flags["max_seq_length"] > limit:
-            raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {where}; give "
-                              f"--max_seq_length {limit} or less")
+        positions = int(config["max_position_embeddings"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no folder, no config, or a config without a position limit
+    # RoBERTa-style models number positions from pad_token_id + 1: two of their positions are never used.
+    limit = positions - (config.get("pad_token_id", 1) + 1 if "roberta" in config.get("model_type", "") else 0)
+    if flags["max_seq_length"] > limit:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} positions of the "
+                          f"model that comes with --tokenizer {flags['tokenizer']!r} (max_position_embeddings "
+                          f"{positions} in {model_config}); give --max_seq_length {limit} or less")
 
 
 def check_resumable(experiment_dir: Path) -> None:
@@ -1789,30 +1785,31 @@ def main(function: Callable = None) -> None:
     import fire
 
     function = function or train
-    # Under a launcher every rank runs this; errors all ranks share (a bad flag, a stop they agreed on) are
-    # printed by rank 0 alone. Errors only one rank knows (its save failed, its peer died) each rank prints.
-    shared_errors = (ConfigError, NonFiniteLossError, TrainingInterrupted) if os.environ.get("RANK", "0") != "0" else ()
+    # Under a launcher every rank runs this. Errors that all ranks share (a bad flag, a stop they agreed on) are
+    # printed by rank 0 alone; errors only one rank knows (its save failed, its peer died) by that rank.
+    other_rank = os.environ.get("RANK", "0") != "0"
+
+    def report(message: str, shared: bool, exit_code: int) -> None:
+        if not (shared and other_rank):
+            print(message, file=sys.stderr)
+        sys.exit(exit_code)
+
     try:
         check_command_line(sys.argv[1:], function)
         fire.Fire(function)
-    except shared_errors as error:
-        sys.exit(128 + error.signum if isinstance(error, TrainingInterrupted) else 2 if isinstance(error, ConfigError)
-                 else 1)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLossError, CheckpointError, OutOfMemory) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        report(f"error: {error}", shared=True, exit_code=2)
+    except NonFiniteLossError as error:
+        report(f"error: {error}", shared=True, exit_code=1)
+    except (CheckpointError, OutOfMemory) as error:
+        report(f"error: {error}", shared=False, exit_code=1)
     except TrainingInterrupted as error:
-        # The checkpoint is safe: a second signal (a launcher stopping its other ranks) must not cut this message.
+        # The checkpoint is safe: a second SIGTERM (a launcher stopping the other ranks) must not cut this message.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print(str(error), file=sys.stderr)
-        sys.exit(128 + error.signum)
+        report(str(error), shared=True, exit_code=128 + error.signum)
     except KeyboardInterrupt:  # a second Ctrl-C
-        print("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
-              "--load_checkpoint_dir EXPERIMENT_DIR", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        report("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
+               "--load_checkpoint_dir EXPERIMENT_DIR", shared=True, exit_code=128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def fields_from_config(flags: dict[str, Any], config: dict[str, Any]) -> dict[st
             section = section.get(key) if isinstance(section, dict) else None
         if flags[flag] is None and section is not None:
             fields[flag] = ".".join(path)
-    enabled = [dtype for dtype in ("fp16", "bf16") if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")]
+    enabled = [dtype for dtype in ("fp16", "bf16")
+               if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")]
     if flags["dtype"] is None and enabled:
         fields["dtype"] = f"{enabled[0]}.enabled"
     return fields
@@ -613,7 +614,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
                              mode="w")
                 log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
                 logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
-                            f"{flags['zero_stage']}, {flags['dtype']}; effective config {json.dumps(config, sort_keys=True)}")
+                            f"{flags['zero_stage']}, {flags['dtype']}; effective config "
+                            f"{json.dumps(config, sort_keys=True)}")
             progress.started = True
             training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
                           control_group)

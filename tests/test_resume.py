@@ -323,8 +323,8 @@ def long_blocks_corpus(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags, long_blocks_corpus, tmp_path):
     """Blocks of 2048 tokens and 8 heads: a step's attention needs GiBs more than loading does. Under a 4 GiB
-    address-space limit the step's allocation fails for real: one line naming the flags, and no experiment without a checkpoint
-    (new run) / the checkpoint kept (resumed run)."""
+    address-space limit the step's allocation fails for real: one line naming the flags, and no experiment without
+    a checkpoint (new run) / the checkpoint kept (resumed run)."""
     flags = {**run_flags, **QUIET, "dataset": long_blocks_corpus, "checkpoint_dir": tmp_path / "experiments",
              "max_seq_length": 2048, "num_heads": 8, "batch_size": 4, "num_iterations": 2}
     result = run_cli("train_bert.py", flags, env=ENV, preexec_fn=limit_address_space(4))
