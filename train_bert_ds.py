@@ -601,7 +601,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             compile_encoder(model)
         num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
         engine = create_engine(model, flags, config)
-        control_group = dist.new_group(backend="gloo")
+        control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
         start_step, data_position = 0, (0, 0)
         if resuming:
             start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
