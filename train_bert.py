@@ -1050,7 +1050,7 @@ def saved_step(experiment_dir: Path) -> int | None:
 
 def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
                         ) -> bool:
-    """Whether the resume has anything to do: False if the run is finished (said in a log line), an error if
+    """Whether the resume has anything to do: False if the run is finished (said in one line), an error if
     --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test evaluation and
     export that a stop interrupted)."""
     if step is None:
@@ -1059,9 +1059,9 @@ def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir:
         raise ConfigError(f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
                           f"{experiment_dir} has reached; give --num_iterations {step} or more")
     if step == flags["num_iterations"] and completed_step == step:
-        logger.info(f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
-                    f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
-                    f"{resume_command(experiment_dir)} --num_iterations N (N > {step})")
+        print(f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
+              f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
+              f"{resume_command(experiment_dir)} --num_iterations N (N > {step})", file=sys.stderr)
         return False
     return True
 
