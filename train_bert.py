@@ -1122,14 +1122,15 @@ def out_of_memory(error: BaseException, flags: dict[str, Any], phase: str, outco
         f"(--num_layers, --h_dim, --ff_dim); {outcome}")
 
 
-def estimate_step_memory(flags: dict[str, Any]) -> tuple[int, int]:
+def estimate_step_memory(flags: dict[str, Any], attention_matrices: bool) -> tuple[int, int]:
     """A rough estimate, in bytes, of (the memory of one training step, its attention matrices' part).
 
     Parameters, gradients and AdamW's two moments take 16 bytes per parameter (fp32), the parameters counted
     without the vocabulary-sized embedding and head, which the estimate leaves out (so it errs low). Activations kept
     for the backward pass, per layer and token: about 10 x h_dim (attention inputs and outputs, residuals, layer
-    norms) + 3 x ff_dim (the feed-forward block) numbers, plus 2 x num_heads x max_seq_length for the attention
-    scores and probabilities (the part that grows with the square of the length):
+    norms) + 3 x ff_dim (the feed-forward block) numbers, plus, where the attention kernel materializes them
+    (`attention_matrices`: PyTorch's CPU training path does; CUDA's flash / memory-efficient kernels do not),
+    2 x num_heads x max_seq_length for the scores and probabilities, the part that grows with the square of the length:
 
         activations ~ batch_size x max_seq_length x num_layers x (10 h_dim + 3 ff_dim + 2 heads x max_seq_length)
 
@@ -1139,7 +1140,7 @@ def estimate_step_memory(flags: dict[str, Any]) -> tuple[int, int]:
     parameters = flags["num_layers"] * (4 * h * h + 2 * h * ff) + (seq + 2) * h
     number_bytes = 4 if flags["dtype"] == "fp32" else 2
     tokens = flags["batch_size"] * seq * flags["num_layers"]
-    attention = tokens * 2 * flags["num_heads"] * seq * number_bytes
+    attention = tokens * 2 * flags["num_heads"] * seq * number_bytes if attention_matrices else 0
     return 16 * parameters + tokens * (10 * h + 3 * ff) * number_bytes + attention, attention
 
 
@@ -1148,12 +1149,13 @@ def check_memory(flags: dict[str, Any], device: torch.device) -> None:
     compared with the memory available now (RAM for the CPU, free memory for a GPU)."""
     import psutil
 
-    needed, attention = estimate_step_memory(flags)
+    needed, attention = estimate_step_memory(flags, attention_matrices=device.type == "cpu")
     available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
     if needed > available:
+        attention_part = (f" ({attention / 2**30:.1f} GiB of it attention matrices of --max_seq_length "
+                          f"{flags['max_seq_length']} squared, per layer and head)" if attention else "")
         raise ConfigError(
-            f"one training step needs about {needed / 2**30:.1f} GiB ({attention / 2**30:.1f} GiB of it attention "
-            f"matrices of --max_seq_length {flags['max_seq_length']} squared, per layer and head), more than the "
+            f"one training step needs about {needed / 2**30:.1f} GiB{attention_part}, more than the "
             f"{available / 2**30:.1f} GiB available on {device}; lower --max_seq_length or --batch_size (now "
             f"{flags['batch_size']}; --grad_accum_steps keeps the effective batch)")
 
