@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import inspect
 import json
 import math
@@ -26,7 +27,9 @@ import os
 import random
 import resource
 import shutil
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +71,21 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class StoppedAtOnce(BaseException):
+    """SIGTERM/SIGINT outside the training steps (loading, the end phase): nothing to finish, the run stops now.
+
+    A BaseException, like KeyboardInterrupt, so that libraries' `except Exception` cannot swallow or rewrap it.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class OutOfMemory(RuntimeError):
+    """A step did not fit in memory: reported as one line naming the flags to lower; the last checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -787,11 +805,13 @@ class MetricsLogger:
 
 
 def drop_lines_after_step(jsonl_path: Path, step: int) -> None:
-    """Remove metrics.jsonl records from steps after `step` (written before a crash, redone after resume)."""
+    """Remove metrics.jsonl records from steps after `step` (written before a crash, redone after resume), and a
+    test evaluation of `step` itself (the end phase was stopped before the export: a resume evaluates again)."""
     if not jsonl_path.is_file():
         return
-    kept = [line for line in jsonl_path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line)["step"] <= step]
+    records = [(line, json.loads(line)) for line in jsonl_path.read_text().splitlines(keepends=True) if line.strip()]
+    kept = [line for line, record in records
+            if record["step"] < step or (record["step"] == step and "test_loss" not in record)]
     atomic_write(jsonl_path, lambda file: file.writelines(kept), mode="w")
 
 
@@ -860,6 +880,9 @@ def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FIL
 RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size", "max_seq_length", "num_layers",
                       "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "seed")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**32 - 1  # np.random.seed's limit (torch's is 2**64 - 1)
+# Flags that describe this process, not the experiment: never recorded as a change of the experiment's flags.
+PER_PROCESS_FLAGS = ("checkpoint_dir", "load_checkpoint_dir", "local_rank", "ds_config")
 
 
 def validate_flags(flags: dict[str, Any]) -> None:
@@ -883,6 +906,8 @@ def validate_flags(flags: dict[str, Any]) -> None:
         require(is_int(flags[name]) and flags[name] > 0, f"--{name} must be a positive integer; got {flags[name]!r}")
     for name in ("num_workers", "warmup_steps", "seed"):
         require(is_int(flags[name]) and flags[name] >= 0, f"--{name} must be an integer >= 0; got {flags[name]!r}")
+    require(flags["seed"] <= MAX_SEED,
+            f"--seed must be at most {MAX_SEED} (numpy seeds are 32-bit); got {flags['seed']}")
     for name in ("mask_prob", "random_replace_prob", "unmask_replace_prob", "dropout"):
         require(is_number(flags[name]) and 0 <= flags[name] <= 1,
                 f"--{name} must be a probability in [0, 1]; got {flags[name]!r}")
@@ -929,8 +954,9 @@ def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults:
     """Merge the flags of a resume with the experiment's hparams.json.
 
     A flag left at its default takes the saved value (so `--load_checkpoint_dir DIR` alone continues the run as it
-    was). A flag given with another value is an error if it is one of `run_defining` (it would change the model's
-    or the data's shape), and otherwise overrides the saved value (e.g. a larger --num_iterations to train further).
+    was last resumed: `record_flag_changes` keeps hparams.json's flags up to date). A flag given with another value
+    is an error if it is one of `run_defining` (it would change the model's or the data's shape), and otherwise
+    overrides the saved value (e.g. a larger --num_iterations to train further).
     """
     resolved = dict(flags)
     for name, saved_value in saved.items():
@@ -947,10 +973,15 @@ def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so the step in flight completes."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so the step in flight completes.
 
-    def __init__(self):
+    With `at_once`, for the stretches outside the training steps (loading, the test evaluation, the export), where
+    there is no step to finish and nothing to save, the signal raises `StoppedAtOnce` right away instead.
+    """
+
+    def __init__(self, at_once: bool = False):
         self.signum: int | None = None
+        self.at_once = at_once
         self.previous = {}
 
     def __enter__(self) -> "StopSignal":
@@ -959,6 +990,8 @@ class StopSignal:
         return self
 
     def request_stop(self, signum: int, _frame: Any) -> None:
+        if self.at_once:
+            raise StoppedAtOnce(f"stopped by {signal.Signals(signum).name}", signum)
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.signum = signum
@@ -975,7 +1008,231 @@ class StopSignal:
         logger.warning(f"received {signal.Signals(self.signum).name}: stopping after the checkpoint of step {step}")
         return TrainingInterrupted(
             f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved. Resume with: "
-            f"python {Path(sys.argv[0]).name} --load_checkpoint_dir {experiment_dir}", self.signum)
+            f"{resume_command(experiment_dir)}", self.signum)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bookkeeping: one writer per experiment, commands that work as printed, finished runs, memory and length limits.
+# ----------------------------------------------------------------------------------------------------------------------
+
+LOCK_FILE = "experiment.lock"
+COMPLETED_KEY = "completed_step"  # in hparams.json: the step whose test evaluation and hf_model/ export are done
+
+
+def launch_command() -> list[str]:
+    """How to start this script again as it was started: `python SCRIPT`, or under a launcher with several ranks the
+    launcher with as many processes (a DeepSpeed checkpoint must be resumed by as many ranks as saved it).
+
+    The script is named as the user gave it, shortened to its file name when it is in the current directory.
+    """
+    script = sys.argv[0]
+    if Path(script).resolve().parent == Path.cwd().resolve():
+        script = Path(script).name
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ["python", script]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+    nodes = world_size // per_node
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
+        return ["torchrun", f"--nnodes={nodes}" if nodes > 1 else "--standalone", f"--nproc_per_node={per_node}",
+                script]
+    return ["deepspeed", *([f"--num_nodes={nodes}"] if nodes > 1 else []), f"--num_gpus={per_node}", script]
+
+
+def start_command() -> str:
+    """The command line of this run, shell-quoted, to start it again (less the --local_rank a launcher adds)."""
+    return shlex.join(launch_command() + [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank=")])
+
+
+def resume_command(experiment_dir: Path) -> str:
+    """The shell-quoted command that resumes `experiment_dir` (its flags come from its hparams.json)."""
+    return shlex.join(launch_command() + ["--load_checkpoint_dir", str(experiment_dir)])
+
+
+@contextlib.contextmanager
+def experiment_lock(experiment_dir: Path) -> Iterator[None]:
+    """Hold the experiment's lock for the `with` block: one writer per experiment directory.
+
+    An OS lock (`flock`) on `experiment.lock`: the kernel drops it when its holder exits, however it exits (SIGKILL
+    included), so it is never stale. Its holder's pid and host are written inside for the refusal message, and
+    cleared when it is released.
+    """
+    path = experiment_dir / LOCK_FILE
+    try:
+        lock = open(path, "a+")
+    except OSError as error:
+        raise ConfigError(f"cannot open the lock file {path} ({error.strerror}); the experiment directory must be "
+                          "writable") from error
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to "
+                              "an experiment: wait for it to end or stop it (it saves a checkpoint), then resume"
+                              ) from None
+        try:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+            lock.flush()
+            yield
+        finally:
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def saved_step(experiment_dir: Path) -> int | None:
+    """The step of the checkpoint a resume starts from, read from the name `latest` holds (checkpoint-00000010.pt
+    here, global_step10 for DeepSpeed), else from the newest checkpoint file; None if there is none."""
+    pointer = experiment_dir / LATEST_POINTER
+    names = [pointer.read_text().strip()] if pointer.is_file() else sorted(
+        path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))
+    digits = "".join(character for character in (names or [""])[-1] if character.isdigit())
+    return int(digits) if digits else None
+
+
+def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
+                        ) -> bool:
+    """Whether the resume has anything to do: False if the run is finished (said in one line), an error if
+    --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test evaluation and
+    export that a stop interrupted)."""
+    if step is None:
+        return True  # load_latest_checkpoint explains what is missing
+    if flags["num_iterations"] < step:
+        raise ConfigError(f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
+                          f"{experiment_dir} has reached; give --num_iterations {step} or more")
+    if step == flags["num_iterations"] and completed_step == step:
+        print(f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
+              f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
+              f"{resume_command(experiment_dir)} --num_iterations N (N > {step})", file=sys.stderr)
+        return False
+    return True
+
+
+def record_flag_changes(experiment_dir: Path, flags: dict[str, Any], step: int) -> None:
+    """Make hparams.json's flags the ones this resume runs with, keeping the old values in its `flag_history`.
+
+    A plain `--load_checkpoint_dir DIR` then continues with the latest values (a run extended to 40 steps and then
+    stopped continues to 40), and the history says which values trained which steps.
+    """
+    hparams = load_hparams(experiment_dir)
+    changed = {name: {"from": hparams["flags"][name], "to": value} for name, value in flags.items()
+               if name in hparams["flags"] and name not in PER_PROCESS_FLAGS and hparams["flags"][name] != value}
+    if changed:
+        hparams.setdefault("flag_history", []).append(
+            {"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "changed": changed})
+        hparams["flags"] |= {name: change["to"] for name, change in changed.items()}
+        atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
+
+
+def mark_completed(experiment_dir: Path, step: int) -> None:
+    """Record in hparams.json that the end phase (test evaluation, export) of `step` is done: a resume then says
+    the run is finished instead of evaluating and exporting again."""
+    hparams = load_hparams(experiment_dir)
+    hparams[COMPLETED_KEY] = step
+    atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
+
+
+def stop_outcome(experiment_dir: Path | None, created_here: bool) -> str:
+    """What a stop outside the training steps leaves, and the command to go on.
+
+    An experiment directory this run created holds nothing a resume could use until its first checkpoint, so it is
+    removed (every experiment directory that exists can be resumed) and the command to start again is given.
+    """
+    if experiment_dir is not None and (experiment_dir / LATEST_POINTER).is_file():
+        return f"the last checkpoint in {experiment_dir} is intact. Resume with: {resume_command(experiment_dir)}"
+    if experiment_dir is not None and not created_here:
+        return f"{experiment_dir} is unchanged. Resume with: {resume_command(experiment_dir)}"
+    if experiment_dir is not None:
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        return (f"nothing had been trained, so the new experiment directory {experiment_dir} was removed. Start "
+                f"again with: {start_command()}")
+    return f"nothing was created. Start again with: {start_command()}"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's failure (a RuntimeError), or Python's MemoryError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory(error: BaseException, flags: dict[str, Any], phase: str, outcome: str) -> OutOfMemory:
+    """The one-line error for an allocation that failed: where, which flags to lower, what was kept."""
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return OutOfMemory(
+        f"out of memory {phase} ({detail}); lower --batch_size (now {flags['batch_size']}; --grad_accum_steps keeps "
+        f"the effective batch) or --max_seq_length (now {flags['max_seq_length']}), or make the model smaller "
+        f"(--num_layers, --h_dim, --ff_dim); {outcome}")
+
+
+def estimate_step_memory(flags: dict[str, Any], attention_matrices: bool) -> tuple[int, int]:
+    """A rough estimate, in bytes, of (the memory of one training step, its attention matrices' part).
+
+    Parameters, gradients and AdamW's two moments take 16 bytes per parameter (fp32), the parameters counted
+    without the vocabulary-sized embedding and head, which the estimate leaves out (so it errs low). Activations kept
+    for the backward pass, per layer and token: about 10 x h_dim (attention inputs and outputs, residuals, layer
+    norms) + 3 x ff_dim (the feed-forward block) numbers, plus, where the attention kernel materializes them
+    (`attention_matrices`: PyTorch's CPU training path does; CUDA's flash / memory-efficient kernels do not),
+    2 x num_heads x max_seq_length for the scores and probabilities, the part that grows with the square of the length:
+
+        activations ~ batch_size x max_seq_length x num_layers x (10 h_dim + 3 ff_dim + 2 heads x max_seq_length)
+
+    at 4 bytes a number (2 in bf16 / fp16). It is meant to catch a step that cannot fit, not to predict the peak.
+    """
+    h, ff, seq = flags["h_dim"], flags["ff_dim"], flags["max_seq_length"]
+    parameters = flags["num_layers"] * (4 * h * h + 2 * h * ff) + (seq + 2) * h
+    number_bytes = 4 if flags["dtype"] == "fp32" else 2
+    tokens = flags["batch_size"] * seq * flags["num_layers"]
+    attention = tokens * 2 * flags["num_heads"] * seq * number_bytes if attention_matrices else 0
+    return 16 * parameters + tokens * (10 * h + 3 * ff) * number_bytes + attention, attention
+
+
+def check_memory(flags: dict[str, Any], device: torch.device) -> None:
+    """Fail before loading data or creating anything if one step clearly cannot fit (see `estimate_step_memory`):
+    compared with the memory available now (RAM for the CPU, free memory for a GPU)."""
+    import psutil
+
+    needed, attention = estimate_step_memory(flags, attention_matrices=device.type == "cpu")
+    available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
+    if needed > available:
+        attention_part = (f" ({attention / 2**30:.1f} GiB of it attention matrices of --max_seq_length "
+                          f"{flags['max_seq_length']} squared, per layer and head)" if attention else "")
+        raise ConfigError(
+            f"one training step needs about {needed / 2**30:.1f} GiB{attention_part}, more than the "
+            f"{available / 2**30:.1f} GiB available on {device}; lower --max_seq_length or --batch_size (now "
+            f"{flags['batch_size']}; --grad_accum_steps keeps the effective batch)")
+
+
+def check_sequence_limits(flags: dict[str, Any]) -> None:
+    """Fail before loading anything if --max_seq_length exceeds the positions of the model a tokenizer folder
+    comes with (its config.json), which the tokenizer itself may not declare (roberta-base's tokenizer.json alone
+    has no limit). The tokenizer's own model_max_length is checked once it is loaded (`prepare_data`)."""
+    model_config = Path(flags["tokenizer"]) / "config.json"
+    try:
+        config = json.loads(model_config.read_text())
+        positions = int(config["max_position_embeddings"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no folder, no config, or a config without a position limit
+    # RoBERTa-style models number positions from pad_token_id + 1: two of their positions are never used.
+    limit = positions - (config.get("pad_token_id", 1) + 1 if "roberta" in config.get("model_type", "") else 0)
+    if flags["max_seq_length"] > limit:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} positions of the "
+                          f"model that comes with --tokenizer {flags['tokenizer']!r} (max_position_embeddings "
+                          f"{positions} in {model_config}); give --max_seq_length {limit} or less")
+
+
+def check_resumable(experiment_dir: Path) -> None:
+    """Fail before loading anything if this user cannot write what a resume appends to or replaces (e.g. the
+    files belong to another user): the logs, metrics, pointer and the directories new files go into."""
+    for name in (".", "tb_dir", "train.log", "metrics.jsonl", "hparams.json", LATEST_POINTER, LOCK_FILE):
+        path = experiment_dir / name
+        if path.exists() and not os.access(path, os.W_OK):
+            info = path.stat()
+            raise ConfigError(
+                f"--load_checkpoint_dir {str(experiment_dir)!r} cannot be resumed by this user (uid {os.getuid()}): "
+                f"{path} is not writable (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o}); run as its owner "
+                "or give this user write access to the experiment directory")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1052,6 +1309,10 @@ def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
     It tries to create (and at once deletes) a file there: `os.access` is not enough, since root passes it on a
     read-only mount or a virtual file system such as /proc.
     """
+    for part in (Path(directory).absolute(), *Path(directory).absolute().parents):
+        if part.is_symlink() and not part.exists():  # mkdir would fail on it after all the data loading
+            raise ConfigError(f"{flag} {directory!r}: {part} is a symbolic link to {os.readlink(part)!r}, which does "
+                              "not exist; create its target or choose another directory")
     path = nearest_existing(Path(directory))
     try:
         if not path.is_dir():
@@ -1144,20 +1405,27 @@ def train(
     flags = {name: value for name, value in locals().items()}
     validate_flags(flags)
     defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}
-    saved_tokenizer_dir = None
-    if load_checkpoint_dir is not None:
-        experiment_dir = Path(load_checkpoint_dir)
-        hparams = load_hparams(experiment_dir)
-        if not any(experiment_dir.glob(CHECKPOINT_PATTERN)):
-            raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
-        check_writable(load_checkpoint_dir, "--load_checkpoint_dir")  # the resumed run saves its checkpoints there
+    if load_checkpoint_dir is None:
+        check_writable(checkpoint_dir)
+        check_sequence_limits(flags)
+        device = resolve_device(flags["local_rank"], flags["dtype"])
+        check_memory(flags, device)
+        return str(run_training(flags, device, None))
+    experiment_dir = Path(load_checkpoint_dir)
+    load_hparams(experiment_dir)
+    if not any(experiment_dir.glob(CHECKPOINT_PATTERN)):
+        raise ConfigError(f"--load_checkpoint_dir {load_checkpoint_dir!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
+    check_writable(load_checkpoint_dir, "--load_checkpoint_dir")  # the resumed run saves its checkpoints there
+    check_resumable(experiment_dir)
+    with experiment_lock(experiment_dir):
+        hparams = load_hparams(experiment_dir)  # read under the lock: the last run may have updated it
         flags = resolve_resume_flags(flags, hparams["flags"], defaults)
         validate_flags(flags)
-        saved_tokenizer_dir = experiment_dir / "tokenizer"
-    else:
-        check_writable(checkpoint_dir)
-    device = resolve_device(flags["local_rank"], flags["dtype"])
-    return str(run_training(flags, device, saved_tokenizer_dir))
+        device = resolve_device(flags["local_rank"], flags["dtype"])
+        if not check_resume_target(flags, saved_step(experiment_dir), experiment_dir, hparams.get(COMPLETED_KEY)):
+            return str(experiment_dir)
+        check_memory(flags, device)
+        return str(run_training(flags, device, experiment_dir / "tokenizer"))
 
 
 def load_hparams(experiment_dir: Path) -> dict[str, Any]:
@@ -1169,7 +1437,15 @@ def load_hparams(experiment_dir: Path) -> dict[str, Any]:
     if not hparams_path.is_file():
         raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} is not an experiment directory "
                           "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
-    return json.loads(hparams_path.read_text())
+    try:
+        hparams = json.loads(hparams_path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{hparams_path} cannot be read as JSON ({error}); it is written by --checkpoint_dir runs: "
+                          "restore it from a backup or start a new experiment") from error
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("flags"), dict):
+        raise ConfigError(f"{hparams_path} has no \"flags\" object (it holds {json.dumps(hparams)[:100]}); it is "
+                          "written by --checkpoint_dir runs: restore it from a backup or start a new experiment")
+    return hparams
 
 
 def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn.Module, **extra: Any) -> Path:
@@ -1189,6 +1465,9 @@ def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn
         shutil.rmtree(experiment_dir, ignore_errors=True)
         raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
                               f"({error.strerror or error}); nothing was kept. Free space and start again") from error
+    except BaseException:  # a stop signal: the same, no half-made experiment
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise
     return experiment_dir
 
 
@@ -1207,7 +1486,7 @@ def experiment_logging(experiment_dir: Path, start_step: int) -> Iterator[Metric
 
 
 def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None) -> Path:
-    """Prepare data and model, create or reopen the experiment directory, and run the training loop."""
+    """Prepare data and model, create or reopen the experiment directory, run the training loop, export."""
     torch.manual_seed(flags["seed"])
     random.seed(flags["seed"])
     np.random.seed(flags["seed"])
@@ -1215,35 +1494,85 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
 
-    data = prepare_data(flags, saved_tokenizer_dir)
-    model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                         data.tokenizer, flags["max_seq_length"]).to(device)
-    optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
-    lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"])
-    scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
+    progress = RunProgress(None if saved_tokenizer_dir is None else saved_tokenizer_dir.parent)
+    with contextlib.ExitStack() as lock, reported_stops(flags, progress):
+        data = prepare_data(flags, saved_tokenizer_dir)
+        model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
+                             data.tokenizer, flags["max_seq_length"]).to(device)
+        optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
+        lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"])
+        scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
 
-    check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]), model)
-    if saved_tokenizer_dir is None:  # a new experiment: only now, when all inputs loaded, create its directory
-        experiment_dir = create_experiment(flags, data, model)
-        start_step, data_position = 0, (0, 0)
-    else:
-        experiment_dir = saved_tokenizer_dir.parent
-        checkpoint = load_latest_checkpoint(experiment_dir, map_location=device)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        apply_lr_schedule(optimizer, lr_scheduler, flags["lr"])
-        scaler.load_state_dict(checkpoint["grad_scaler"])
-        set_rng_states(checkpoint["rng"])
-        start_step, data_position = checkpoint["step"], tuple(checkpoint["data_position"])
-        del checkpoint
+        check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]), model)
+        if progress.experiment_dir is None:  # a new experiment: only now, when all inputs loaded, create its directory
+            progress.experiment_dir, progress.created = create_experiment(flags, data, model), True
+            lock.enter_context(experiment_lock(progress.experiment_dir))  # nobody else knows its name yet
+            start_step, data_position = 0, (0, 0)
+        else:
+            checkpoint = load_latest_checkpoint(progress.experiment_dir, map_location=device)
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            apply_lr_schedule(optimizer, lr_scheduler, flags["lr"])
+            scaler.load_state_dict(checkpoint["grad_scaler"])
+            set_rng_states(checkpoint["rng"])
+            start_step, data_position = checkpoint["step"], tuple(checkpoint["data_position"])
+            del checkpoint
+            record_flag_changes(progress.experiment_dir, flags, start_step)
+        experiment_dir = progress.experiment_dir
 
-    with experiment_logging(experiment_dir, start_step) as metrics:
-        log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
-        training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
-                      start_step, data_position)
-        export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
+        with experiment_logging(experiment_dir, start_step) as metrics:
+            log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
+            progress.started = True
+            training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
+                          start_step, data_position)
+            export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
+            mark_completed(experiment_dir, flags["num_iterations"])
     return experiment_dir
+
+
+@dataclasses.dataclass
+class RunProgress:
+    """How far a run got, for the message of a stop outside the training steps (see `reported_stops`)."""
+
+    experiment_dir: Path | None  # None until a new experiment's directory exists
+    created: bool = False  # this run created experiment_dir
+    started: bool = False  # the training loop was entered
+
+
+@contextlib.contextmanager
+def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[None]:
+    """Report every stop of the `with` block like the training loop's: one message, the last checkpoint kept.
+
+    SIGTERM/SIGINT outside the training steps (loading data, the test evaluation, the export) stop at once (the
+    training loop's own handler finishes its step and saves instead). Running out of memory anywhere becomes one
+    line naming the flags to lower. Either way a new experiment directory without a checkpoint is removed (see
+    `stop_outcome`).
+    """
+    try:
+        with StopSignal(at_once=True):
+            yield
+    except StoppedAtOnce as stop:
+        phase = run_phase(flags, progress)
+        raise TrainingInterrupted(f"{stop} {phase}; {stop_outcome(progress.experiment_dir, progress.created)}",
+                                  stop.signum) from None
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        phase = run_phase(flags, progress)
+        raise out_of_memory(error, flags, phase, stop_outcome(progress.experiment_dir, progress.created)) from None
+
+
+def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
+    """Where the run was, in words: before training, during it, or in the end phase after the last step."""
+    if not progress.started:
+        return "before the first step" if progress.created or progress.experiment_dir is None else \
+            "before training resumed"
+    if (progress.experiment_dir / LATEST_POINTER).is_file() and saved_step(progress.experiment_dir) == \
+            flags["num_iterations"]:
+        return (f"after the last step, during the test evaluation or the hf_model export (a resume does only "
+                "those)")
+    return "during training"
 
 
 def log_run_start(experiment_dir: Path, start_step: int, num_parameters: int, data: PreparedData,
@@ -1445,11 +1774,26 @@ def log_test_evaluation(metrics: MetricsLogger, data: PreparedData, flags: dict[
 
 def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path, device: torch.device,
                     max_seq_length: int) -> None:
-    """Save model and tokenizer as a Hugging Face folder `hf_model/` and show its fill-mask predictions."""
+    """Save model and tokenizer as a Hugging Face folder `hf_model/` and show its fill-mask predictions.
+
+    The folder is written under a temporary name and renamed into place, so `hf_model/` is always a complete export
+    (or absent), however the run stops; a killed export's leftovers are removed by the next one.
+    """
     hf_model_dir = experiment_dir / "hf_model"
-    model.save_pretrained(hf_model_dir)
-    tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
-    tokenizer.save_pretrained(hf_model_dir)
+    for leftover in experiment_dir.glob(".hf_model.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary, previous = (experiment_dir / f".hf_model.{os.getpid()}.{part}" for part in ("tmp", "old"))
+    try:
+        model.save_pretrained(temporary)
+        tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
+        tokenizer.save_pretrained(temporary)
+        if hf_model_dir.exists():  # an earlier export (before the run was extended): replaced only now
+            os.replace(hf_model_dir, previous)
+        os.replace(temporary, hf_model_dir)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     predictions = fill_mask_demo(hf_model_dir, device)
     logger.info(f"fill-mask: {FILL_MASK_SENTENCE}" + ("" if predictions else " (longer than max_seq_length; skipped)"))
     for number, candidates in enumerate(predictions, start=1):
@@ -1518,22 +1862,31 @@ def main(function: Callable = None) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
         print(help_text(function, f"python {Path(sys.argv[0]).name}"))
         return
+    # Under a launcher every rank runs this. Errors that all ranks share (a bad flag, a stop they agreed on) are
+    # printed by rank 0 alone; errors only one rank knows (its save failed, its peer died) by that rank.
+    other_rank = os.environ.get("RANK", "0") != "0"
+
+    def report(message: str, shared: bool, exit_code: int) -> None:
+        if not (shared and other_rank):
+            print(message, file=sys.stderr)
+        sys.exit(exit_code)
+
     try:
         check_command_line(arguments, function)
         fire.Fire(function)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLossError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        report(f"error: {error}", shared=True, exit_code=2)
+    except NonFiniteLossError as error:
+        report(f"error: {error}", shared=True, exit_code=1)
+    except (CheckpointError, OutOfMemory) as error:
+        report(f"error: {error}", shared=False, exit_code=1)
     except TrainingInterrupted as error:
-        print(str(error), file=sys.stderr)
-        sys.exit(128 + error.signum)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
-              "--load_checkpoint_dir EXPERIMENT_DIR", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        # The checkpoint is safe: a second SIGTERM (a launcher stopping the other ranks) must not cut this message.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        report(str(error), shared=True, exit_code=128 + error.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        report("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
+               "--load_checkpoint_dir EXPERIMENT_DIR", shared=True, exit_code=128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import inspect
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,12 +41,14 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 import train_bert
-from train_bert import (ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData, StopSignal,
-                        atomic_write, check_writable, compile_encoder, create_experiment, create_lr_scheduler,
-                        create_model, eval_batches, evaluate, experiment_logging, export_and_demo, load_hparams,
-                        log_evaluation, log_run_start, log_test_evaluation, mlm_loss, nonfinite_error,
-                        parameter_groups, prepare_data, resolve_resume_flags, rng_states, set_rng_states, to_device,
-                        train_batches, validate_flags)
+from train_bert import (COMPLETED_KEY, ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData,
+                        RunProgress, StopSignal, atomic_write, check_memory, check_resumable, check_resume_target,
+                        check_sequence_limits, check_writable, compile_encoder, create_experiment, create_lr_scheduler,
+                        create_model, eval_batches, evaluate, experiment_lock, experiment_logging, export_and_demo,
+                        load_hparams, log_evaluation, log_run_start, log_test_evaluation, mark_completed, mlm_loss,
+                        nonfinite_error, parameter_groups, prepare_data, record_flag_changes, reported_stops,
+                        resolve_resume_flags, resume_command, rng_states, saved_step, set_rng_states, start_command,
+                        stop_outcome, to_device, train_batches, validate_flags)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DS_CONFIG = HERE / "ds_config.json"
@@ -119,6 +126,35 @@ def effective_ds_config(flags: dict[str, Any], config: dict[str, Any], world_siz
     return flags, config
 
 
+def fields_from_config(flags: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
+    """The flags left out (None) whose value the config sets: {flag: its field, e.g. "zero_optimization.stage"}."""
+    fields = {}
+    for flag, path in CONFIG_FIELDS.items():
+        section = config
+        for key in path:
+            section = section.get(key) if isinstance(section, dict) else None
+        if flags[flag] is None and section is not None:
+            fields[flag] = ".".join(path)
+    enabled = [dtype for dtype in ("fp16", "bf16")
+               if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")]
+    if flags["dtype"] is None and enabled:
+        fields["dtype"] = f"{enabled[0]}.enabled"
+    return fields
+
+
+@contextlib.contextmanager
+def errors_named_after_config(fields: dict[str, str], ds_config: str) -> Iterator[None]:
+    """Reword a bad-value error so it names the ds_config.json field the value came from, not a flag the user
+    never passed (`fields` from `fields_from_config`)."""
+    try:
+        yield
+    except ConfigError as error:
+        message = str(error)
+        for flag, field in fields.items():
+            message = re.sub(rf"--{flag}\b", f"{field} (in --ds_config {ds_config!r})", message, count=1)
+        raise ConfigError(message) from None
+
+
 def validate_ds_flags(flags: dict[str, Any]) -> None:
     """Reject bad values of the DeepSpeed flags with one line each (train_bert.validate_flags checks the rest)."""
     if flags["zero_stage"] not in (0, 1, 2, 3):
@@ -193,6 +229,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# How long a collective waits for a rank that neither answers nor disconnects (a hung process, a lost node). A rank
+# that dies closes its connections, and the others notice that at once. Rank 0 alone prepares a new run's data while
+# the others wait in a broadcast, so this must exceed the longest data preparation.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
+
+
 def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     """Join the launcher's process group (a group of one under plain `python`); return rank, world size, device.
 
@@ -204,6 +246,8 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if "RANK" in os.environ:
+        stop_when_the_launcher_dies()
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -211,9 +255,36 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                               timeout=COLLECTIVE_TIMEOUT)
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+LAUNCHER_NAMES = ("deepspeed", "torchrun", "torch.distributed.run")
+
+
+def stop_when_the_launcher_dies() -> None:
+    """SIGTERM this rank when the launcher that started it ends, so it saves a checkpoint and exits.
+
+    `docker stop`, schedulers and process managers signal the top process, the `deepspeed` runner, which dies
+    without passing the signal on (its child, the per-node launcher, survives it): the ranks would train on
+    unsupervised until something SIGKILLs them. A thread checks the launcher processes above this rank once a
+    second; when one is gone, the rank signals itself and stops exactly as after a SIGTERM (all ranks agree on
+    the step, save one checkpoint, exit 143).
+    """
+    import psutil
+
+    launchers = [process for process in psutil.Process().parents()
+                 if any(name in " ".join(process.cmdline()) for name in LAUNCHER_NAMES)]
+
+    def watch() -> None:
+        while all(process.is_running() for process in launchers):
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if launchers:
+        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
@@ -225,7 +296,7 @@ def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
     if rank == 0:
         try:
             outcome = [(True, function())]
-        except Exception as error:
+        except BaseException as error:  # a stop signal too: the other ranks must not wait for the broadcast
             dist.broadcast_object_list([(False, f"{type(error).__name__}: {error}")], src=0)
             raise
     dist.broadcast_object_list(outcome, src=0)
@@ -233,6 +304,39 @@ def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
     if not succeeded:
         raise ConfigError(f"rank 0 failed, so this rank stops too: {value}")
     return value
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another rank is gone (closed connection) or silent (timeout)."""
+    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and any(
+        sign in str(error) for sign in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")))
+
+
+@contextlib.contextmanager
+def reported_peer_failures(rank: int, progress: RunProgress) -> Iterator[None]:
+    """Turn a collective that failed because another rank died into one line instead of a traceback.
+
+    This rank cannot save a checkpoint alone (each rank holds its ZeRO partition), so it names the last complete
+    checkpoint, the one a resume will use, and stops (exit 1).
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if not is_peer_failure(error):
+            raise
+        for signum in (signal.SIGTERM, signal.SIGINT):  # the launcher now stops the other ranks: nothing to save
+            signal.signal(signum, signal.SIG_IGN)
+        detail = re.sub(r"\[[^\]]*\.\w+:\d+\] ", "", str(error).strip().splitlines()[0]).split(". ")[0][:160]
+        experiment_dir = progress.experiment_dir
+        if experiment_dir is not None and (experiment_dir / LATEST_POINTER).is_file():
+            outcome = (f"a resume uses the last complete checkpoint, {(experiment_dir / LATEST_POINTER).read_text()} "
+                       f"in {experiment_dir}: {resume_command(experiment_dir)}")
+        elif rank == 0 or experiment_dir is None:
+            outcome = stop_outcome(experiment_dir, progress.created)
+        else:
+            outcome = f"no checkpoint had been saved yet. Start again with: {start_command()}"
+        raise CheckpointError(f"rank {rank}: another rank stopped ({detail}); a DeepSpeed checkpoint needs every "
+                              f"rank, so this one cannot save alone and stops; {outcome}") from None
 
 
 def any_rank(value: int, group: Any) -> int:
@@ -379,7 +483,7 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
 
 
 def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
-          offload_param: str | None = None, **flags: Any) -> str:
+          offload_param: str | None = None, **flags: Any) -> str | None:
     """Pretrain a RoBERTa encoder with masked language modelling using DeepSpeed; return the experiment directory.
 
     Start:  deepspeed train_bert_ds.py --checkpoint_dir ./experiments [flags]   (or torchrun, or plain python)
@@ -403,6 +507,9 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         offload_optimizer: none or cpu: keep the optimizer states and step in CPU memory (ZeRO-Offload, stage >= 1).
         offload_param: none or cpu: keep the parameters in CPU memory between uses (ZeRO-3 only).
     """
+    if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 alone says what every rank would say
+        logger.remove()
+        logger.add(sys.stderr, level="ERROR")
     all_flags = inspect.signature(train).bind(ds_config=ds_config, zero_stage=zero_stage,
                                               offload_optimizer=offload_optimizer, offload_param=offload_param, **flags)
     all_flags.apply_defaults()
@@ -416,6 +523,8 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         if not (experiment_dir / LATEST_POINTER).is_file():
             raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no DeepSpeed checkpoint (no "
                               f"'{LATEST_POINTER}' file)")
+        check_writable(flags["load_checkpoint_dir"], "--load_checkpoint_dir")
+        check_resumable(experiment_dir)
         config_given = flags["ds_config"] != defaults["ds_config"]
         flags = resolve_resume_flags(flags, hparams["flags"], defaults, DS_RUN_DEFINING_FLAGS)
         if not config_given:
@@ -426,14 +535,19 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
                 f"{world_size}: ZeRO partitions the optimizer state per rank, so resume with {hparams['world_size']} "
                 f"process(es); to change the rank count, convert the checkpoint to fp32 weights with "
                 f"python {experiment_dir / 'zero_to_fp32.py'} {experiment_dir} OUTPUT_DIR and start a new run")
-    flags, config = effective_ds_config(flags, load_ds_config(flags["ds_config"]), world_size)
-    validate_flags(flags)
-    validate_ds_flags(flags)
-    check_dtype_supported(flags["dtype"])
+    config = load_ds_config(flags["ds_config"])
+    with errors_named_after_config(fields_from_config(flags, config), flags["ds_config"]):
+        flags, config = effective_ds_config(flags, config, world_size)
+        validate_flags(flags)
+        validate_ds_flags(flags)
+        check_dtype_supported(flags["dtype"])
     if not resuming:
         check_writable(flags["checkpoint_dir"])
+        check_sequence_limits(flags)
     rank, world_size, device = init_distributed(flags["local_rank"])
-    return str(run_training(flags, config, rank, world_size, device))
+    check_memory(flags, device)
+    experiment_dir = run_training(flags, config, rank, world_size, device)
+    return str(experiment_dir) if rank == 0 else None  # fire prints what train returns: once, not once per rank
 
 
 inherit_flags(train, train_bert.train, FLAGS_FROM_CONFIG)
@@ -454,53 +568,73 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
                              flags["dropout"], data.tokenizer, flags["max_seq_length"])
         return data, model
 
-    if flags["checkpoint_dir"] is None:
-        experiment_dir = Path(flags["load_checkpoint_dir"])
-        data, model = prepare(experiment_dir / "tokenizer")
-    else:  # rank 0 loads the inputs first (filling the datasets cache) and creates the directory; the rest follow
-        prepared = {}
+    resuming = flags["checkpoint_dir"] is None
+    progress = RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
+    with contextlib.ExitStack() as lock, reported_peer_failures(rank, progress), reported_stops(flags, progress):
+        if resuming:
+            def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
+                lock.enter_context(experiment_lock(progress.experiment_dir))
+                completed_step = load_hparams(progress.experiment_dir).get(COMPLETED_KEY)
+                return check_resume_target(flags, saved_step(progress.experiment_dir), progress.experiment_dir,
+                                           completed_step)
 
-        def start_experiment() -> str:
-            prepared["data"], prepared["model"] = prepare(None)
-            return str(create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
-                                         deepspeed_version=deepspeed.__version__))
+            if not run_on_rank0(claim_experiment, rank):
+                return progress.experiment_dir
+            data, model = prepare(progress.experiment_dir / "tokenizer")
+        else:  # rank 0 loads the inputs first (filling the datasets cache) and creates the directory; the rest follow
+            prepared = {}
 
-        experiment_dir = Path(run_on_rank0(start_experiment, rank))
-        data, model = (prepared["data"], prepared["model"]) if rank == 0 else prepare(experiment_dir / "tokenizer")
-    if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
-        torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
-    if flags["compile"]:
-        compile_encoder(model)
-    num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
-    engine = create_engine(model, flags, config)
-    control_group = dist.new_group(backend="gloo")
-    start_step, data_position = 0, (0, 0)
-    if flags["checkpoint_dir"] is None:
-        start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
+            def start_experiment() -> str:
+                prepared["data"], prepared["model"] = prepare(None)
+                experiment_dir = create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
+                                                   deepspeed_version=deepspeed.__version__)
+                lock.enter_context(experiment_lock(experiment_dir))  # nobody else knows its name yet
+                return str(experiment_dir)
 
-    with experiment_logging(experiment_dir, start_step) if rank == 0 else QuietRank() as metrics:
-        if rank == 0:
-            atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2), mode="w")
-            log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
-            logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage {flags['zero_stage']}, "
-                        f"{flags['dtype']}; effective config {json.dumps(config, sort_keys=True)}")
-        training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
-                      control_group)
-        tag = f"{TAG_PREFIX}{flags['num_iterations']}"
-        if rank == 0:
-            exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
-            export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"), flags["max_seq_length"])
-    dist.barrier(group=control_group)
+            progress.experiment_dir, progress.created = Path(run_on_rank0(start_experiment, rank)), rank == 0
+            data, model = (prepared["data"], prepared["model"]) if rank == 0 else prepare(
+                progress.experiment_dir / "tokenizer")
+        experiment_dir = progress.experiment_dir
+        if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
+            torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
+        if flags["compile"]:
+            compile_encoder(model)
+        num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
+        engine = create_engine(model, flags, config)
+        control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        start_step, data_position = 0, (0, 0)
+        if resuming:
+            start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
+            if rank == 0:
+                record_flag_changes(experiment_dir, flags, start_step)
+
+        with experiment_logging(experiment_dir, start_step) if rank == 0 else QuietRank() as metrics:
+            if rank == 0:
+                atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2),
+                             mode="w")
+                log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
+                logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
+                            f"{flags['zero_stage']}, {flags['dtype']}; effective config "
+                            f"{json.dumps(config, sort_keys=True)}")
+            progress.started = True
+            training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
+                          control_group)
+            tag = f"{TAG_PREFIX}{flags['num_iterations']}"
+            if rank == 0:
+                exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
+                export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"), flags["max_seq_length"])
+                mark_completed(experiment_dir, flags["num_iterations"])
+        dist.barrier(group=control_group)
     return experiment_dir
 
 
 class QuietRank:
-    """The logging of ranks other than 0: warnings only, no metrics (rank 0 alone writes logs, TensorBoard and
+    """The logging of ranks other than 0: errors only, no metrics (rank 0 alone writes logs, TensorBoard and
     metrics.jsonl)."""
 
     def __enter__(self) -> "QuietRank":
         logger.remove()
-        logger.add(sys.stderr, level="WARNING")
+        logger.add(sys.stderr, level="ERROR")
         return self
 
     def __exit__(self, *exc: Any) -> None:

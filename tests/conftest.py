@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a multi-process or long test (over ~20 s); -m 'not slow' skips them")
 sys.path.insert(0, str(ROOT))
 
 # A handful of fixed sentences in random order: a masked word is predictable from its sentence, so a small model's

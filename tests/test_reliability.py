@@ -459,7 +459,7 @@ BAD_INPUT_CASES = [
     ("load_dir_missing", ["--load_checkpoint_dir={tmp}/nowhere"], ["nowhere", "does not exist"]),
     ("load_dir_not_experiment", ["--load_checkpoint_dir={tmp}"], ["no hparams.json", "--checkpoint_dir"]),
     ("load_dir_no_checkpoint", ["--load_checkpoint_dir={EXP}", "DELETE_CHECKPOINTS"], ["holds no checkpoint"]),
-    ("load_dir_all_corrupt", ["--load_checkpoint_dir={EXP}", "CORRUPT_CHECKPOINTS"],
+    ("load_dir_all_corrupt", ["--load_checkpoint_dir={EXP}", "--num_iterations=6", "CORRUPT_CHECKPOINTS"],
      ["no intact checkpoint", "checkpoint-00000002.pt", "checkpoint-00000004.pt"]),
     ("resume_changes_shape", ["--load_checkpoint_dir={EXP}", "--h_dim=64"], ["--h_dim 64", "checkpoint's 32"]),
     ("resume_dtype_fp8", ["--load_checkpoint_dir={EXP}", "--dtype=fp8"], ["--dtype", "'fp8'"]),
