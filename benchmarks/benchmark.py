@@ -6,6 +6,7 @@ Modes:
     python benchmarks/benchmark.py ttq --budget_s 600          # validation loss after a fixed wall-clock budget
     python benchmarks/benchmark.py profile --dtype bf16        # torch.profiler's top operators in a training step
     python benchmarks/benchmark.py ceiling                     # matmul FLOP/s here vs the model's FLOPs per token
+    python benchmarks/benchmark.py memory                      # resident memory over a long run (must stay flat)
     python benchmarks/benchmark.py --help                      # the modes; `throughput --help` for their flags
 
 Every configuration runs in a fresh process (so peak memory is its own) through the script's real `train()`: the
@@ -767,6 +768,62 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Memory over a long run: the process's resident memory at every log line.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train_bert.PREDICTION_BUCKET,
+           num_layers: int = 6, h_dim: int = 256, ff_dim: int = 1024, num_heads: int = 8, batch_size: int = 32,
+           max_seq_length: int = 128, dataset: str = DEFAULT_DATASET, dataset_config: str | None = "wikitext-2-v1",
+           tokenizer: str = DEFAULT_TOKENIZER) -> None:
+    """Train `steps` steps and print the resident memory (RSS, now and peak) at each log line: it must stay flat.
+
+    `--prediction_bucket 1` turns off the padding of the predicted positions (sparse_batch), which brings back a
+    head of a different shape at every step, and with it the heap growth that the padding cures.
+
+    Args:
+        steps: Training steps.
+        log_every: Steps between measurements.
+        prediction_bucket: train_bert.PREDICTION_BUCKET for this run.
+        num_layers: Model layers.
+        h_dim: Hidden size.
+        ff_dim: Feed-forward width.
+        num_heads: Attention heads.
+        batch_size: Blocks per step.
+        max_seq_length: Tokens per block.
+        dataset: Training text.
+        dataset_config: The dataset's configuration name.
+        tokenizer: The tokenizer folder.
+    """
+    import psutil
+
+    train_bert.PREDICTION_BUCKET = prediction_bucket
+    process, rows = psutil.Process(), []
+    original_log = train_bert.MetricsLogger.log
+
+    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+        original_log(self, record)
+        if "tokens_per_sec" in record:
+            rows.append((record["step"], process.memory_info().rss / 2**20, record["peak_memory_mib"]))
+            if record["step"] == steps:
+                raise MeasurementDone  # skip the final evaluation and export: not what is measured
+
+    train_bert.MetricsLogger.log = log
+    with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
+        train_bert.train(checkpoint_dir=str(directory), dataset=dataset, dataset_config=dataset_config,
+                         tokenizer=tokenizer, num_layers=num_layers, h_dim=h_dim, ff_dim=ff_dim, num_heads=num_heads,
+                         batch_size=batch_size, max_seq_length=max_seq_length, num_iterations=steps,
+                         log_every=log_every, eval_every=10**9, checkpoint_every=10**9)
+    print(f"{num_layers}L/{h_dim}/{ff_dim}/{num_heads}h, batch {batch_size} x {max_seq_length}, prediction bucket "
+          f"{prediction_bucket}; {machine_description()}\n")
+    print("| step | RSS (MiB) | peak RSS (MiB) |\n|---:|---:|---:|")
+    for step, rss, peak in rows:
+        print(f"| {step} | {rss:,.0f} | {peak:,.0f} |")
+    print(f"\nRSS from step {rows[0][0]} to {rows[-1][0]}: {rows[-1][1] - rows[0][1]:+,.0f} MiB; peak "
+          f"{rows[-1][2] - rows[0][2]:+,.0f} MiB")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Time to quality: train each recipe for the same wall-clock budget, then one evaluation with fixed masks.
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -1033,5 +1090,6 @@ def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "profile": profile, "ceiling": ceiling, "run_one": run_one,
+    fire.Fire({"throughput": throughput, "ttq": ttq, "profile": profile, "ceiling": ceiling, "memory": memory,
+               "run_one": run_one,
                "ttq_one": ttq_one})

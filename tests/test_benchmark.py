@@ -4,6 +4,7 @@ Speed is never asserted: the tests check that the figures exist, are consistent 
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -112,3 +113,13 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
         assert 0 < trained["val_loss_packed"] < 20 and 0 < trained["val_loss_lines"] < 20
     assert ours["val_tokens_packed"] == baseline["val_tokens_packed"]
     assert ours["val_tokens_lines"] == baseline["val_tokens_lines"]
+
+
+def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_tokenizer):
+    result = run_benchmark("memory", "--steps", "6", "--log_every", "2", "--num_layers", "1", "--h_dim", "32",
+                           "--ff_dim", "64", "--num_heads", "2", "--batch_size", "4", "--max_seq_length", "32",
+                           "--dataset", str(tiny_corpus), "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [int(line.split("|")[1]) for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert steps == [2, 4, 6]
+    assert re.search(r"RSS from step 2 to 6: [+-][\d,]+ MiB; peak [+-][\d,]+ MiB", result.stdout), result.stdout
