@@ -133,3 +133,13 @@ def test_whole_word_masking_keeps_the_generator_stream_and_the_default_is_token_
     assert torch.equal(plain.get_state(), whole.get_state())
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1).word_starts is None
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1, whole_word_mask=True).word_starts is not None
+
+
+def test_training_with_whole_word_masking(tiny_flags):
+    """--whole_word_mask trains end to end (the flag reaches the masking of every batch and is recorded)."""
+    import json
+    from pathlib import Path
+
+    experiment = Path(train_bert.train(**tiny_flags, whole_word_mask=True, num_iterations=4, log_every=2))
+    assert json.loads((experiment / "hparams.json").read_text())["flags"]["whole_word_mask"] is True
+    assert (experiment / "checkpoint-00000004.pt").is_file()
