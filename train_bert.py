@@ -1183,17 +1183,17 @@ def train(
     unmask_replace_prob: float = 0.1,
     whole_word_mask: bool = False,
     max_seq_length: int = 128,
-    num_layers: int = 6,
-    num_heads: int = 8,
-    ff_dim: int = 1024,
-    h_dim: int = 256,
-    dropout: float = 0.1,
-    batch_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    ff_dim: int = 512,
+    h_dim: int = 128,
+    dropout: float = 0.0,
+    batch_size: int = 16,
     grad_accum_steps: int = 1,
     num_iterations: int = 10000,
     time_budget: str | None = None,
     init_from: str | None = None,
-    lr: float = 1e-3,
+    lr: float = 2e-3,
     weight_decay: float = 0.01,
     warmup_steps: float = 0.06,
     grad_clip: float = 1.0,
@@ -1228,13 +1228,26 @@ def train(
         whole_word_mask: Select whole words instead of single tokens: all pieces of a word are masked together
             (BERT's whole-word masking; the word starts come from the tokenizer's "Ġ"/"▁" or "##" markers).
         max_seq_length: Tokens per packed block, <s> and </s> included. 128, as in BERT's phase 1: attention cost grows
-            with length, and short blocks let a small model see more blocks per second early in training.
-        num_layers: Transformer layers.
-        num_heads: Attention heads per layer; must divide h_dim.
+            with length, and short blocks let a model see more blocks per second early in training; raise it (e.g.
+            512) for the last part of a long run, as BERT does, when the model must learn long contexts.
+        num_layers: Transformer layers. The model defaults (2 layers, h_dim 128, 2 heads, ff 512) are a small
+            model on purpose: in a short run on a CPU (minutes), what limits quality is how many tokens the model
+            sees, and with roberta-base's 50k vocabulary most of a step is the embedding and output layer, so a
+            narrow, shallow model sees several times the tokens of upstream's 6 x 256 and leaves the unigram
+            plateau first (benchmarks/README.md, time to quality). They are sound for long runs too (they train
+            stably at any length) but not the best use of a GPU for hours: there, size the model up, e.g. BERT-base
+            (--num_layers 12 --h_dim 768 --num_heads 12 --ff_dim 3072) with --lr 5e-4 and a larger --batch_size.
+        num_heads: Attention heads per layer; must divide h_dim (2 heads of 64 dimensions by default).
         ff_dim: Width of each layer's feed-forward block (4 x h_dim is the usual ratio).
-        h_dim: Hidden size.
-        dropout: Dropout on hidden states and attention probabilities.
-        batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length).
+        h_dim: Hidden size (also the embedding size: the tied 50k x h_dim embedding is most of a small model).
+        dropout: Dropout on hidden states and attention probabilities. 0 by default, as in Cramming and
+            academic-budget-bert: a run that sees each token about once (10 minutes on a CPU is a fraction of an
+            epoch of wikitext-2; a GPU run on a large corpus) has little to overfit, and dropout slows learning and
+            costs time (its random masks; with 0, attention also takes the fused flash kernel). For many epochs of
+            a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
+        batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length). 16 by default:
+            early in training more, smaller steps learn more per second than fewer large ones (16 beat 32 at the
+            same 3-minute budget on a CPU). On a GPU raise it (and --lr with it) until the device is busy.
         grad_accum_steps: Micro-batches summed into each optimizer step (effective batch = batch_size x this).
         num_iterations: Optimizer steps to train in total (exactly this many; a resume continues up to it).
         time_budget: Train for this much wall-clock time instead of a number of steps: seconds (600) or with units
@@ -1245,10 +1258,14 @@ def train(
         init_from: Continue pretraining a Hugging Face masked-LM checkpoint (a folder such as an hf_model/ this
             script exported, or a Hub name such as roberta-base): its weights, config and tokenizer. Model flags
             must agree with it or be left out.
-        lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). Small models tolerate a high one.
+        lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). 2e-3 suits the small default model
+            (small models tolerate a high one; at batch 32, 3e-3 did no better in a short run); use ~5e-4 to 1e-3
+            for BERT-base-sized models.
         weight_decay: AdamW weight decay, applied to weight matrices only (not biases or LayerNorm).
         warmup_steps: Linear warmup from 0 to lr, as a share of the run below 1 (0.06: the first 6% of the steps or
             of the time budget) or as a number of steps; afterwards lr decays linearly to 0 at the end of the run.
+            A share, so every run length gets a warmup in proportion (6% is about RoBERTa's); a fixed step count
+            would be all of a short run and nothing of a long one.
         grad_clip: Clip the global gradient norm to this (0 disables clipping).
         dtype: fp32, bf16 (autocast; the fast choice on CPUs with AMX and on Ampere+ GPUs) or fp16 (autocast with a
             dynamic loss scaler). Master weights and the loss stay fp32 in every case.
