@@ -1246,8 +1246,9 @@ def train(
             costs time (its random masks; with 0, attention also takes the fused flash kernel). For many epochs of
             a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
         batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length). 16 by default:
-            early in training more, smaller steps learn more per second than fewer large ones (16 beat 32 at the
-            same 3-minute budget on a CPU). On a GPU raise it (and --lr with it) until the device is busy.
+            early in training more, smaller steps learn more per second than fewer large ones (in 3-minute CPU
+            runs batch 16 beat batch 32; benchmarks/README.md). On a GPU raise it (and --lr with it) until the
+            device is busy.
         grad_accum_steps: Micro-batches summed into each optimizer step (effective batch = batch_size x this).
         num_iterations: Optimizer steps to train in total (exactly this many; a resume continues up to it).
         time_budget: Train for this much wall-clock time instead of a number of steps: seconds (600) or with units
@@ -1259,8 +1260,8 @@ def train(
             script exported, or a Hub name such as roberta-base): its weights, config and tokenizer. Model flags
             must agree with it or be left out.
         lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). 2e-3 suits the small default model
-            (small models tolerate a high one; at batch 32, 3e-3 did no better in a short run); use ~5e-4 to 1e-3
-            for BERT-base-sized models.
+            (small models tolerate a high one; 3e-3 was no better in a 3-minute CPU run); use ~5e-4 to 1e-3 for
+            BERT-base-sized models.
         weight_decay: AdamW weight decay, applied to weight matrices only (not biases or LayerNorm).
         warmup_steps: Linear warmup from 0 to lr, as a share of the run below 1 (0.06: the first 6% of the steps or
             of the time budget) or as a number of steps; afterwards lr decays linearly to 0 at the end of the run.
