@@ -1080,28 +1080,34 @@ def plot(*json_paths: str, png_path: str = "ttq.png") -> None:
 
 
 def plot_reports(reports: list[dict[str, Any]], png_path: str) -> None:
-    """Validation loss (packed blocks, the one evaluation for all) after each budget, per recipe, as a PNG."""
+    """Validation loss and masked-token accuracy (packed blocks, the one evaluation for all) after each budget, one
+    line per recipe, as a PNG."""
     import matplotlib  # a benchmark-only dependency, imported where the picture is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[float, float]]] = {}
+    curves: dict[str, list[tuple[float, float, float]]] = {}
     for report in reports:
         for config, result in zip(report["rows"], report["results"]):
             if result.get("status") == "ok":
-                curves.setdefault(config["name"], []).append((report["budget_s"] / 60, result["val_loss_packed"]))
-    figure, axes = plt.subplots(figsize=(7, 4.2))
+                curves.setdefault(config["name"], []).append(
+                    (report["budget_s"] / 60, result["val_loss_packed"], 100 * result["val_accuracy_packed"]))
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, points in curves.items():
-        minutes, losses = zip(*sorted(points))
-        axes.plot(minutes, losses, marker="o", label=name)
-    axes.set_xlabel("training budget (minutes, wall clock)")
-    axes.set_ylabel("validation MLM loss (nats)")
-    axes.set_title("Validation loss after a fixed time budget (benchmark.py ttq)")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+        minutes, losses, accuracies = zip(*sorted(points))
+        loss_axes.plot(minutes, losses, marker="o", label=name)
+        accuracy_axes.plot(minutes, accuracies, marker="o", label=name)
+    longest = max((minutes for points in curves.values() for minutes, _, _ in points), default=1)
+    for axes, label in ((loss_axes, "validation MLM loss (nats)"), (accuracy_axes, "masked-token accuracy (%)")):
+        axes.set_xlim(0, longest * 1.1)
+        axes.set_xlabel("training budget (minutes, wall clock)")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    loss_axes.legend(fontsize=8)
+    figure.suptitle("After a fixed time budget, one evaluation for all (benchmarks/benchmark.py ttq)")
     figure.tight_layout()
-    figure.savefig(png_path, dpi=120)
+    figure.savefig(png_path, dpi=110)
     plt.close(figure)
 
 
