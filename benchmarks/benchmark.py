@@ -1164,14 +1164,15 @@ def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
 def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_s: float) -> str:
     """Time-to-quality results as a markdown table."""
     lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | masked-token accuracy "
-             "| val loss, single lines | fill-mask top 3 (each <mask>) | key flags |",
+             "| val loss, single lines | fill-mask top 5 (each <mask>) | key flags |",
              "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for config, result in zip(rows, results):
         if result.get("status") != "ok":
             lines.append(f"| {config['name']} | {result['status']} | | | | | | | |")
             continue
         flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
-        fill_mask = " / ".join(", ".join(candidates[:3]) for candidates in result.get("fill_mask") or [])
+        fill_mask = " / ".join(" ".join(f"`{token}`" if token else "`␣`" for token in candidates)
+                               for candidates in result.get("fill_mask") or [])
         lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
                      f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
                      f"{100 * result['val_accuracy_packed']:.2f}% | {result['val_loss_lines']:.3f} | {fill_mask} "
