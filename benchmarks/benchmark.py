@@ -931,8 +931,8 @@ def train_run_mlm_for_budget(config: dict[str, Any], data: dict[str, Any], work_
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     model = AutoModelForMaskedLM.from_pretrained(output_dir, attn_implementation="sdpa")
-    trainer_args = json.loads((output_dir / "trainer_state.json").read_text())
-    batch_size = trainer_args.get("train_batch_size") or 8
+    trainer_state = json.loads((output_dir / "trainer_state.json").read_text())
+    batch_size = trainer_state.get("train_batch_size") or 8
     return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(output_dir), "steps": timing["steps"],
             "train_seconds": timing["seconds"],
             "tokens_trained": timing["steps"] * batch_size * flags["max_seq_length"],
