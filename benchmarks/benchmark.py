@@ -1094,10 +1094,11 @@ def plot_reports(reports: list[dict[str, Any]], png_path: str) -> None:
                 curves.setdefault(config["name"], []).append(
                     (report["budget_s"] / 60, result["val_loss_packed"], 100 * result["val_accuracy_packed"]))
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, points in curves.items():
+    for index, (name, points) in enumerate(curves.items()):
         minutes, losses, accuracies = zip(*sorted(points))
-        loss_axes.plot(minutes, losses, marker="o", label=name)
-        accuracy_axes.plot(minutes, accuracies, marker="o", label=name)
+        style = {"marker": "os^D"[index % 4], "linestyle": ("-", "--", ":", "-.")[index % 4], "label": name}
+        loss_axes.plot(minutes, losses, **style)  # distinct styles: equal values (e.g. two plateaus) stay visible
+        accuracy_axes.plot(minutes, accuracies, **style)
     longest = max((minutes for points in curves.values() for minutes, _, _ in points), default=1)
     for axes, label in ((loss_axes, "validation MLM loss (nats)"), (accuracy_axes, "masked-token accuracy (%)")):
         axes.set_xlim(0, longest * 1.1)
