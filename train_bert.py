@@ -21,10 +21,13 @@ import datetime
 import errno
 import fcntl
 import inspect
+import io
+import itertools
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import shlex
@@ -275,6 +278,7 @@ def masking_function(
     random_replace_prob: float = 0.1,
     unmask_replace_prob: float = 0.1,
     generator: torch.Generator | None = None,
+    word_starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask a batch of token ids for MLM; return `(masked_input_ids, labels)`.
 
@@ -292,6 +296,12 @@ def masking_function(
       "10% random" means 10% *of the selected tokens*, not of all tokens.
     - `labels` holds the original id at every selected position and -100 (ignored by the loss) everywhere else.
 
+    Whole-word masking (BERT's): given `word_starts`, a bool table over the vocabulary saying which ids begin a word
+    (`word_start_table`), the unit of selection is the word instead of the token: each word is selected with
+    probability `mask_prob`, and all its pieces with it; the 80/10/10 choice is still made per piece, as in BERT.
+    A word is a token that starts one plus the pieces that follow it; the first token of a row and every token after
+    a special token also start a word (packing cuts a word at a block's start: its first piece there is a word).
+
     The same `generator` state gives the same masks; `input_ids` is not modified. Three random tensors are drawn
     whatever the probabilities, so a generator's stream does not depend on them.
     """
@@ -306,6 +316,8 @@ def masking_function(
         torch.randint(len(non_special_ids), input_ids.shape, generator=generator, device=input_ids.device)
     ]
 
+    if word_starts is not None:  # every piece of a word takes the selection draw of the word's first piece
+        selection_draw = selection_draw.gather(1, word_start_positions(input_ids, is_special, word_starts))
     selected = (selection_draw < mask_prob) & ~is_special
     replace_randomly = selected & (replacement_draw < random_replace_prob)
     keep_unchanged = selected & (replacement_draw >= random_replace_prob) & (
@@ -317,6 +329,39 @@ def masking_function(
     masked_input_ids = masked_input_ids.masked_fill(replace_with_mask, tokenizer.mask_token_id)
     labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
     return masked_input_ids, labels
+
+
+def word_start_positions(input_ids: torch.Tensor, is_special: torch.Tensor, word_starts: torch.Tensor
+                         ) -> torch.Tensor:
+    """For every position of `input_ids` [B, T], the position of the first piece of its word (same shape)."""
+    starts = word_starts.to(input_ids.device)[input_ids.long()] | is_special
+    starts[:, 0] = True
+    starts[:, 1:] |= is_special[:, :-1]  # the token after <s> or </s> begins a word
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(starts, positions, 0).cummax(dim=1).values
+
+
+def word_start_table(tokenizer: "transformers.PreTrainedTokenizerBase") -> torch.Tensor:
+    """A bool tensor over the vocabulary: True where the token id begins a word. Computed once per tokenizer.
+
+    WordPiece (BERT) marks the pieces that continue a word with "##"; byte-level BPE (RoBERTa, GPT-2) marks the
+    pieces that begin one with "Ġ" (an encoded space), SentencePiece with "▁". Special tokens count as word starts.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    continues = [piece.startswith("##") for piece in pieces]
+    begins = [piece.startswith(("Ġ", "▁")) for piece in pieces]
+    # A BPE vocabulary may hold a few pieces that happen to start with "##" (and a WordPiece one no "Ġ"): the
+    # marker that most of the vocabulary carries tells the scheme.
+    if sum(continues) > sum(begins):
+        starts = [not piece_continues for piece_continues in continues]
+    elif any(begins):
+        starts = begins
+    else:
+        raise ConfigError("--whole_word_mask needs a tokenizer that marks word boundaries (WordPiece '##' pieces, "
+                          "byte-level BPE 'Ġ' or SentencePiece '▁'); this tokenizer has none")
+    table = torch.tensor(starts, dtype=torch.bool)
+    table[sorted(set(tokenizer.all_special_ids))] = True
+    return table
 
 
 def seeded_generator(*numbers: int) -> torch.Generator:
@@ -351,16 +396,21 @@ def sparse_batch(masked_input_ids: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 @dataclasses.dataclass
 class MaskingConfig:
-    """The three masking probabilities and the tokenizer they apply to."""
+    """The three masking probabilities and the tokenizer they apply to; whole words when `whole_word_mask`."""
 
     tokenizer: Any
     mask_prob: float
     random_replace_prob: float
     unmask_replace_prob: float
+    whole_word_mask: bool = False
+
+    def __post_init__(self):
+        self.word_starts = word_start_table(self.tokenizer) if self.whole_word_mask else None
 
     def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         masked, labels = masking_function(
-            input_ids, self.tokenizer, self.mask_prob, self.random_replace_prob, self.unmask_replace_prob, generator
+            input_ids, self.tokenizer, self.mask_prob, self.random_replace_prob, self.unmask_replace_prob, generator,
+            self.word_starts,
         )
         return sparse_batch(masked, labels)
 
@@ -444,15 +494,21 @@ def eval_batches(blocks: torch.Tensor, batch_size: int, seed: int, masking: Mask
 
 def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
                  tokenizer: "transformers.PreTrainedTokenizerBase", max_seq_length: int,
-                 ) -> "transformers.RobertaForMaskedLM":
+                 init_from: str | None = None) -> "transformers.RobertaForMaskedLM":
     """Build a randomly initialised `RobertaForMaskedLM` whose sizes come from the arguments and the tokenizer.
 
     Vocabulary size and special ids come from the tokenizer (nothing is hard-coded to roberta-base). RoBERTa
     numbers positions from pad_token_id + 1, so a block of `max_seq_length` tokens needs that many more position
     embeddings. Attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
-    """
-    from transformers import RobertaConfig, RobertaForMaskedLM
 
+    With `init_from` (continued pretraining) the model is that masked-LM checkpoint instead, weights and config
+    (its sizes must already agree with the arguments: `resolve_init_from` sees to it), with `dropout` applied.
+    """
+    from transformers import AutoModelForMaskedLM, RobertaConfig, RobertaForMaskedLM
+
+    if init_from is not None:
+        return AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,
+                                                    attention_probs_dropout_prob=dropout, attn_implementation="sdpa")
     start_id, end_id = block_framing_ids(tokenizer)
     config = RobertaConfig(
         vocab_size=len(tokenizer),
@@ -591,12 +647,94 @@ def create_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> 
     return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
 
 
-def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, num_iterations: int
-                        ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then linear decay to 0 at `num_iterations`."""
+def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int | float, num_iterations: int,
+                        budget: "TimeBudget | None" = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to `lr`, then linear decay to 0 at the end of the run.
+
+    `warmup_steps` below 1 is a share of the run (0.06: its first 6%), so every run length gets a warmup in
+    proportion; a whole number >= 1 is a count of steps. The run ends after `num_iterations` steps, or, with a
+    `budget`, when its wall-clock time is spent: the schedule then follows the share of the budget spent, as
+    Cramming and academic-budget-bert do, so the learning rate reaches 0 when the budget ends however fast the
+    steps are (a fixed step count would have to be guessed from a speed that changes with the machine's load).
+    """
     from transformers import get_linear_schedule_with_warmup
 
-    return get_linear_schedule_with_warmup(optimizer, warmup_steps, num_iterations)
+    if budget is None:
+        return get_linear_schedule_with_warmup(optimizer, warmup_step_count(warmup_steps, num_iterations),
+                                               num_iterations)
+    # A closure, not an object: LambdaLR's state_dict would otherwise try to save the budget with the checkpoint.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: warmup_then_decay(budget.progress(), warmup_steps))
+
+
+def warmup_step_count(warmup_steps: int | float, num_iterations: int) -> int:
+    """--warmup_steps as a number of steps: a share of the run (< 1) times its steps, or the count itself."""
+    return round(warmup_steps * num_iterations) if warmup_steps < 1 else int(warmup_steps)
+
+
+def warmup_then_decay(progress: float, warmup_fraction: float) -> float:
+    """The LR multiplier at `progress` (0 to 1) of the run: up linearly over the warmup, then down linearly to 0."""
+    if progress < warmup_fraction:
+        return progress / warmup_fraction
+    return max(0.0, (1 - progress) / (1 - warmup_fraction))
+
+
+def parse_duration(value: str | int | float, flag: str = "--time_budget") -> float:
+    """Seconds in a duration: a number of seconds (600), or amounts with units d/h/m/s ("10m", "2h30m", "1d")."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+        if not text or parts is None:
+            raise ConfigError(f"{flag} {value!r} is not a duration; give seconds (600) or amounts with units d, h, m, "
+                              "s (10m, 2h30m, 1d)")
+        seconds = sum(float(amount or 0) * unit for amount, unit in zip(parts.groups(), (86400, 3600, 60, 1)))
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{flag} {value!r} must be a positive duration (600, 10m, 2h30m, 1d)")
+    return seconds
+
+
+class TimeBudget:
+    """The wall-clock budget of a --time_budget run: what is spent, what the end of the run needs, the progress.
+
+    The clock runs from the first training step (loading data and building the model are not counted) and counts
+    everything after it: steps, evaluations, checkpoints, and the end of the run (last evaluation and checkpoint,
+    test evaluation, export and fill-mask demo). So that the end fits, training stops `reserve_s` early: an
+    estimate of that end work from measurements (an evaluation batch and a checkpoint-sized save, timed at the
+    start, then the real ones as they happen). A resumed run adds the time its checkpoint says was spent before.
+    """
+
+    END_MARGIN_S = 3.0  # the fill-mask demo loads the exported model into a pipeline: a few seconds, not timed ahead
+
+    def __init__(self, total_s: float, spent_before_s: float = 0.0):
+        self.total_s, self.spent_before_s = total_s, spent_before_s
+        self.clock_start = time.perf_counter()
+        self.evaluation_batch_s = self.checkpoint_s = 0.0
+        self.end_evaluation_batches = 0
+
+    def start(self) -> None:
+        """Start the clock (at the first training step)."""
+        self.clock_start = time.perf_counter()
+
+    def spent(self) -> float:
+        """Seconds spent, earlier runs of a resumed experiment included."""
+        return self.spent_before_s + time.perf_counter() - self.clock_start
+
+    def reserve_s(self) -> float:
+        """The time kept for the end of the run: final and test evaluation, the last checkpoint, the export."""
+        return self.evaluation_batch_s * self.end_evaluation_batches + 2 * self.checkpoint_s + self.END_MARGIN_S
+
+    def training_s(self) -> float:
+        """The point of the budget at which training stops (and the learning rate reaches 0)."""
+        return max(self.total_s - self.reserve_s(), 1e-3)
+
+    def progress(self) -> float:
+        """The share of the training time spent: what the learning rate schedule follows."""
+        return min(1.0, self.spent() / self.training_s())
+
+    def exhausted(self, next_seconds: float) -> bool:
+        """True if work of `next_seconds` (one more step and what follows it) would run into the reserve."""
+        return self.spent() + next_seconds > self.training_s()
 
 
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -878,7 +1016,7 @@ def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FIL
 
 # Flags that fix the model's or the data's shape: a resume must use the values the checkpoint was trained with.
 RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size", "max_seq_length", "num_layers",
-                      "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "seed")
+                      "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "seed", "init_from")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**32 - 1  # np.random.seed's limit (torch's is 2**64 - 1)
 # Flags that describe this process, not the experiment: never recorded as a change of the experiment's flags.
@@ -904,10 +1042,23 @@ def validate_flags(flags: dict[str, Any]) -> None:
     for name in ("num_layers", "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "num_iterations",
                  "checkpoint_every", "log_every", "eval_every", "keep_last", "bpe_vocab_size", "max_seq_length"):
         require(is_int(flags[name]) and flags[name] > 0, f"--{name} must be a positive integer; got {flags[name]!r}")
-    for name in ("num_workers", "warmup_steps", "seed"):
+    for name in ("num_workers", "seed"):
         require(is_int(flags[name]) and flags[name] >= 0, f"--{name} must be an integer >= 0; got {flags[name]!r}")
     require(flags["seed"] <= MAX_SEED,
             f"--seed must be at most {MAX_SEED} (numpy seeds are 32-bit); got {flags['seed']}")
+    warmup = flags["warmup_steps"]
+    require((is_int(warmup) and warmup >= 0) or (is_number(warmup) and 0 <= warmup < 1),
+            f"--warmup_steps must be a share of the run in [0, 1) (0.06: the first 6%) or a whole number of steps; "
+            f"got {warmup!r}")
+    if flags.get("time_budget") is not None:
+        parse_duration(flags["time_budget"])
+        require(not (is_int(warmup) and warmup >= 1),
+                f"--warmup_steps {warmup} is a number of steps, but a --time_budget run has no fixed number of steps; "
+                "give the warmup as a share of the budget (e.g. 0.06)")
+    for name in ("whole_word_mask",):
+        require(isinstance(flags.get(name, False), bool), f"--{name} must be True or False; got {flags.get(name)!r}")
+    require(flags.get("init_from") is None or (isinstance(flags["init_from"], str) and flags["init_from"] != ""),
+            f"--init_from must be a Hugging Face masked-LM folder or Hub name; got {flags.get('init_from')!r}")
     for name in ("mask_prob", "random_replace_prob", "unmask_replace_prob", "dropout"):
         require(is_number(flags[name]) and 0 <= flags[name] <= 1,
                 f"--{name} must be a probability in [0, 1]; got {flags[name]!r}")
@@ -1099,6 +1250,13 @@ def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir:
     export that a stop interrupted)."""
     if step is None:
         return True  # load_latest_checkpoint explains what is missing
+    if flags["time_budget"] is not None:  # a budgeted run ends when its time is spent, at whatever step
+        if completed_step == step:
+            print(f"experiment {experiment_dir} is finished: trained for its --time_budget {flags['time_budget']} "
+                  f"to step {step}, evaluated and exported to {experiment_dir / 'hf_model'}. To train further, start "
+                  f"a new run with --init_from {experiment_dir / 'hf_model'}", file=sys.stderr)
+            return False
+        return True
     if flags["num_iterations"] < step:
         raise ConfigError(f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
                           f"{experiment_dir} has reached; give --num_iterations {step} or more")
@@ -1274,7 +1432,8 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
         raise ConfigError(f"the train split has {len(blocks['train'])} blocks of --max_seq_length "
                           f"{flags['max_seq_length']} tokens, fewer than one batch (--batch_size {flags['batch_size']}); "
                           "use more text or a smaller --batch_size")
-    masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"])
+    masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"],
+                            flags.get("whole_word_mask", False))
     return PreparedData(tokenizer, blocks["train"], blocks["validation"], blocks.get("test"), masking)
 
 
@@ -1334,18 +1493,21 @@ def train(
     mask_prob: float = 0.15,
     random_replace_prob: float = 0.1,
     unmask_replace_prob: float = 0.1,
+    whole_word_mask: bool = False,
     max_seq_length: int = 128,
-    num_layers: int = 6,
-    num_heads: int = 8,
-    ff_dim: int = 1024,
-    h_dim: int = 256,
-    dropout: float = 0.1,
-    batch_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    ff_dim: int = 512,
+    h_dim: int = 128,
+    dropout: float = 0.0,
+    batch_size: int = 16,
     grad_accum_steps: int = 1,
     num_iterations: int = 10000,
-    lr: float = 1e-3,
+    time_budget: str | None = None,
+    init_from: str | None = None,
+    lr: float = 2e-3,
     weight_decay: float = 0.01,
-    warmup_steps: int = 500,
+    warmup_steps: float = 0.06,
     grad_clip: float = 1.0,
     dtype: str = "fp32",
     compile: bool = False,
@@ -1375,19 +1537,48 @@ def train(
         mask_prob: Probability that a non-special token is selected for prediction (BERT: 0.15).
         random_replace_prob: Of the selected tokens, the share replaced by a random non-special token (BERT: 0.1).
         unmask_replace_prob: Of the selected tokens, the share left unchanged (BERT: 0.1); the rest become <mask>.
+        whole_word_mask: Select whole words instead of single tokens: all pieces of a word are masked together
+            (BERT's whole-word masking; the word starts come from the tokenizer's "Ġ"/"▁" or "##" markers).
         max_seq_length: Tokens per packed block, <s> and </s> included. 128, as in BERT's phase 1: attention cost grows
-            with length, and short blocks let a small model see more blocks per second early in training.
-        num_layers: Transformer layers.
-        num_heads: Attention heads per layer; must divide h_dim.
+            with length, and short blocks let a model see more blocks per second early in training; raise it (e.g.
+            512) for the last part of a long run, as BERT does, when the model must learn long contexts.
+        num_layers: Transformer layers. The model defaults (2 layers, h_dim 128, 2 heads, ff 512) are a small
+            model on purpose: in a short run on a CPU (minutes), what limits quality is how many tokens the model
+            sees, and with roberta-base's 50k vocabulary most of a step is the embedding and output layer, so a
+            narrow, shallow model sees several times the tokens of upstream's 6 x 256 and leaves the unigram
+            plateau first (benchmarks/README.md, time to quality). They are sound for long runs too (they train
+            stably at any length) but not the best use of a GPU for hours: there, size the model up, e.g. BERT-base
+            (--num_layers 12 --h_dim 768 --num_heads 12 --ff_dim 3072) with --lr 5e-4 and a larger --batch_size.
+        num_heads: Attention heads per layer; must divide h_dim (2 heads of 64 dimensions by default).
         ff_dim: Width of each layer's feed-forward block (4 x h_dim is the usual ratio).
-        h_dim: Hidden size.
-        dropout: Dropout on hidden states and attention probabilities.
-        batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length).
+        h_dim: Hidden size (also the embedding size: the tied 50k x h_dim embedding is most of a small model).
+        dropout: Dropout on hidden states and attention probabilities. 0 by default, as in Cramming and
+            academic-budget-bert: a run that sees each token about once (10 minutes on a CPU is a fraction of an
+            epoch of wikitext-2; a GPU run on a large corpus) has little to overfit, and dropout slows learning and
+            costs time (its random masks; with 0, attention also takes the fused flash kernel). For many epochs of
+            a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
+        batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length). 16 by default:
+            early in training more, smaller steps learn more per second than fewer large ones (in 3-minute CPU
+            runs batch 16 beat batch 32; benchmarks/README.md). On a GPU raise it (and --lr with it) until the
+            device is busy.
         grad_accum_steps: Micro-batches summed into each optimizer step (effective batch = batch_size x this).
         num_iterations: Optimizer steps to train in total (exactly this many; a resume continues up to it).
-        lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). Small models tolerate a high one.
+        time_budget: Train for this much wall-clock time instead of a number of steps: seconds (600) or with units
+            ("10m", "2h30m", "1d"). The clock starts at the first step; evaluations, checkpoints and the final
+            export are inside the budget (training stops early enough for them), and the learning rate schedule
+            follows the share of the budget spent, reaching 0 when it ends. A resume continues the budget from
+            the time saved in the checkpoint; budgeted runs are not bit-reproducible (steps depend on speed).
+        init_from: Continue pretraining a Hugging Face masked-LM checkpoint (a folder such as an hf_model/ this
+            script exported, or a Hub name such as roberta-base): its weights, config and tokenizer. Model flags
+            must agree with it or be left out.
+        lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). 2e-3 suits the small default model
+            (small models tolerate a high one; 3e-3 was no better in a 3-minute CPU run); use ~5e-4 to 1e-3 for
+            BERT-base-sized models.
         weight_decay: AdamW weight decay, applied to weight matrices only (not biases or LayerNorm).
-        warmup_steps: Steps of linear warmup from 0 to lr; afterwards lr decays linearly to 0 at num_iterations.
+        warmup_steps: Linear warmup from 0 to lr, as a share of the run below 1 (0.06: the first 6% of the steps or
+            of the time budget) or as a number of steps; afterwards lr decays linearly to 0 at the end of the run.
+            A share, so every run length gets a warmup in proportion (6% is about RoBERTa's); a fixed step count
+            would be all of a short run and nothing of a long one.
         grad_clip: Clip the global gradient norm to this (0 disables clipping).
         dtype: fp32, bf16 (autocast; the fast choice on CPUs with AMX and on Ampere+ GPUs) or fp16 (autocast with a
             dynamic loss scaler). Master weights and the loss stay fp32 in every case.
@@ -1405,6 +1596,11 @@ def train(
     flags = {name: value for name, value in locals().items()}
     validate_flags(flags)
     defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}
+    if time_budget is not None and num_iterations != defaults["num_iterations"]:
+        raise ConfigError(f"give either --num_iterations ({num_iterations} steps) or --time_budget ({time_budget!r}), "
+                          "not both: a budgeted run trains until its time is spent")
+    if init_from is not None and load_checkpoint_dir is None:
+        flags = resolve_init_from(flags, defaults)
     if load_checkpoint_dir is None:
         check_writable(checkpoint_dir)
         check_sequence_limits(flags)
@@ -1426,6 +1622,41 @@ def train(
             return str(experiment_dir)
         check_memory(flags, device)
         return str(run_training(flags, device, experiment_dir / "tokenizer"))
+
+
+def resolve_init_from(flags: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """--init_from: the model flags and the tokenizer come from the checkpoint; a flag given must agree with it.
+
+    A model flag left at its default takes the checkpoint's value; one given with another value is an error (the
+    weights fix the shape). --dropout left at its default takes the checkpoint's dropout too.
+    """
+    from transformers import AutoConfig
+
+    source = flags["init_from"]
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load --init_from {source!r}: {first_line[:300]}. {offline_hint()}") from error
+    if config.model_type not in ("roberta", "xlm-roberta", "camembert"):
+        raise ConfigError(f"--init_from {source!r} is a {config.model_type!r} model; this script continues RoBERTa-"
+                          "architecture masked LMs (roberta, xlm-roberta, camembert, or an hf_model/ it exported)")
+    resolved = dict(flags)
+    from_checkpoint = {"num_layers": config.num_hidden_layers, "num_heads": config.num_attention_heads,
+                       "ff_dim": config.intermediate_size, "h_dim": config.hidden_size, "tokenizer": source}
+    for name, value in from_checkpoint.items():
+        if flags[name] not in (defaults[name], value):
+            raise ConfigError(f"--{name} {flags[name]!r} disagrees with --init_from {source!r}, whose {name} is "
+                              f"{value!r}; leave --{name} out (it comes from the checkpoint) or give {value!r}")
+        resolved[name] = value
+    if flags["dropout"] == defaults["dropout"]:
+        resolved["dropout"] = config.hidden_dropout_prob
+    positions = config.max_position_embeddings - config.pad_token_id - 1
+    if flags["max_seq_length"] > positions:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is longer than the {positions} positions of "
+                          f"--init_from {source!r}; use --max_seq_length {positions} or less")
+    logger.info(f"init_from {source}: " + ", ".join(f"{name} {resolved[name]}" for name in (*from_checkpoint, "dropout")))
+    return resolved
 
 
 def load_hparams(experiment_dir: Path) -> dict[str, Any]:
@@ -1498,9 +1729,10 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
     with contextlib.ExitStack() as lock, reported_stops(flags, progress):
         data = prepare_data(flags, saved_tokenizer_dir)
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                             data.tokenizer, flags["max_seq_length"]).to(device)
+                             data.tokenizer, flags["max_seq_length"], flags["init_from"]).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
-        lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"])
+        budget = TimeBudget(parse_duration(flags["time_budget"])) if flags["time_budget"] is not None else None
+        lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"], budget)
         scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
 
         check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]), model)
@@ -1513,6 +1745,8 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if budget is not None:
+                budget.spent_before_s = checkpoint.get("budget_spent_s", 0.0)
             apply_lr_schedule(optimizer, lr_scheduler, flags["lr"])
             scaler.load_state_dict(checkpoint["grad_scaler"])
             set_rng_states(checkpoint["rng"])
@@ -1525,9 +1759,11 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
             progress.started = True
             training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
-                          start_step, data_position)
+                          start_step, data_position, budget)
             export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
-            mark_completed(experiment_dir, flags["num_iterations"])
+            mark_completed(experiment_dir, saved_step(experiment_dir))
+            if budget is not None:
+                logger.info(f"time budget: {budget.spent():.1f} s of {budget.total_s:.0f} s spent")
     return experiment_dir
 
 
@@ -1700,8 +1936,9 @@ class LossWindow:
 def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.Module,
                   optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: torch.amp.GradScaler,
                   data: PreparedData, experiment_dir: Path, metrics: MetricsLogger, start_step: int,
-                  data_position: tuple[int, int]) -> None:
-    """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
+                  data_position: tuple[int, int], budget: TimeBudget | None = None) -> int:
+    """Train from `start_step` to `num_iterations` (or until the `budget` is spent), logging, evaluating and
+    checkpointing along the way; return the last step."""
     loss_function = compiled_mlm_loss() if flags["compile"] else mlm_loss
     autocast = make_autocast(device, flags["dtype"])
     validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
@@ -1710,14 +1947,23 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
     window = LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
 
     def checkpoint_state(step: int) -> dict[str, Any]:
+        budget_state = {"budget_spent_s": budget.spent()} if budget is not None else {}
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler.state_dict(), "step": step,
-                "data_position": list(data_position), "rng": rng_states(), "flags": flags}
+                "data_position": list(data_position), "rng": rng_states(), "flags": flags, **budget_state}
 
+    if budget is not None:
+        measure_end_of_run(budget, model, validation, data, flags, device, autocast)
     model.train()
-    progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step", disable=None)
+    steps = range(start_step + 1, flags["num_iterations"] + 1) if budget is None else itertools.count(start_step + 1)
+    if budget is not None and budget.exhausted(0):  # a resume of a run whose budget is already spent
+        steps = []
+    step = start_step
+    progress = tqdm(total=flags["num_iterations"] if budget is None else None, initial=start_step, desc="training",
+                    unit="step", disable=None)
     with StopSignal() as stop, progress:  # the progress bar closes however the loop ends
-        for step in range(start_step + 1, flags["num_iterations"] + 1):
+        for step in steps:
+            step_start = time.perf_counter()
             for _ in range(flags["grad_accum_steps"]):
                 data_position, batch = next(batches)
                 batch = to_device(batch, device)
@@ -1734,28 +1980,68 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
             optimizer.zero_grad(set_to_none=True)
             lr_scheduler.step()
             progress.update()
+            evaluate_now, checkpoint_now = step % flags["eval_every"] == 0, step % flags["checkpoint_every"] == 0
+            if budget is None:
+                last = step == flags["num_iterations"]
+            else:  # stop if another step (and the evaluation/checkpoint due now) would eat into the end's reserve
+                last = budget.exhausted(time.perf_counter() - step_start + evaluate_now * budget.evaluation_batch_s
+                                        * len(validation) + checkpoint_now * budget.checkpoint_s)
 
-            if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
+            if step % flags["log_every"] == 0 or last:
                 window.raise_if_nonfinite(experiment_dir)
                 record = window.record(step, lr_scheduler.get_last_lr()[0], float(grad_norm), flags, model.config,
                                        device)
+                if budget is not None:
+                    record.update(budget_spent_s=budget.spent(), eta_s=max(0.0, budget.total_s - budget.spent()))
                 if scaler.is_enabled():
                     record["loss_scale"] = scaler.get_scale()
                 metrics.log(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
 
-            if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
+            if evaluate_now or last:
+                evaluation_start = time.perf_counter()
                 log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast,
                                                               description="validation"))
-            if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
+                if budget is not None:
+                    budget.evaluation_batch_s = (time.perf_counter() - evaluation_start) / len(validation)
+            if checkpoint_now or last or stop.signum is not None:
                 window.raise_if_nonfinite(experiment_dir)
                 raise_if_weights_nonfinite(model, step, experiment_dir)
+                save_start = time.perf_counter()
                 path = save_checkpoint(experiment_dir, checkpoint_state(step), flags["keep_last"])
                 logger.info(f"saved checkpoint {path.name}")
+                if budget is not None:
+                    budget.checkpoint_s = time.perf_counter() - save_start
             if stop.signum is not None:
                 raise stop.interruption(step, experiment_dir)
-    log_test_evaluation(metrics, data, flags,
-                        lambda test: evaluate(model, test, device, autocast, description="test"))
+            if last:
+                break
+    log_test_evaluation(metrics, data, flags, lambda test: evaluate(model, test, device, autocast, description="test"),
+                        step)
+    return step
+
+
+def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: list[dict[str, torch.Tensor]],
+                       data: PreparedData, flags: dict[str, Any], device: torch.device,
+                       autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """Time what the end of a budgeted run costs, then start its clock: an evaluation batch (the faster of two, so
+    one-off warm-up does not count) and an in-memory save of a checkpoint-sized state (the weights
+    and AdamW's two moments). `TimeBudget.reserve_s` multiplies them out; the real ones replace them later."""
+    test_batches = 0 if data.test_blocks is None else math.ceil(len(data.test_blocks) / flags["batch_size"])
+    budget.end_evaluation_batches = len(validation) + test_batches
+    timings = []
+    for batch in validation[:2]:
+        start = time.perf_counter()
+        evaluate(model, [batch], device, autocast)
+        timings.append(time.perf_counter() - start)
+    budget.evaluation_batch_s = min(timings)
+    start = time.perf_counter()
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    torch.save({"model": state, "moments": [state, state]}, io.BytesIO())
+    budget.checkpoint_s = time.perf_counter() - start
+    budget.start()
+    logger.info(f"time budget {budget.total_s:.0f} s ({budget.spent_before_s:.0f} s spent before): training stops "
+                f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export")
 
 
 def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch.Tensor) -> None:
@@ -1765,11 +2051,13 @@ def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch
 
 
 def log_test_evaluation(metrics: MetricsLogger, data: PreparedData, flags: dict[str, Any],
-                        evaluate_batches: Callable[[list[dict[str, torch.Tensor]]], torch.Tensor]) -> None:
-    """At the end of training, evaluate the test split (if the dataset has one) with `evaluate_batches`."""
+                        evaluate_batches: Callable[[list[dict[str, torch.Tensor]]], torch.Tensor],
+                        step: int | None = None) -> None:
+    """At the end of training (`step`, default num_iterations), evaluate the test split (if the dataset has one)
+    with `evaluate_batches`."""
     if data.test_blocks is not None:
         test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
-        log_evaluation(metrics, flags["num_iterations"], "test", evaluate_batches(test))
+        log_evaluation(metrics, flags["num_iterations"] if step is None else step, "test", evaluate_batches(test))
 
 
 def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path, device: torch.device,

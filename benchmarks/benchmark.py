@@ -4,6 +4,7 @@ Modes:
 
     python benchmarks/benchmark.py throughput --suite cpu      # tokens/s, MFU, peak memory: one markdown row each
     python benchmarks/benchmark.py ttq --budget_s 600          # validation loss after a fixed wall-clock budget
+    python benchmarks/benchmark.py plot A.json B.json --png_path curve.png   # ttq results: loss vs minutes
     python benchmarks/benchmark.py profile --dtype bf16        # torch.profiler's top operators in a training step
     python benchmarks/benchmark.py ceiling                     # matmul FLOP/s here vs the model's FLOPs per token
     python benchmarks/benchmark.py memory                      # resident memory over a long run (must stay flat)
@@ -834,52 +835,66 @@ EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
 
 
 def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
-    """A recipe from its name ("default": train_bert.py's defaults, "upstream": upstream's) or a dict of flags.
+    """A recipe from its name or a dict of flags.
 
-    A dict may name itself ("name") and the script ("kind", default "plain"); its other keys are train() flags,
-    and "warmup_fraction" sets --warmup_steps to that share of the steps fitted to the budget.
+    Names: "default" (train_bert.py's defaults), "upstream" (upstream's defaults, run by the upstream-style
+    baseline), "run_mlm" (Hugging Face's run_mlm.py with its own defaults and train_bert.py's default model shape
+    and sequence length, the flags it takes; needs --run_mlm_script). A dict may name itself ("name") and the script
+    ("kind", default "plain"); its other keys are train() flags (for kind "ds", "warmup_fraction" sets --warmup_steps
+    to that share of the steps fitted to the budget).
     """
     if spec == "upstream":
         return UPSTREAM_RECIPE
     if spec == "default":
         return row("train_bert.py defaults", "plain")
+    if spec == "run_mlm":
+        shape = {name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim", "num_heads",
+                                                              "max_seq_length")}
+        return row("Hugging Face run_mlm.py defaults, same model", "run_mlm", **shape)
     if isinstance(spec, dict):
         flags = {key: value for key, value in spec.items() if key not in ("name", "kind")}
         name = spec.get("name") or ("train_bert.py " + " ".join(f"--{k} {v}" for k, v in flags.items()))
         return row(name, spec.get("kind", "plain"), **flags)
-    raise train_bert.ConfigError(f"a recipe is 'default', 'upstream' or a dict of flags; got {spec!r}")
+    raise train_bert.ConfigError(f"a recipe is 'default', 'upstream', 'run_mlm' or a dict of flags; got {spec!r}")
 
 
 def ttq_one(job: str) -> None:
     """Child entry point of time-to-quality: train one recipe for the budget, evaluate it, write the result."""
     job_path, config, data = read_job(job)
     work_dir = job_path.parent
+    trainers = {"upstream-style": train_upstream_style_for_budget, "run_mlm": train_run_mlm_for_budget}
     try:
-        trained = (train_upstream_style_for_budget if config["kind"] == "upstream-style" else train_script_for_budget)(
-            config, data, work_dir)
+        trained = trainers.get(config["kind"], train_script_for_budget)(config, data, work_dir)
         model, tokenizer = trained.pop("model"), trained.pop("tokenizer")
-        result = {"status": "ok", **trained, **validation_losses(model, tokenizer, data)}
+        result = {"status": "ok", **trained, **validation_losses(model, tokenizer, data),
+                  "fill_mask": fill_mask_predictions(model, tokenizer, work_dir)}
     except Exception as error:  # noqa: BLE001
         result = {"status": f"failed: {type(error).__name__}: {str(error)[:300]}"}
     (work_dir / "result.json").write_text(json.dumps(result))
 
 
 def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
-    """Run the script's train() and send it SIGTERM when the budget is spent (it saves a checkpoint and stops).
+    """Run the script's train() for the budget.
 
-    The budget starts when the training loop starts (after data and model are ready, as for the baseline), and
-    the loop's own end-of-run evaluation (a short validation split here) counts against it.
+    train_bert.py recipes without --num_iterations run with --time_budget (the run ends itself, its schedule
+    fitted to the budget, its end-of-run evaluation and export inside it). Others (the DeepSpeed script, or a
+    recipe with a step count) get SIGTERM when the budget is spent (they save a checkpoint and stop). The budget
+    starts when the training loop starts (after data and model are ready, as for the baselines).
     """
     module = train_bert if config["kind"] == "plain" else importlib.import_module("train_bert_ds")
     flags = {"checkpoint_dir": str(work_dir / "experiments"), "dataset": data["dataset"], "dataset_config": None,
              "tokenizer": data["tokenizer"], "keep_last": 1, "log_every": 50, **config["flags"]}
+    own_budget = config["kind"] == "plain" and "num_iterations" not in flags
+    if own_budget:
+        flags["time_budget"] = data["budget_s"]
     flags.setdefault("eval_every", flags.get("num_iterations", 10**6))
     flags.setdefault("checkpoint_every", flags.get("num_iterations", 10**6))
     timing: dict[str, float] = {}
     original_loop = module.training_loop
 
     def budgeted_loop(*args: Any, **kwargs: Any) -> Any:
-        timer = threading.Timer(data["budget_s"], os.kill, (os.getpid(), signal.SIGTERM))
+        # A run with its own budget ends by itself; the signal is only a safety net for one that would not.
+        timer = threading.Timer(data["budget_s"] * (1.5 if own_budget else 1), os.kill, (os.getpid(), signal.SIGTERM))
         timing["start"] = time.perf_counter()
         timer.start()
         try:
@@ -897,13 +912,15 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     resolved = hparams["flags"]
     tokenizer = train_bert.load_tokenizer(str(experiment_dir / "tokenizer"))
     model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
-                                    resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"])
+                                    resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
+                                    resolved.get("init_from"))
     model.load_state_dict(checkpoint["model"])
     steps = checkpoint["step"]
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
             "tokens_trained": steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"],
-            "flags": {key: resolved[key] for key in ("lr", "warmup_steps", "num_iterations", "batch_size", "dtype",
-                                                     "dropout", "ff_dim", "max_seq_length", "compile")}}
+            "flags": {key: resolved[key] for key in ("lr", "warmup_steps", "num_iterations", "time_budget", "batch_size",
+                                                     "dtype", "dropout", "num_layers", "h_dim", "ff_dim", "max_seq_length")
+                      if resolved.get(key) is not None and not (key == "num_iterations" and resolved.get("time_budget"))}}
 
 
 def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -929,10 +946,82 @@ def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any]
                       "max_seq_length": flags["max_seq_length"]}}
 
 
+def train_run_mlm_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Run Hugging Face's run_mlm.py (a local copy given by --run_mlm_script), unchanged, for the budget.
+
+    It trains from scratch with its own defaults (Trainer: AdamW lr 5e-5, batch 8, linear decay over 3 epochs, no
+    warmup; the RoBERTa config's dropout 0.1), on the same text and tokenizer, with the flags it takes from ours:
+    the model shape (--config_overrides) and --max_seq_length. It has no time limit, so a TrainerCallback (added
+    to every Trainer it builds) stops it when the budget is spent, counted from its first step; it then saves the
+    model as it always does and the benchmark evaluates that. `evaluate` (imported by the script, used only with
+    --do_eval) is stubbed if not installed.
+    """
+    import transformers
+
+    if importlib.util.find_spec("evaluate") is None:
+        sys.modules["evaluate"] = types.ModuleType("evaluate")
+    flags, budget_s, timing = config["flags"], data["budget_s"], {}
+
+    class StopAtBudget(transformers.TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timing["start"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if time.perf_counter() - timing["start"] >= budget_s:
+                control.should_training_stop = True
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timing["seconds"], timing["steps"] = time.perf_counter() - timing["start"], state.global_step
+
+    original_init = transformers.Trainer.__init__
+
+    def init_with_budget(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.add_callback(StopAtBudget())
+
+    transformers.Trainer.__init__ = init_with_budget
+    output_dir = work_dir / "run_mlm"
+    overrides = (f"num_hidden_layers={flags['num_layers']},hidden_size={flags['h_dim']},"
+                 f"intermediate_size={flags['ff_dim']},num_attention_heads={flags['num_heads']}")
+    sys.argv = ["run_mlm.py", "--model_type", "roberta", "--config_overrides", overrides,
+                "--tokenizer_name", data["tokenizer"], "--train_file", str(Path(data["dataset"]) / "train.txt"),
+                "--validation_file", str(Path(data["dataset"]) / "validation.txt"),
+                "--max_seq_length", str(flags["max_seq_length"]), "--do_train", "--output_dir", str(output_dir),
+                "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
+    spec = importlib.util.spec_from_file_location("run_mlm", data["run_mlm_script"])
+    run_mlm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_mlm)
+    run_mlm.main()
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    model = AutoModelForMaskedLM.from_pretrained(output_dir, attn_implementation="sdpa")
+    trainer_state = json.loads((output_dir / "trainer_state.json").read_text())
+    batch_size = trainer_state.get("train_batch_size") or 8
+    return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(output_dir), "steps": timing["steps"],
+            "train_seconds": timing["seconds"],
+            "tokens_trained": timing["steps"] * batch_size * flags["max_seq_length"],
+            "flags": {"lr": 5e-5, "batch_size": batch_size, "dtype": "fp32", "dropout": 0.1,
+                      "num_layers": flags["num_layers"], "h_dim": flags["h_dim"], "ff_dim": flags["ff_dim"],
+                      "max_seq_length": flags["max_seq_length"]}}
+
+
+def fill_mask_predictions(model: torch.nn.Module, tokenizer: Any, work_dir: Path) -> list[list[str]]:
+    """The top-5 fill-mask tokens of the README's sentence (train_bert.FILL_MASK_SENTENCE) for the trained model."""
+    folder = work_dir / "final_model"
+    model.save_pretrained(folder)
+    # The longest input the model's position table allows (RoBERTa numbers positions from pad_token_id + 1).
+    tokenizer.model_max_length = model.config.max_position_embeddings - model.config.pad_token_id - 1
+    tokenizer.save_pretrained(folder)
+    return train_bert.fill_mask_demo(folder, torch.device("cpu"))
+
+
 def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, Any]) -> dict[str, float]:
     """MLM loss on the original dataset's validation split, 15% masking with masks fixed by EVAL_SEED, two ways.
 
-    - packed: the split packed into 128-token blocks (train_bert.py's format), evaluated by train_bert.evaluate;
+    - packed: the split packed into 128-token blocks (train_bert.py's format), also the masked-token accuracy
+      (the share of masked tokens whose top prediction is right) and, for scale, the accuracy of predicting the
+      most frequent masked token everywhere (where a model stuck on the unigram plateau sits);
     - lines: each line alone, `<s> line </s>` truncated to 128 tokens and padded (upstream's format).
     (128 is `eval_seq_length`'s default.)
     Both are token-weighted means over the predicted tokens, in fp32, with the same masking rule.
@@ -948,7 +1037,16 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     seq_length = data["eval_seq_length"]
     blocks = train_bert.pack_blocks(train_bert.tokenize_lines(validation, tokenizer), tokenizer, seq_length)
     batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
-    packed = train_bert.evaluate(model, batches, device, contextlib.nullcontext)
+    packed, correct = torch.zeros(2, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model.roberta(input_ids=batch["input_ids"]).last_hidden_state
+            logits = model.lm_head(hidden.flatten(0, 1).index_select(0, batch["masked_positions"])).float()
+            loss_sum = torch.nn.functional.cross_entropy(logits, batch["masked_labels"], reduction="sum")
+            packed += torch.tensor([float(loss_sum), len(batch["masked_labels"])], dtype=torch.float64)
+            correct += int((logits.argmax(-1) == batch["masked_labels"]).sum())
+    labels = torch.cat([batch["masked_labels"] for batch in batches])
+    most_frequent_share = float(labels.bincount().max()) / len(labels)
 
     lines = [text for text in validation["text"] if text.strip()]
     generator = train_bert.seeded_generator(EVAL_SEED, 0x11E5)
@@ -963,6 +1061,7 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
             loss_sum = upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id, reduction="sum")
             totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())], dtype=torch.float64)
     return {"val_loss_packed": float(packed[0] / packed[1]), "val_loss_lines": float(totals[0] / totals[1]),
+            "val_accuracy_packed": correct / float(packed[1]), "val_most_frequent_token_share": most_frequent_share,
             "val_tokens_packed": int(packed[1]), "val_tokens_lines": int(totals[1])}
 
 
@@ -975,39 +1074,54 @@ def ttq(
     dataset: str = DEFAULT_DATASET,
     dataset_config: str | None = "wikitext-2-v1",
     tokenizer: str = DEFAULT_TOKENIZER,
+    run_mlm_script: str | None = None,
     json_path: str | None = None,
     markdown_path: str | None = None,
+    png_path: str | None = None,
+    previous_json: Any = (),
     validation_lines: int | None = None,
     eval_seq_length: int = 128,
     work_dir: str | None = None,
 ) -> None:
-    """Time to quality: train each recipe for `budget_s` seconds, then report its validation MLM loss.
+    """Time to quality: train each recipe for `budget_s` seconds, then report its validation MLM loss and accuracy.
 
     Args:
         budget_s: Wall-clock seconds of training per recipe (from the first step; setup is not counted).
         recipes: A list of recipes: "default" (train_bert.py's defaults), "upstream" (upstream's defaults, run by
-            the upstream-style baseline) or dicts of train() flags, e.g. '[{"lr": 2e-3}, "upstream"]'.
+            the upstream-style baseline), "run_mlm" (Hugging Face's run_mlm.py, see --run_mlm_script) or dicts of
+            train() flags, e.g. '[{"lr": 2e-3}, "upstream"]'.
         side_by_side: Run all recipes at the same time (each with `threads` threads, default cores / recipes), so
             a busy machine slows them alike; otherwise one after the other with all cores.
         threads: torch threads per recipe.
-        fit_schedule: For train_bert.py recipes without --num_iterations: first time a few steps of each (side by
-            side, like the real run) and set num_iterations to the steps that fit the budget, so the learning
-            rate decays to zero when the budget ends. Off: the recipe's own num_iterations, cut at the budget.
+        fit_schedule: For train_bert_ds.py recipes without --num_iterations (train_bert.py recipes use its own
+            --time_budget): first time a few steps of each and set num_iterations to the steps that fit the budget.
         dataset: Train and validation text (the validation split is evaluated in full).
         dataset_config: The dataset's configuration name.
         tokenizer: The tokenizer folder.
+        run_mlm_script: Path to a local copy of Hugging Face's examples/pytorch/language-modeling/run_mlm.py (run
+            unchanged; needs accelerate) for the "run_mlm" recipe.
         json_path: Also write the results as JSON here.
         markdown_path: Also write the table here.
+        png_path: Also draw validation loss vs budget (minutes) per recipe, from this run and `previous_json`.
+        previous_json: Earlier ttq JSON files (other budgets) to draw in the same picture.
         validation_lines: Evaluate on only the first this many lines of the validation split (default: all).
         eval_seq_length: Block length (and line truncation) of the evaluation; at most every recipe's length.
         work_dir: Keep the runs' files here (default: a temporary folder, removed at the end).
     """
     rows = [recipe(spec) for spec in ([recipes] if isinstance(recipes, (str, dict)) else recipes)]
+    if any(config["kind"] == "run_mlm" for config in rows) and not (run_mlm_script and Path(run_mlm_script).is_file()):
+        raise train_bert.ConfigError(f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
+                                     f"Face's run_mlm.py); got {run_mlm_script!r}")
+    previous = [previous_json] if isinstance(previous_json, str) else list(previous_json)
+    missing = [path for path in previous if not Path(path).is_file()]
+    if missing:
+        raise train_bert.ConfigError(f"--previous_json: no such file(s) {missing}")
     stop_children_on_exit()
     threads = threads or (max(1, (os.cpu_count() or 1) // len(rows)) if side_by_side else None)
     with working_directory(work_dir) as directory:
         data = data_settings(dataset, dataset_config, tokenizer, directory, budget_s=budget_s, threads=threads,
-                             window=5, windows=2, validation_lines=validation_lines, eval_seq_length=eval_seq_length)
+                             window=5, windows=2, validation_lines=validation_lines, eval_seq_length=eval_seq_length,
+                             run_mlm_script=str(Path(run_mlm_script).resolve()) if run_mlm_script else None)
         if fit_schedule:
             fit_num_iterations(rows, data, directory, side_by_side)
         results = run_jobs("ttq_one", rows, data, directory / "ttq", side_by_side, timeout_s=budget_s * 3 + 1200)
@@ -1017,9 +1131,50 @@ def ttq(
     print(header + "\n" + table)
     if markdown_path:
         Path(markdown_path).write_text(header + "\n" + table + "\n")
+    report = {"machine": machine_description(), "command": command_line(), "budget_s": budget_s, "rows": rows,
+              "results": results}
     if json_path:
-        Path(json_path).write_text(json.dumps({"machine": machine_description(), "command": command_line(),
-                                               "budget_s": budget_s, "rows": rows, "results": results}, indent=2))
+        Path(json_path).write_text(json.dumps(report, indent=2))
+    if png_path:
+        plot_reports([json.loads(Path(path).read_text()) for path in previous] + [report], png_path)
+
+
+def plot(*json_paths: str, png_path: str = "ttq.png") -> None:
+    """Draw validation loss vs budget (minutes), one line per recipe, from ttq JSON files (one per budget)."""
+    plot_reports([json.loads(Path(path).read_text()) for path in json_paths], png_path)
+
+
+def plot_reports(reports: list[dict[str, Any]], png_path: str) -> None:
+    """Validation loss and masked-token accuracy (packed blocks, the one evaluation for all) after each budget, one
+    line per recipe, as a PNG."""
+    import matplotlib  # a benchmark-only dependency, imported where the picture is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float, float]]] = {}
+    for report in reports:
+        for config, result in zip(report["rows"], report["results"]):
+            if result.get("status") == "ok":
+                curves.setdefault(config["name"], []).append(
+                    (report["budget_s"] / 60, result["val_loss_packed"], 100 * result["val_accuracy_packed"]))
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for index, (name, points) in enumerate(curves.items()):
+        minutes, losses, accuracies = zip(*sorted(points))
+        style = {"marker": "os^D"[index % 4], "linestyle": ("-", "--", ":", "-.")[index % 4], "label": name}
+        loss_axes.plot(minutes, losses, **style)  # distinct styles: equal values (e.g. two plateaus) stay visible
+        accuracy_axes.plot(minutes, accuracies, **style)
+    longest = max((minutes for points in curves.values() for minutes, _, _ in points), default=1)
+    for axes, label in ((loss_axes, "validation MLM loss (nats)"), (accuracy_axes, "masked-token accuracy (%)")):
+        axes.set_xlim(0, longest * 1.1)
+        axes.set_xlabel("training budget (minutes, wall clock)")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+    loss_axes.legend(fontsize=8)
+    figure.suptitle("After a fixed time budget, one evaluation for all (benchmarks/benchmark.py ttq)")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=110)
+    plt.close(figure)
 
 
 def run_jobs(command: str, rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool,
@@ -1034,9 +1189,9 @@ def run_jobs(command: str, rows: list[dict[str, Any]], data: dict[str, Any], dir
 
 
 def fit_num_iterations(rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool) -> None:
-    """Set num_iterations of each train_bert.py recipe that has none to the steps its measured speed fits."""
+    """Set num_iterations of each train_bert_ds.py recipe that has none to the steps its measured speed fits."""
     to_fit = [index for index, config in enumerate(rows)
-              if config["kind"] != "upstream-style" and "num_iterations" not in config["flags"]]
+              if config["kind"] == "ds" and "num_iterations" not in config["flags"]]
     if not to_fit:
         return
     # Calibrate every recipe at once when they will run side by side, so each sees the load it will see.
@@ -1074,22 +1229,29 @@ def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_s: float) -> str:
     """Time-to-quality results as a markdown table."""
-    lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | val loss, single lines "
-             "| key flags |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | masked-token accuracy "
+             "| val loss, single lines | fill-mask top 5 (each <mask>) | key flags |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for config, result in zip(rows, results):
         if result.get("status") != "ok":
-            lines.append(f"| {config['name']} | {result['status']} | | | | | |")
+            lines.append(f"| {config['name']} | {result['status']} | | | | | | | |")
             continue
         flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
+        fill_mask = " / ".join(" ".join(f"`{token}`" if token else "`␣`" for token in candidates)
+                               for candidates in result.get("fill_mask") or [])
         lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
-                     f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | {result['val_loss_lines']:.3f} "
+                     f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
+                     f"{100 * result['val_accuracy_packed']:.2f}% | {result['val_loss_lines']:.3f} | {fill_mask} "
                      f"| {flags} |")
+    shares = [result["val_most_frequent_token_share"] for result in results if result.get("status") == "ok"]
+    if shares:
+        lines.append(f"\nPredicting the most frequent masked token everywhere (the unigram plateau) scores "
+                     f"{100 * shares[0]:.2f}% masked-token accuracy on these masks.")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "profile": profile, "ceiling": ceiling, "memory": memory,
-               "run_one": run_one,
-               "ttq_one": ttq_one})
+    fire.Fire({"throughput": throughput, "ttq": ttq, "plot": plot, "profile": profile, "ceiling": ceiling,
+               "memory": memory, "run_one": run_one, "ttq_one": ttq_one})

@@ -4,6 +4,7 @@ Speed is never asserted: the tests check that the figures exist, are consistent 
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,21 +97,24 @@ def test_throughput_table_reports_every_row(tiny_corpus, tiny_tokenizer, tmp_pat
 
 
 def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny_corpus, tiny_tokenizer, tmp_path):
-    recipes = [{"name": "ours", **TINY_MODEL_FLAGS, "max_seq_length": 32, "warmup_steps": 2},
+    recipes = [{"name": "ours", **TINY_MODEL_FLAGS, "max_seq_length": 32, "warmup_steps": 0.1},
                {"name": "baseline", "kind": "upstream-style", **TINY_MODEL_FLAGS}]
     result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
                            "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
-                           "--json_path", str(tmp_path / "ttq.json"))
+                           "--json_path", str(tmp_path / "ttq.json"), "--png_path", str(tmp_path / "ttq.png"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ttq.json").read_text())
     ours, baseline = report["results"]
     assert ours["status"] == "ok" and baseline["status"] == "ok", report["results"]
-    assert report["rows"][0]["flags"]["num_iterations"] >= 1  # fitted to the budget from a measured step time
+    assert ours["flags"]["time_budget"] == 4  # train_bert.py ends the run itself, with its own --time_budget
     assert baseline["train_seconds"] >= 4  # the baseline trains until the budget is spent
     for trained in (ours, baseline):
         assert trained["steps"] >= 1 and trained["tokens_trained"] > 0
         # Fixed masks on the same validation text for both: the same number of predicted tokens.
         assert 0 < trained["val_loss_packed"] < 20 and 0 < trained["val_loss_lines"] < 20
+        assert 0 <= trained["val_accuracy_packed"] <= 1 and 0 < trained["val_most_frequent_token_share"] < 1
+    assert "| masked-token accuracy |" in result.stdout and f"{100 * ours['val_accuracy_packed']:.2f}%" in result.stdout
+    assert (tmp_path / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ours["val_tokens_packed"] == baseline["val_tokens_packed"]
     assert ours["val_tokens_lines"] == baseline["val_tokens_lines"]
 
@@ -123,3 +127,16 @@ def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_
     steps = [int(line.split("|")[1]) for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert steps == [2, 4, 6]
     assert re.search(r"RSS from step 2 to 6: [+-][\d,]+ MiB; peak [+-][\d,]+ MiB", result.stdout), result.stdout
+
+
+@pytest.mark.skipif(not os.environ.get("RUN_MLM_SCRIPT"), reason="set RUN_MLM_SCRIPT to a local copy of Hugging "
+                    "Face's run_mlm.py (the project does not ship it)")
+def test_time_to_quality_runs_hugging_face_run_mlm_unchanged(tiny_corpus, tiny_tokenizer, tmp_path):
+    recipes = [{"name": "run_mlm", "kind": "run_mlm", **TINY_MODEL_FLAGS}]
+    result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
+                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
+                           "--run_mlm_script", os.environ["RUN_MLM_SCRIPT"], "--json_path", str(tmp_path / "ttq.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (hf,) = json.loads((tmp_path / "ttq.json").read_text())["results"]
+    assert hf["status"] == "ok", hf
+    assert hf["steps"] >= 1 and hf["train_seconds"] >= 4 and 0 < hf["val_loss_packed"] < 20

@@ -63,6 +63,14 @@ def test_every_readme_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
                 flags["tokenizer"] = str(tiny_tokenizer)
             flags.update({"dataset": str(tiny_corpus), "num_iterations": "3", **TINY_MODEL_FLAGS})
             flags.pop("dataset_config", None)
+            if "time_budget" in flags:  # a budgeted run: a few seconds instead of 3 steps (the two are exclusive)
+                flags["time_budget"] = "5s"
+                del flags["num_iterations"]
+            if "init_from" in flags:  # the model and tokenizer come from the checkpoint given
+                assert previous_experiment, f"{command!r} continues a model, but no command before it made one"
+                flags["init_from"] = str(Path(previous_experiment, "hf_model"))
+                for name in ("tokenizer", "num_layers", "num_heads", "h_dim", "ff_dim"):
+                    flags.pop(name, None)
         result = run_cli("train_bert.py", flags)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
         if "checkpoint_dir" in flags:

@@ -254,7 +254,8 @@ def test_cli_plain_python_with_the_shipped_config(tiny_flags):
     assert effective["bf16"]["enabled"] and effective["zero_optimization"]["stage"] == 2
     assert effective["train_micro_batch_size_per_gpu"] == tiny_flags["batch_size"] == effective["train_batch_size"]
     hparams = json.loads((experiment / "hparams.json").read_text())
-    assert hparams["world_size"] == 1 and hparams["flags"]["dtype"] == "bf16" and hparams["flags"]["lr"] == 1e-3
+    shipped_lr = json.loads((ROOT / "ds_config.json").read_text())["optimizer"]["params"]["lr"]
+    assert hparams["world_size"] == 1 and hparams["flags"]["dtype"] == "bf16" and hparams["flags"]["lr"] == shipped_lr
     assert "effective config" in (experiment / "train.log").read_text()
     losses = [record["loss"] for record in metric_records(experiment, "loss")]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)

@@ -1,0 +1,175 @@
+"""--time_budget and --warmup_steps as a share of the run: the schedule ends with the run, the budget ends the run.
+
+The budget tests check a correctness property (the run stops by itself, the learning rate has reached the end of
+its schedule, and the whole run took about the budget), with tolerances generous enough for a busy machine; they
+make no speed claim.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_bert
+from conftest import ROOT, cli_args, run_cli
+
+
+def metric_records(experiment_dir: Path, key: str) -> list[dict]:
+    """The metrics.jsonl records that carry `key`."""
+    lines = (Path(experiment_dir) / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if key in record]
+
+
+def lrs_of(scheduler: torch.optim.lr_scheduler.LRScheduler, optimizer: torch.optim.Optimizer, steps: int) -> list:
+    """The learning rate used at each of `steps` optimizer steps."""
+    used = []
+    for _ in range(steps):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return used
+
+
+def sgd(lr: float = 1.0) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+@pytest.mark.parametrize("warmup, num_iterations, warmup_steps", [(0.25, 40, 10), (0.06, 10000, 600), (7, 40, 7),
+                                                                   (0.0, 20, 0)])
+def test_warmup_as_a_share_of_the_run(warmup, num_iterations, warmup_steps):
+    """A warmup below 1 is that share of the steps; an integer is a step count; then linear decay to 0 at the end."""
+    optimizer = sgd()
+    used = lrs_of(train_bert.create_lr_scheduler(optimizer, warmup, num_iterations), optimizer, num_iterations)
+    expected = [step / warmup_steps if step < warmup_steps else (num_iterations - step) / (num_iterations - warmup_steps)
+                for step in range(num_iterations)]
+    assert used == pytest.approx(expected, abs=1e-12)
+    if warmup_steps:
+        assert max(used) == pytest.approx(1.0) and used.index(max(used)) == warmup_steps
+
+
+class FakeBudget(train_bert.TimeBudget):
+    """A budget whose clock is set by the test."""
+
+    now = 0.0
+
+    def spent(self) -> float:
+        return self.now
+
+
+def test_budget_schedule_follows_the_share_of_the_budget_spent():
+    """Warmup over the first 10% of the training time, then linear decay reaching 0 exactly when training stops."""
+    budget = FakeBudget(100.0)
+    budget.evaluation_batch_s, budget.end_evaluation_batches, budget.checkpoint_s = 0.5, 10, 1.0
+    training_s = 100.0 - (0.5 * 10 + 2 * 1.0 + train_bert.TimeBudget.END_MARGIN_S)
+    assert budget.training_s() == pytest.approx(training_s)
+    optimizer = sgd(2.0)
+    scheduler = train_bert.create_lr_scheduler(optimizer, 0.1, 10**9, budget)
+    for share, multiplier in [(0.0, 0.0), (0.05, 0.5), (0.1, 1.0), (0.55, 0.5), (1.0, 0.0), (1.2, 0.0)]:
+        budget.now = share * training_s
+        optimizer.step()
+        scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * multiplier), share
+    budget.now = training_s - 1.0
+    assert not budget.exhausted(0.5) and budget.exhausted(1.5)
+    assert "budget" not in json.dumps(scheduler.state_dict(), default=str)  # nothing unsaveable in the checkpoint
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600), (600, 600), ("10m", 600), ("2h30m", 9000), ("1d", 86400),
+                                           ("90s", 90), ("1.5h", 5400), ("1h2m3s", 3723)])
+def test_durations(text, seconds):
+    assert train_bert.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"time_budget": "10 minutes"}, "--time_budget '10 minutes' is not a duration"),
+    ({"time_budget": "0m"}, "must be a positive duration"),
+    ({"time_budget": "10m", "warmup_steps": 50}, "--warmup_steps 50 is a number of steps"),
+    ({"time_budget": "10m", "num_iterations": 50}, "give either --num_iterations"),
+    ({"warmup_steps": 1.5}, "--warmup_steps must be a share of the run"),
+])
+def test_bad_budget_flags_are_one_error_line(tiny_flags, flags, message):
+    result = run_cli("train_bert.py", {**tiny_flags, **flags}, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: ")
+    assert message in result.stderr, result.stderr
+    assert not Path(tiny_flags["checkpoint_dir"]).exists()
+
+
+def budget_line(experiment: Path) -> tuple[float, float]:
+    """(spent, total) from the run's last "time budget: X s of Y s spent" log line."""
+    line = [line for line in (experiment / "train.log").read_text().splitlines() if "time budget: " in line][-1]
+    spent, total = line.split("time budget: ")[1].split(" s spent")[0].split(" s of ")
+    return float(spent), float(total)
+
+
+BUDGET_S = 10
+
+
+def test_time_budget_ends_the_run_on_time(tiny_flags):
+    """A 10 s budget: the run stops by itself, its LR has decayed to (nearly) 0, it ends with the final evaluation,
+    checkpoint, test evaluation and export, and all of that took the budget (no less than half of it training, no
+    more than 25% over; process start-up and data loading come on top and get a minute)."""
+    flags = {**tiny_flags, "time_budget": f"{BUDGET_S}s", "log_every": 25, "lr": 1e-3}
+    started = time.monotonic()
+    result = run_cli("train_bert.py", flags, timeout=300)
+    wall_s = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = Path(result.stdout.strip().splitlines()[-1])
+
+    logged = metric_records(experiment, "lr")
+    last_step = logged[-1]["step"]
+    assert last_step > 25 and logged[-1]["lr"] < 0.05 * flags["lr"], logged[-1]  # the schedule reached its end
+    assert max(record["lr"] for record in logged) > 0.5 * flags["lr"]  # and went through its peak on the way
+    assert [r["step"] for r in metric_records(experiment, "eval_loss")][-1] == last_step
+    assert [r["step"] for r in metric_records(experiment, "test_loss")] == [last_step]
+    assert (experiment / "latest").read_text().strip() == f"checkpoint-{last_step:08d}.pt"
+    assert (experiment / "hf_model" / "config.json").is_file()
+    spent, total = budget_line(experiment)
+    assert total == BUDGET_S and 0.5 * BUDGET_S <= spent <= 1.25 * BUDGET_S, spent
+    assert logged[-1]["budget_spent_s"] >= 0.5 * BUDGET_S
+    assert wall_s <= BUDGET_S * 1.25 + 60, wall_s
+
+
+def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
+    """SIGTERM halfway through a 10 s budget saves the spent time; the resume trains only the rest of the budget,
+    continuing the LR schedule where it was (no second warmup), and ends on time. (Step counts depend on speed, so a
+    budgeted run is not compared bit for bit with an uninterrupted one; step-based runs are.)"""
+    flags = {**tiny_flags, "time_budget": f"{BUDGET_S}s", "log_every": 5, "warmup_steps": 0.2,
+             "checkpoint_dir": tiny_flags["checkpoint_dir"]}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    experiments = Path(flags["checkpoint_dir"])
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # wait until it has spent ~40% of its budget
+        metrics = list(experiments.glob("*/metrics.jsonl"))
+        records = map(json.loads, metrics[0].read_text().splitlines()) if metrics else []
+        if any(record.get("budget_spent_s", 0) > 0.4 * BUDGET_S for record in records):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    experiment = metrics[0].parent
+    checkpoint = torch.load(experiment / (experiment / "latest").read_text().strip(), weights_only=True)
+    saved_spent, saved_step = checkpoint["budget_spent_s"], checkpoint["step"]
+    assert 0.4 * BUDGET_S < saved_spent < BUDGET_S
+    lr_before = [r["lr"] for r in metric_records(experiment, "lr") if r["step"] <= saved_step][-1]
+
+    resume_command = stderr.strip().splitlines()[-1].split("Resume with: ")[1]
+    assert resume_command.startswith("python train_bert.py --load_checkpoint_dir")
+    result = subprocess.run(resume_command.split(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = [r for r in metric_records(experiment, "lr") if r["step"] > saved_step]
+    assert resumed, "the resumed run trained"
+    # The schedule continued: past the warmup already, the LR only decays from where it was.
+    assert resumed[0]["lr"] <= lr_before * 1.0001 and resumed[-1]["lr"] < 0.05 * resumed[0]["lr"] + 1e-12
+    assert resumed[0]["budget_spent_s"] > saved_spent
+    spent, total = budget_line(experiment)
+    assert total == BUDGET_S and saved_spent < spent <= 1.25 * BUDGET_S
