@@ -271,8 +271,9 @@ def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTraine
         ids = tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []
         return {"input_ids": [line_ids + [end_id] for line_ids in ids]}
 
+    processes = min(num_proc, len(split) // LINES_PER_PROCESS)
     return split.map(tokenize_batch, batched=True, remove_columns=split.column_names, desc="tokenizing",
-                     num_proc=max(1, min(num_proc, len(split) // LINES_PER_PROCESS)) if num_proc > 1 else None,
+                     num_proc=processes if processes > 1 else None,
                      features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
                      cache_file_name=cache_file_name, new_fingerprint=uuid.uuid4().hex)
 
