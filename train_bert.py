@@ -15,6 +15,7 @@ Run it:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import datetime
@@ -97,18 +98,18 @@ def check_text_file(path: Path) -> None:
     """Name what is wrong with a .txt corpus file that `datasets` cannot read: empty, or not UTF-8 (where)."""
     if path.stat().st_size == 0:
         raise ConfigError(f"--dataset file {str(path)!r} is empty; give a UTF-8 text file with one line per paragraph")
-    decoder = __import__("codecs").getincrementaldecoder("utf-8")()
-    offset = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
     with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as error:
-                position = offset + error.start
-                raise ConfigError(f"--dataset file {str(path)!r} is not UTF-8 text: byte {position} "
-                                  f"(0x{chunk[error.start]:02x}) cannot be decoded ({error.reason}); convert it, e.g. "
-                                  f"iconv -f latin1 -t utf-8") from error
-            offset += len(chunk)
+                line += chunk.count(b"\n", 0, error.start)
+                raise ConfigError(f"--dataset file {str(path)!r} is not UTF-8 text: byte {offset + error.start} (line "
+                                  f"{line}, 0x{chunk[error.start]:02x}) cannot be decoded: {error.reason}; convert "
+                                  "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from error
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
 
 
 def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool = False
