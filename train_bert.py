@@ -168,11 +168,12 @@ def split_single_file(lines: "datasets.Dataset", dataset: str) -> "datasets.Data
                                 validation=lines.select(range(len(lines) - num_validation, len(lines))))
 
 
-def describe_split(dataset: str, raw: "datasets.DatasetDict", split: str) -> str:
-    """How a split came about, for error messages: one .txt file is split by lines, other corpora have real splits."""
+def describe_split(dataset: str, rows: dict[str, int], split: str) -> str:
+    """How a split came about, for error messages: one .txt file is split by lines, other corpora have real splits.
+    `rows` is each split's number of lines (empty ones included)."""
     if Path(dataset).is_file():
-        return (f"the {split} split ({len(raw[split])} of the {len(raw['train']) + len(raw['validation'])} lines of "
-                f"{dataset!r}: the first 95% train, the last 5% validate)")
+        return (f"the {split} split ({rows[split]} of the {rows['train'] + rows['validation']} lines of {dataset!r}: "
+                "the first 95% train, the last 5% validate)")
     return f"the {split} split"
 
 
@@ -294,19 +295,41 @@ def tokenizer_fingerprint(tokenizer: "transformers.PreTrainedTokenizerBase") -> 
     return hashlib.sha256(f"{description}|{block_framing_ids(tokenizer)}".encode()).hexdigest()[:16]
 
 
-def token_store_dir(raw: "datasets.DatasetDict", tokenizer: Any, data_cache: str | None) -> Path:
-    """Where the token store of (this corpus, this tokenizer, this store format) lives.
+def corpus_sources(dataset: str, dataset_config: str | None
+                   ) -> tuple[dict[str, Any], "datasets.DatasetDict | None"]:
+    """What identifies the corpus, and the corpus itself if identifying it meant loading it (else None).
 
-    The corpus is identified by `datasets`' fingerprint of each split (for local files it follows their paths, sizes
-    and modification times), the tokenizer by `tokenizer_fingerprint`. The default folder sits next to the datasets
-    cache ($HF_DATASETS_CACHE, ~/.cache/huggingface/datasets), so one cleanup clears both.
+    Local .txt files are identified without being read: their paths, sizes, modification times and first and last
+    MiB (a prepared store then opens without loading the text at all). Anything else is loaded, and identified by
+    `datasets`' fingerprint of each split.
     """
+    import hashlib
+
+    files = text_files(dataset)
+    if not files:
+        raw = datasets_splits(load_text_dataset(dataset, dataset_config), ("train", "validation", "test"))
+        return {split: raw[split]._fingerprint for split in sorted(raw)}, raw
+    sources = {"layout": "one file: last 5% of lines validate" if Path(dataset).is_file() else "one file per split"}
+    for split, path in sorted(files.items()):
+        status = path.stat()
+        with open(path, "rb") as file:
+            sample = file.read(1 << 20)
+            file.seek(max(0, status.st_size - (1 << 20)))
+            sample += file.read()
+        sources[split] = [str(path.resolve()), status.st_size, status.st_mtime_ns, hashlib.sha256(sample).hexdigest()]
+    return sources, None
+
+
+def token_store_dir(sources: dict[str, Any], tokenizer: Any, data_cache: str | None) -> Path:
+    """Where the token store of (this corpus, this tokenizer, this store format) lives: a folder named by a hash of
+    `corpus_sources`, `tokenizer_fingerprint` and STORE_FORMAT_VERSION. The default folder sits next to the datasets
+    cache ($HF_DATASETS_CACHE, ~/.cache/huggingface/datasets), so one cleanup clears both."""
     import hashlib
 
     import datasets
 
     key = json.dumps({"format": STORE_FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-                      "splits": {split: raw[split]._fingerprint for split in sorted(raw)}})
+                      "sources": sources})
     root = Path(data_cache) if data_cache else Path(datasets.config.HF_DATASETS_CACHE) / "token_stores"
     return root / hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -366,12 +389,11 @@ def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, 
         for split in raw:
             logger.info(f"token store: tokenizing the {split} split ({len(raw[split])} lines, {num_proc} processes)")
             token_lines = tokenize_lines(raw[split], tokenizer, num_proc, str(temporary / f"{split}.arrow"))
-            splits[split] = write_token_split(token_lines, temporary, split, dtype)
+            splits[split] = {**write_token_split(token_lines, temporary, split, dtype), "rows": len(raw[split])}
             for cache_file in token_lines.cache_files:  # the flat arrays replace them
                 os.remove(cache_file["filename"])
         meta = {"format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
-                "tokenizer": tokenizer_fingerprint(tokenizer), "splits": splits,
-                "sources": {split: raw[split]._fingerprint for split in raw}}
+                "tokenizer": tokenizer_fingerprint(tokenizer), "splits": splits}
         (temporary / "meta.json").write_text(json.dumps(meta, indent=2))
         os.rename(temporary, store)
     except BaseException as error:
@@ -382,16 +404,19 @@ def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, 
         raise
 
 
-def open_token_store(raw: "datasets.DatasetDict", tokenizer: Any, data_cache: str | None, num_proc: int
-                     ) -> dict[str, np.ndarray]:
-    """Each split's flat token array, memory-mapped from the store of (corpus, tokenizer), built first if missing.
+def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, data_cache: str | None,
+                     num_proc: int, raw: "datasets.DatasetDict | None" = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Each split's flat token array, memory-mapped from the store of (corpus, tokenizer), built first if missing;
+    and the store's meta.json. `raw` is the loaded corpus if the caller has it.
 
     Processes that want the same store (the ranks of a job, two runs) take turns on a file lock: the first builds
     it, the others wait, then find it and only map it; the page cache holds one copy per machine for all of them.
     """
     import fcntl
 
-    store = token_store_dir(raw, tokenizer, data_cache)
+    sources, loaded = corpus_sources(dataset, dataset_config)
+    store = token_store_dir(sources, tokenizer, data_cache)
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         lock = open(store.parent / f"{store.name}.lock", "w")
@@ -405,9 +430,11 @@ def open_token_store(raw: "datasets.DatasetDict", tokenizer: Any, data_cache: st
         else:
             for leftover in store.parent.glob(f"{store.name}.tmp.*"):  # a builder killed mid-write (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
-            build_token_store(raw, tokenizer, store, num_proc)
+            raw = raw if raw is not None else loaded if loaded is not None else load_text_dataset(dataset, dataset_config)
+            build_token_store(datasets_splits(raw, ("train", "validation", "test")), tokenizer, store, num_proc)
             logger.info(f"token store: wrote {store}")
-    return {split: np.load(store / f"{split}.tokens.npy", mmap_mode="r") for split in raw}
+    meta = json.loads((store / "meta.json").read_text())
+    return {split: np.load(store / f"{split}.tokens.npy", mmap_mode="r") for split in meta["splits"]}, meta
 
 
 class PackedBlocks:
@@ -1319,7 +1346,8 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
 
     On a resume the tokenizer comes from the experiment directory, so it is exactly the one the run trained with.
     """
-    raw = load_text_dataset(flags["dataset"], flags["dataset_config"], flags["streaming"])
+    raw = load_text_dataset(flags["dataset"], flags["dataset_config"], flags["streaming"]) if (
+        flags["streaming"] or (flags["tokenizer"] == "bpe" and saved_tokenizer_dir is None)) else None
     if saved_tokenizer_dir is not None:
         tokenizer = load_tokenizer(str(saved_tokenizer_dir))
     elif flags["tokenizer"] == "bpe":
@@ -1334,12 +1362,13 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
     masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"])
     if flags["streaming"]:
         return prepare_streamed_data(raw, tokenizer, flags, masking)
-    raw = datasets_splits(raw, ("train", "validation", "test"))
-    tokens = open_token_store(raw, tokenizer, flags["data_cache"], flags["num_proc"] or os.cpu_count() or 1)
+    tokens, meta = open_token_store(flags["dataset"], flags["dataset_config"], tokenizer, flags["data_cache"],
+                                    flags["num_proc"] or os.cpu_count() or 1, raw)
+    rows = {split: info["rows"] for split, info in meta["splits"].items()}
     blocks = {split: pack_blocks(tokens[split], tokenizer, flags["max_seq_length"],
-                                 describe_split(flags["dataset"], raw, split)) for split in raw}
+                                 describe_split(flags["dataset"], rows, split)) for split in tokens}
     if len(blocks["train"]) < flags["batch_size"]:  # checked here, before the experiment directory is created
-        raise ConfigError(f"{describe_split(flags['dataset'], raw, 'train')} has {len(blocks['train'])} blocks of "
+        raise ConfigError(f"{describe_split(flags['dataset'], rows, 'train')} has {len(blocks['train'])} blocks of "
                           f"--max_seq_length {flags['max_seq_length']} tokens, fewer than one batch (--batch_size "
                           f"{flags['batch_size']}); use more text or a smaller --batch_size")
     validation = eval_subset(blocks["validation"], flags["eval_blocks"], flags["seed"])

@@ -51,18 +51,18 @@ def reference_blocks(stream: np.ndarray, tokenizer, max_seq_length: int) -> torc
     return torch.tensor(rows, dtype=torch.int32)
 
 
-class TokenizeCounter:
-    """Counts calls of train_bert.tokenize_lines (the only place a store is tokenized)."""
+class CallCounter:
+    """Counts the calls of a function of train_bert."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, name: str):
         self.calls = 0
-        original = train_bert.tokenize_lines
+        original = getattr(train_bert, name)
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(train_bert, "tokenize_lines", counting)
+        monkeypatch.setattr(train_bert, name, counting)
 
 
 def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
@@ -78,14 +78,15 @@ def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
 
 
 def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, tokenizer, tmp_path, monkeypatch):
-    """The first run tokenizes its 3 splits; later runs, at another --max_seq_length too, tokenize nothing."""
-    counter = TokenizeCounter(monkeypatch)
+    """The first run tokenizes its 3 splits; later runs, at another --max_seq_length too, tokenize nothing and do
+    not even load the text."""
+    counter, loads = CallCounter(monkeypatch, "tokenize_lines"), CallCounter(monkeypatch, "load_text_dataset")
     first = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, max_seq_length=32))
-    assert counter.calls == 3
+    assert counter.calls == 3 and loads.calls == 1
     stores = [path for path in (tmp_path / "stores").iterdir() if path.is_dir()]
     assert len(stores) == 1 and not list(stores[0].glob("*.arrow*")), "one store, Arrow files removed once written"
     second = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, max_seq_length=64))
-    assert counter.calls == 3, "a prepared corpus must not be tokenized again"
+    assert counter.calls == 3 and loads.calls == 1, "a prepared corpus must not be loaded or tokenized again"
     assert [path for path in (tmp_path / "stores").iterdir() if path.is_dir()] == stores
 
     raw = train_bert.load_text_dataset(tiny_flags["dataset"], None)
@@ -99,8 +100,8 @@ def test_store_keeps_every_token_and_line_boundary_with_any_number_of_processes(
     """1 or 2 tokenizing processes write byte-identical files: the reference stream, no token lost or added,
     every line's end recorded; blocks lose only the final partial one."""
     raw = train_bert.load_text_dataset(str(big_corpus), None)
-    train_bert.open_token_store(raw, tokenizer, str(tmp_path / "one"), num_proc=1)
-    train_bert.open_token_store(raw, tokenizer, str(tmp_path / "two"), num_proc=2)
+    train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "one"), num_proc=1)
+    train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "two"), num_proc=2)
     [one], [two] = ([path for path in (tmp_path / name).iterdir() if path.is_dir()] for name in ("one", "two"))
     for file in ("train.tokens.npy", "train.line_ends.npy", "validation.tokens.npy", "test.line_ends.npy"):
         assert (one / file).read_bytes() == (two / file).read_bytes(), file
@@ -113,7 +114,8 @@ def test_store_keeps_every_token_and_line_boundary_with_any_number_of_processes(
     assert len(line_ends) == sum(1 for text in texts if text.strip()) and line_ends[-1] == len(stream)
     assert (tokens[line_ends - 1] == tokenizer.eos_token_id).all()
     meta = json.loads((two / "meta.json").read_text())
-    assert meta["splits"]["train"] == {"tokens": len(stream), "lines": len(line_ends)} and meta["dtype"] == "uint16"
+    assert meta["splits"]["train"] == {"tokens": len(stream), "lines": len(line_ends), "rows": len(texts)}
+    assert meta["dtype"] == "uint16"
 
     blocks = train_bert.pack_blocks(tokens, tokenizer, 48)
     assert len(blocks) == len(stream) // 46 and len(stream) - 46 * len(blocks) < 46
@@ -128,26 +130,29 @@ def test_store_follows_the_data_and_the_tokenizer(tiny_corpus, tokenizer, tiny_t
 
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, corpus)
-    raw = train_bert.load_text_dataset(str(corpus), None)
-    store = train_bert.token_store_dir(raw, tokenizer, str(tmp_path))
-    tokenizer.save_pretrained(tmp_path / "saved")
-    assert train_bert.token_store_dir(raw, AutoTokenizer.from_pretrained(tmp_path / "saved"), str(tmp_path)) == store
-    assert train_bert.token_store_dir(train_bert.load_text_dataset(str(corpus), None), tokenizer, str(tmp_path)) == store
 
-    other_tokenizer = train_bert.train_bpe_tokenizer(raw["train"], vocab_size=300)
-    assert train_bert.token_store_dir(raw, other_tokenizer, str(tmp_path)) != store
+    def store_of(dataset, tokenizer):
+        return train_bert.token_store_dir(train_bert.corpus_sources(str(dataset), None)[0], tokenizer, str(tmp_path))
+
+    store = store_of(corpus, tokenizer)
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert store_of(corpus, AutoTokenizer.from_pretrained(tmp_path / "saved")) == store
+    assert store_of(corpus, tokenizer) == store
+
+    raw = train_bert.load_text_dataset(str(corpus), None)
+    assert store_of(corpus, train_bert.train_bpe_tokenizer(raw["train"], vocab_size=300)) != store
+    assert store_of(corpus / "train.txt", tokenizer) != store, "one file is split otherwise: another corpus"
     lines = (corpus / "train.txt").read_text().splitlines()
     (corpus / "train.txt").write_text("\n".join(lines[:-2] + [lines[-1], lines[-2]]) + "\n")  # same size, new order
-    assert train_bert.token_store_dir(train_bert.load_text_dataset(str(corpus), None), tokenizer, str(tmp_path)) != store
+    assert store_of(corpus, tokenizer) != store
 
 
 def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp_path):
     """SIGKILL while the store is being written: no store appears; the next run cleans up and builds a correct one."""
     script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train_bert\n"
               f"from transformers import AutoTokenizer\n"
-              f"raw = train_bert.load_text_dataset({str(big_corpus)!r}, None)\n"
-              f"train_bert.open_token_store(raw, AutoTokenizer.from_pretrained({str(tiny_tokenizer)!r}), "
-              f"{str(tmp_path)!r}, 1)\n")
+              f"train_bert.open_token_store({str(big_corpus)!r}, None, "
+              f"AutoTokenizer.from_pretrained({str(tiny_tokenizer)!r}), {str(tmp_path)!r}, 1)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*.tmp.*/*")):
@@ -160,7 +165,7 @@ def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp
     assert [path.name for path in tmp_path.iterdir() if path.is_dir() and ".tmp." not in path.name] == []
 
     raw = train_bert.load_text_dataset(str(big_corpus), None)
-    tokens = train_bert.open_token_store(raw, tokenizer, str(tmp_path), 1)
+    tokens, _ = train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path), 1)
     assert not list(tmp_path.glob("*.tmp.*")), "the killed writer's leftovers are removed"
     assert np.array_equal(tokens["train"], reference_stream(raw["train"]["text"], tokenizer))
 
@@ -254,8 +259,8 @@ def test_a_stream_packs_like_the_store_and_resumes_exactly_where_it_stopped(tiny
     that followed it, across the end of the file (the next epoch starts over)."""
     raw = train_bert.load_text_dataset(str(tiny_corpus), None, streaming=True)
     stream = train_bert.BlockStream(raw["train"], tokenizer, 32)
-    stored = train_bert.pack_blocks(train_bert.open_token_store(
-        train_bert.load_text_dataset(str(tiny_corpus), None), tokenizer, str(tmp_path), 1)["train"], tokenizer, 32)
+    tokens, _ = train_bert.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), 1)
+    stored = train_bert.pack_blocks(tokens["train"], tokenizer, 32)
     blocks = stream.blocks(stream.first_position)
     walked = [next(blocks) for _ in range(len(stored) + 20)]  # past the end of the file
     assert torch.equal(torch.stack([block for block, _ in walked[: len(stored)]]), stored[:])

@@ -147,8 +147,7 @@ def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
 
 def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpus, tokenizer, tmp_path):
     """Batch (epoch, i) is the same however it is reached; two ranks get disjoint blocks and different masks."""
-    raw = train_bert.load_text_dataset(str(tiny_corpus), None)
-    tokens = train_bert.open_token_store(raw, tokenizer, str(tmp_path), num_proc=1)["train"]
+    tokens = train_bert.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), num_proc=1)[0]["train"]
     blocks = train_bert.pack_blocks(tokens, tokenizer, 32)  # memory-mapped: the DataLoader workers below reopen it
     masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
     from_start = train_bert.train_batches(blocks, 4, 0, masking, (0, 0), num_workers=0, pin_memory=False)
