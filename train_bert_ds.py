@@ -457,16 +457,22 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     if flags["checkpoint_dir"] is None:
         experiment_dir = Path(flags["load_checkpoint_dir"])
         data, model = prepare(experiment_dir / "tokenizer")
-    else:  # rank 0 loads the inputs first (filling the datasets cache) and creates the directory; the rest follow
+    else:  # rank 0 creates the directory once its inputs are loaded; the rest follow
         prepared = {}
+        if flags["tokenizer"] != "bpe":
+            # Every rank prepares at once: the first to take the token store's file lock builds the store while the
+            # others wait on the lock (not in a collective, whose timeout a long tokenization would exceed), then
+            # they all memory-map the same files.
+            prepared["data"], prepared["model"] = prepare(None)
 
         def start_experiment() -> str:
-            prepared["data"], prepared["model"] = prepare(None)
+            if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
+                prepared["data"], prepared["model"] = prepare(None)
             return str(create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
                                          deepspeed_version=deepspeed.__version__))
 
         experiment_dir = Path(run_on_rank0(start_experiment, rank))
-        data, model = (prepared["data"], prepared["model"]) if rank == 0 else prepare(experiment_dir / "tokenizer")
+        data, model = (prepared["data"], prepared["model"]) if prepared else prepare(experiment_dir / "tokenizer")
     if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
         torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
     if flags["compile"]:

@@ -13,8 +13,8 @@ For each size:
 - tokenization, cold: build the token store (`train_bert.open_token_store`) with --num_proc 1 and with every core,
   each into an empty folder, the text already converted to Arrow by `datasets` (that conversion, done once per
   corpus, is timed on its own);
-- the training run, warm: `train_bert.py` on the prepared store, tiny model, 20 steps; time from process start to
-  the first logged step, peak RSS;
+- the training run, warm: `train_bert.py` on the prepared store, tiny model, 20 steps, 3 times; time from process
+  start to the first logged step (median), peak RSS (largest);
 - the peer recipe, Hugging Face run_mlm's (reimplemented minimally here): `map` tokenization with
   return_special_tokens_mask, `map(group_texts)` into 128-token chunks, then the same tiny model trained 20 steps on
   DataCollatorForLanguageModeling batches: its cold preparation time (all cores), disk, warm time to the first step
@@ -33,6 +33,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext"
 TOKENIZER = ROOT.parent / "shared" / "data" / "roberta-base"
 TINY_MODEL = {"num_layers": 2, "num_heads": 2, "h_dim": 64, "ff_dim": 128, "max_seq_length": 128, "batch_size": 8}
 STEPS = 20
+WARM_RUNS = 3  # the median time to the first step, the largest peak RSS
 MIB = 2**20
 
 
@@ -125,9 +127,13 @@ def child_tokenize(corpus: str, store: str, num_proc: int) -> None:
 
     raw = train_bert.load_text_dataset(corpus, None)
     tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
-    start = time.perf_counter()
-    tokens = train_bert.open_token_store(raw, tokenizer, store, num_proc)
-    print(json.dumps({"seconds": time.perf_counter() - start, "tokens": len(tokens["train"])}))
+    start, cpu_start = time.perf_counter(), os.times()
+    tokens, _ = train_bert.open_token_store(corpus, None, tokenizer, store, num_proc, raw)
+    cpu = os.times()
+    cpu_seconds = sum(getattr(cpu, name) - getattr(cpu_start, name)
+                      for name in ("user", "system", "children_user", "children_system"))
+    print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds,
+                      "tokens": len(tokens["train"])}))
 
 
 def child_peer(corpus: str, cache: str, num_proc: int, train: bool, first_step_file: str) -> None:
@@ -192,6 +198,7 @@ def measure_size(size_mb: int, work: Path, single_proc: bool, peer: bool) -> dic
         shutil.rmtree(store, ignore_errors=True)
         result = run_child([*me, "tokenize", str(corpus), str(store), str(num_proc)])
         row[f"tokenize_{num_proc}proc_s"] = result["seconds"]
+        row[f"tokenize_{num_proc}proc_cpu_s"] = result["cpu_seconds"]
         row[f"tokenize_{num_proc}proc_rss_mib"] = result["peak_rss_mib"]
         row["tokens"] = result["tokens"]
         row["store_mib"] = folder_mib(store)
@@ -205,9 +212,12 @@ def measure_size(size_mb: int, work: Path, single_proc: bool, peer: bool) -> dic
              "data_cache": str(store), "num_iterations": STEPS, "log_every": 1, "eval_every": STEPS,
              "checkpoint_every": STEPS, "warmup_steps": 2}
     command = [sys.executable, str(ROOT / "train_bert.py"), *[f"--{k}={v}" for k, v in flags.items()]]
-    warm = run_child(command, experiments / "bert_pretrain.*" / "metrics.jsonl")
-    row["warm_first_step_s"], row["train_rss_mib"] = warm["first_step_s"], warm["peak_rss_mib"]
-    shutil.rmtree(experiments, ignore_errors=True)
+    warm = []
+    for _ in range(WARM_RUNS):
+        warm.append(run_child(command, experiments / "bert_pretrain.*" / "metrics.jsonl"))
+        shutil.rmtree(experiments, ignore_errors=True)
+    row["warm_first_step_s"] = statistics.median(run["first_step_s"] for run in warm)
+    row["train_rss_mib"] = max(run["peak_rss_mib"] for run in warm)
     if peer:
         cache = work / f"peer_{size_mb}mb"
         shutil.rmtree(cache, ignore_errors=True)
@@ -231,13 +241,14 @@ def report(rows: list[dict]) -> str:
     """The markdown tables: one row per size, a ratio line, and the extrapolation."""
     cores = rows[0]["num_cores"]
     lines = [f"| text (MB) | tokens | text → Arrow, once (s) | tokenize, 1 process (s) | tokenize, {cores} processes "
-             f"(s) | speed-up | store on disk (MiB) | warm: start → first step (s) | training peak RSS (MiB) | "
+             f"(s [CPU-s]) | speed-up | store on disk (MiB) | warm: start → first step (s) | training peak RSS (MiB) | "
              f"run_mlm recipe: prepare, {cores} processes (s) | its disk (MiB) | its start → first step (s) | "
              f"its peak RSS (MiB) |", "|" + "---|" * 13]
     for row in rows:
         one, many = row.get("tokenize_1proc_s"), row.get(f"tokenize_{cores}proc_s")
         lines.append(
-            f"| {row['size_mb']:,} | {row['tokens']:,} | {fmt(row['text_to_arrow_s'])} | {fmt(one)} | {fmt(many)} | "
+            f"| {row['size_mb']:,} | {row['tokens']:,} | {fmt(row['text_to_arrow_s'])} | {fmt(one)} | {fmt(many)} "
+            f"[{fmt(row[f'tokenize_{cores}proc_cpu_s'], 0)}] | "
             f"{fmt(one / many if one else None, 2)}{'x' if one else ''} | {fmt(row['store_mib'])} | "
             f"{fmt(row['warm_first_step_s'])} | {fmt(row['train_rss_mib'], 0)} | {fmt(row.get('peer_prepare_s'))} | "
             f"{fmt(row.get('peer_disk_mib'))} | {fmt(row.get('peer_first_step_s'))} | "
