@@ -119,8 +119,8 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
     `dataset` is a Hub name ("wikitext"), a folder `datasets.load_dataset` understands (../shared/data/wikitext), a
     folder holding train.txt / validation.txt / test.txt, or a single .txt file (its last 5% of lines, at least one,
     become the validation split; lines stay in order so no paragraph leaks between splits).
-    With `streaming`, the splits are read lazily (an IterableDatasetDict) and a corpus with no validation split gets
-    one later, from the first blocks of its train stream (see `stream_blocks`).
+    With `streaming`, the splits are read lazily (an IterableDatasetDict; a single .txt file is then not split: see
+    `prepare_streamed_data`).
     """
     import datasets
 
@@ -129,14 +129,14 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
     try:
         if path.is_file() and path.suffix != ".txt":
             raise ConfigError(f"--dataset {dataset!r} is a file but not a .txt file; give a .txt file or a folder")
-        if streaming:
+        if files:
             raw = datasets.load_dataset("text", data_files={split: str(file) for split, file in files.items()},
-                                        streaming=True) if files else datasets.load_dataset(
-                dataset, dataset_config, streaming=True)
+                                        streaming=streaming)
+        else:
+            raw = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
+        if streaming:  # a stream's columns may be unknown until read: then it must have a `text` one
             return datasets.IterableDatasetDict({split: raw[split].select_columns(["text"]) if raw[split].features is None
                                                  else with_text_column(raw[split], dataset) for split in raw})
-        raw = datasets.load_dataset("text", data_files={split: str(file) for split, file in files.items()}) if files \
-            else datasets.load_dataset(dataset, dataset_config)
     except ConfigError:
         raise
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError…)
@@ -474,7 +474,7 @@ class PackedBlocks:
         """Pickled (for a DataLoader worker) as the file's name, not its contents."""
         state = dict(self.__dict__)
         if isinstance(self.tokens, np.memmap):
-            state["tokens"] = self.tokens.filename
+            state["tokens"] = str(self.tokens.filename)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -1518,8 +1518,9 @@ def train(
         keep_last: Checkpoints kept; older ones are deleted once a newer one is safely written.
         num_workers: DataLoader worker processes that mask batches ahead of the step (0: in the main process).
         local_rank: -1 trains on the CPU; N >= 0 on GPU N.
-        num_proc: Processes that tokenize the corpus into the token store (default: all the machine's cores). Only
-            the first run on a corpus and tokenizer tokenizes; later runs and resumes reuse the store.
+        num_proc: Processes that tokenize the corpus into the token store (default: all the machine's cores; at
+            most one per 10,000 lines). Only the first run on a corpus and tokenizer tokenizes; later runs and
+            resumes, at any --max_seq_length, reuse the store.
         data_cache: Folder of the token stores (default: token_stores/ in the datasets cache, $HF_DATASETS_CACHE or
             ~/.cache/huggingface/datasets). A store is one flat uint16 (uint32 for vocabularies over 65,536) token
             array per split, memory-mapped, keyed by the corpus and the tokenizer; delete it to reclaim the space.
