@@ -424,7 +424,11 @@ def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, d
         raise ConfigError(f"cannot create the token store folder {store.parent} ({error.strerror}); choose a "
                           "writable folder with --data_cache DIR") from error
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(f"token store: waiting for another process (a rank, another run) preparing {store}")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
         if store.is_dir():
             logger.info(f"token store: reusing {store}")
         else:
