@@ -273,9 +273,8 @@ def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTraine
         ids = tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []
         return {"input_ids": [line_ids + [end_id] for line_ids in ids]}
 
-    processes = min(num_proc, len(split) // LINES_PER_PROCESS)
     return split.map(tokenize_batch, batched=True, remove_columns=split.column_names, desc="tokenizing",
-                     num_proc=processes if processes > 1 else None,
+                     num_proc=num_proc if num_proc > 1 else None,
                      features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
                      cache_file_name=cache_file_name, new_fingerprint=uuid.uuid4().hex)
 
@@ -387,8 +386,10 @@ def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, 
         dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
         splits = {}
         for split in raw:
-            logger.info(f"token store: tokenizing the {split} split ({len(raw[split])} lines, {num_proc} processes)")
-            token_lines = tokenize_lines(raw[split], tokenizer, num_proc, str(temporary / f"{split}.arrow"))
+            processes = max(1, min(num_proc, len(raw[split]) // LINES_PER_PROCESS))
+            logger.info(f"token store: tokenizing the {split} split ({len(raw[split])} lines, {processes} "
+                        f"process{'es' if processes > 1 else ''})")
+            token_lines = tokenize_lines(raw[split], tokenizer, processes, str(temporary / f"{split}.arrow"))
             splits[split] = {**write_token_split(token_lines, temporary, split, dtype), "rows": len(raw[split])}
             for cache_file in token_lines.cache_files:  # the flat arrays replace them
                 os.remove(cache_file["filename"])
@@ -1532,7 +1533,7 @@ def train(
             the split holds: the whole split). 2048 blocks cost a forward pass each, about 2048 / 3 training blocks
             (a step is forward + backward, ~3 forwards): ~4% of the 500 x 32 blocks trained between evaluations at
             the defaults, and ~40k predicted tokens, enough for a loss to ~0.01 nats. wikitext-2's validation split
-            (~1,900 blocks of 128) is evaluated whole. The test evaluation at the end uses the whole test split.
+            (1,958 blocks of 128) is evaluated whole. The test evaluation at the end uses the whole test split.
         streaming: Read the corpus as a stream instead of preparing a token store: for corpora too big to download
             first (a Hub dataset such as allenai/c4 or HuggingFaceFW/fineweb, or local .txt files). Lines are
             tokenized and packed on the fly, in file order (no shuffling), every rank reading the stream and
