@@ -100,7 +100,8 @@ def run_child(command: list[str], first_step_file: Path | None = None) -> dict:
     stdout, stderr = process.stdout.read(), process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    result = {"wall_s": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024, "first_step_s": first_step}
+    result = {"wall_s": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024, "first_step_s": first_step,
+              "stderr": stderr}
     json_lines = [line for line in stdout.splitlines() if line.startswith("{")]
     return {**result, **(json.loads(json_lines[-1]) if json_lines else {})}
 
@@ -205,19 +206,7 @@ def measure_size(size_mb: int, work: Path, single_proc: bool, peer: bool) -> dic
         if num_proc == 1:
             shutil.rmtree(store)
     row["num_cores"] = num_cores
-    store = work / f"store_{size_mb}mb_{num_cores}proc"
-    experiments = work / "experiments"
-    shutil.rmtree(experiments, ignore_errors=True)
-    flags = {**TINY_MODEL, "checkpoint_dir": str(experiments), "dataset": str(corpus), "tokenizer": str(TOKENIZER),
-             "data_cache": str(store), "num_iterations": STEPS, "log_every": 1, "eval_every": STEPS,
-             "checkpoint_every": STEPS, "warmup_steps": 2}
-    command = [sys.executable, str(ROOT / "train_bert.py"), *[f"--{k}={v}" for k, v in flags.items()]]
-    warm = []
-    for _ in range(WARM_RUNS):
-        warm.append(run_child(command, experiments / "bert_pretrain.*" / "metrics.jsonl"))
-        shutil.rmtree(experiments, ignore_errors=True)
-    row["warm_first_step_s"] = statistics.median(run["first_step_s"] for run in warm)
-    row["train_rss_mib"] = max(run["peak_rss_mib"] for run in warm)
+    row.update(measure_warm_start(corpus, work / f"store_{size_mb}mb_{num_cores}proc", work))
     if peer:
         cache = work / f"peer_{size_mb}mb"
         shutil.rmtree(cache, ignore_errors=True)
@@ -231,6 +220,58 @@ def measure_size(size_mb: int, work: Path, single_proc: bool, peer: bool) -> dic
         marker.unlink(missing_ok=True)
         shutil.rmtree(cache)
     return row
+
+
+def measure_warm_start(corpus: Path, store: Path, work: Path) -> dict:
+    """`train_bert.py` on a prepared store, WARM_RUNS times: median time to the first step, largest peak RSS."""
+    experiments = work / "experiments"
+    shutil.rmtree(experiments, ignore_errors=True)
+    flags = {**TINY_MODEL, "checkpoint_dir": str(experiments), "dataset": str(corpus), "tokenizer": str(TOKENIZER),
+             "data_cache": str(store), "num_iterations": STEPS, "log_every": 1, "eval_every": STEPS,
+             "checkpoint_every": STEPS, "warmup_steps": 2}
+    command = [sys.executable, str(ROOT / "train_bert.py"), *[f"--{k}={v}" for k, v in flags.items()]]
+    warm = []
+    for _ in range(WARM_RUNS):
+        warm.append(run_child(command, experiments / "bert_pretrain.*" / "metrics.jsonl"))
+        if "token store: reusing" not in warm[-1]["stderr"]:
+            raise RuntimeError(f"the warm run did not reuse the store:\n{warm[-1]['stderr'][-3000:]}")
+        shutil.rmtree(experiments, ignore_errors=True)
+    return {"warm_first_step_s": statistics.median(run["first_step_s"] for run in warm),
+            "train_rss_mib": max(run["peak_rss_mib"] for run in warm)}
+
+
+def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
+    """Warm figures only, at a size whose tokenization there was no time for: the corpus is made as usual, but its
+    store is written by repeating the `source_mb` corpus's store until it holds as many tokens as the text would
+    (the tokens per MB measured at `source_mb`), under the key the real store would have. Every later step (the
+    run finding the store by key, memory-mapping it, cutting blocks, shuffling the block order) is the real one."""
+    import json as json_module
+
+    import numpy as np
+
+    import train_bert
+
+    corpus = make_corpus(work / f"corpus_{size_mb}mb", size_mb)
+    source_root = work / f"store_{source_mb}mb_{os.cpu_count()}proc"
+    [source] = [path for path in source_root.iterdir() if path.is_dir()]
+    tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
+    store = train_bert.token_store_dir(train_bert.corpus_sources(str(corpus), None)[0], tokenizer,
+                                       str(work / f"store_{size_mb}mb_tiled"))
+    shutil.rmtree(store.parent, ignore_errors=True)
+    store.mkdir(parents=True)
+    meta = json_module.loads((source / "meta.json").read_text())
+    for split, info in meta["splits"].items():
+        tokens = np.load(source / f"{split}.tokens.npy", mmap_mode="r")
+        target = int(len(tokens) * folder_mib(corpus) / folder_mib(work / f"corpus_{source_mb}mb"))
+        repeats = -(-target // len(tokens))
+        train_bert.write_npy(store / f"{split}.tokens.npy", tokens.dtype, target,
+                             (np.asarray(tokens[: min(len(tokens), target - i * len(tokens))]) for i in range(repeats)))
+        np.save(store / f"{split}.line_ends.npy", np.zeros(0, dtype=np.int64))  # not read by training
+        info.update(tokens=target)
+    (store / "meta.json").write_text(json_module.dumps(meta))
+    row = {"size_mb": size_mb, "text_mib": folder_mib(corpus), "tokens": meta["splits"]["train"]["tokens"],
+           "store_mib": folder_mib(store), "tiled_from_mb": source_mb, "num_cores": os.cpu_count()}
+    return {**row, **measure_warm_start(corpus, store.parent, work)}
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -247,43 +288,52 @@ def report(rows: list[dict]) -> str:
     for row in rows:
         one, many = row.get("tokenize_1proc_s"), row.get(f"tokenize_{cores}proc_s")
         lines.append(
-            f"| {row['size_mb']:,} | {row['tokens']:,} | {fmt(row['text_to_arrow_s'])} | {fmt(one)} | {fmt(many)} "
-            f"[{fmt(row[f'tokenize_{cores}proc_cpu_s'], 0)}] | "
+            f"| {row['size_mb']:,}{' (store tiled*)' if 'tiled_from_mb' in row else ''} | {row['tokens']:,} | "
+            f"{fmt(row.get('text_to_arrow_s'))} | {fmt(one)} | {fmt(many)}"
+            f"{' [' + fmt(row[f'tokenize_{cores}proc_cpu_s'], 0) + ']' if many else ''} | "
             f"{fmt(one / many if one else None, 2)}{'x' if one else ''} | {fmt(row['store_mib'])} | "
             f"{fmt(row['warm_first_step_s'])} | {fmt(row['train_rss_mib'], 0)} | {fmt(row.get('peer_prepare_s'))} | "
             f"{fmt(row.get('peer_disk_mib'))} | {fmt(row.get('peer_first_step_s'))} | "
             f"{fmt(row.get('peer_train_rss_mib'), 0)} |")
     small, large = rows[0], rows[-1]
+    if "tiled_from_mb" in large:
+        lines += ["", f"*Warm figures only: the store of the {large['size_mb']:,} MB corpus was tiled from the "
+                  f"{large['tiled_from_mb']:,} MB corpus's store, to the token count the text would give (see "
+                  "`tiled_store`); it was not tokenized."]
     lines += ["", f"Largest vs smallest ({large['size_mb']:,} MB vs {small['size_mb']:,} MB): training peak RSS "
               f"{large['train_rss_mib'] - small['train_rss_mib']:+.0f} MiB, warm time to the first step "
               f"{large['warm_first_step_s'] / small['warm_first_step_s']:.2f}x."]
+    tokenized = [row for row in rows if f"tokenize_{cores}proc_s" in row]
     if len(rows) >= 2:
-        lines += ["", extrapolation(small, large, cores)]
+        lines += ["", extrapolation(small, tokenized[-1], large, cores)]
     return "\n".join(lines)
 
 
-def extrapolation(small: dict, large: dict, cores: int) -> str:
-    """Disk, RAM and preparation time for bigger corpora, from the slopes between the smallest and largest size."""
+def extrapolation(small: dict, tokenized: dict, large: dict, cores: int) -> str:
+    """Disk, RAM and preparation time for bigger corpora: store size and preparation time per MB from the largest
+    tokenized size, the memory slope between the smallest and the largest size."""
     mb = lambda row: row["text_mib"] * MIB / 1e6  # noqa: E731
-    per_mb = lambda key: (large[key] - small[key]) / (mb(large) - mb(small))  # noqa: E731
-    store_per_mb, tokens_per_mb = large["store_mib"] / mb(large), large["tokens"] / mb(large)
-    prep_per_mb = large[f"tokenize_{cores}proc_s"] / mb(large)
-    rss_per_mb = max(0.0, per_mb("train_rss_mib"))  # noise can make it negative
+    store_per_mb, tokens_per_mb = tokenized["store_mib"] / mb(tokenized), tokenized["tokens"] / mb(tokenized)
+    prep_per_mb = tokenized[f"tokenize_{cores}proc_s"] / mb(tokenized)
+    rss_per_mb = max(0.0, (large["train_rss_mib"] - small["train_rss_mib"]) / (mb(large) - mb(small)))  # noise: < 0
     lines = [f"| corpus | text | token store on disk | datasets' Arrow copy of the text | training RAM (RSS) | of "
              f"which the epoch's block order | preparation, {cores} cores | preparation, 64 cores |",
              "|---|---|---|---|---|---|---|---|"]
+    order_mib_per_mb = tokens_per_mb / (TINY_MODEL["max_seq_length"] - 2) * 8 / MIB  # int64 per block
+    other_rss_per_mb = max(0.0, rss_per_mb - order_mib_per_mb)  # what the measured slope leaves unexplained
     for name, size_mb in (("Wikipedia + BookCorpus", 16_000), ("100 GB", 100_000)):
-        blocks = size_mb * tokens_per_mb / (TINY_MODEL["max_seq_length"] - 2)
-        order_mib = blocks * 8 / MIB
-        rss = large["train_rss_mib"] + rss_per_mb * (size_mb - mb(large)) + order_mib
+        order_mib = order_mib_per_mb * size_mb
+        rss = large["train_rss_mib"] + (order_mib_per_mb + other_rss_per_mb) * (size_mb - mb(large))
         hours = prep_per_mb * size_mb / 3600
         lines.append(f"| {name} | {size_mb / 1000:,.0f} GB | {store_per_mb * size_mb / 1024:,.1f} GiB | "
                      f"~{size_mb / 1000 * 1.0:,.0f} GB | ~{rss:,.0f} MiB | {order_mib:,.0f} MiB | {hours:,.1f} h | "
                      f"{hours * cores / 64 * 60:,.0f} min |")
     lines.append(f"\nSlopes from the measured sizes: {store_per_mb:.2f} MiB of store and {tokens_per_mb:,.0f} tokens "
                  f"per MB of text; {prep_per_mb:.2f} s of preparation per MB with {cores} processes; training RSS "
-                 f"{rss_per_mb * 1000:+.1f} MiB per GB of text; plus 8 bytes per 128-token block for each epoch's "
-                 f"shuffled order (a torch.randperm). 64 cores assumes tokenization keeps scaling with processes.")
+                 f"{rss_per_mb * 1000:+.1f} MiB per GB of text measured, of which the epoch's shuffled block order (a "
+                 f"torch.randperm, 8 bytes per 128-token block) explains {order_mib_per_mb * 1000:.1f}; training RAM = "
+                 f"the largest size's RSS + that order's growth + {other_rss_per_mb * 1000:.1f} MiB per GB for the "
+                 f"rest. 64 cores assumes tokenization keeps scaling with processes.")
     return "\n".join(lines)
 
 
@@ -294,6 +344,9 @@ def main() -> None:
     parser.add_argument("--single_proc_up_to_mb", type=int, default=10**9,
                         help="measure 1-process tokenization only up to this size (it is the slowest part)")
     parser.add_argument("--peer_up_to_mb", type=int, default=10**9, help="run the run_mlm recipe up to this size")
+    parser.add_argument("--tiled_mb", type=int, default=None,
+                        help="also this size, warm figures only, its store tiled from the largest measured one's "
+                             "(see tiled_store)")
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -304,6 +357,9 @@ def main() -> None:
     rows = []
     for size_mb in map(int, args.sizes_mb.split(",")):
         rows.append(measure_size(size_mb, work, size_mb <= args.single_proc_up_to_mb, size_mb <= args.peer_up_to_mb))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.tiled_mb:
+        rows.append(tiled_store(args.tiled_mb, rows[-1]["size_mb"], work))
         print(json.dumps(rows[-1]), flush=True)
     print(f"# uptime after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}\n")
     print(report(rows))
