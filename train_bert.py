@@ -1539,7 +1539,8 @@ def train(
             tokenized and packed on the fly, in file order (no shuffling), every rank reading the stream and
             training on its own blocks; the stream position is checkpointed, so a resume continues exactly where
             it stopped. Validation: the first --eval_blocks blocks of the validation split, or, without one, of
-            the train split (then held out from training).
+            the train split (then held out from training). Batches are made in the main process (--num_workers
+            does not apply).
     """
     flags = {name: value for name, value in locals().items()}
     validate_flags(flags)

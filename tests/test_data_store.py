@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_data_store.py
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -286,6 +287,16 @@ def test_streaming_run_resumes_exactly(tiny_flags, tmp_path):
     assert metric_records(resumed, "eval_loss") == metric_records(full, "eval_loss")
     position = torch.load(full / "checkpoint-00000006.pt", weights_only=True)["data_position"]
     assert position[0] == 6 and isinstance(position[2], str), "batch index and stream state are checkpointed"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"tokenizer": "bpe"}, "--tokenizer bpe trains on the whole train split"),
+    ({"eval_blocks": 0}, "--eval_blocks 0 (the whole validation split) cannot be used with --streaming"),
+])
+def test_streaming_refuses_what_a_stream_cannot_do(tiny_flags, tmp_path, changes, message):
+    with pytest.raises(train_bert.ConfigError, match=re.escape(message)):
+        train_bert.train(**{**tiny_flags, "streaming": True, **changes})
+    assert not (tmp_path / "experiments").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------
