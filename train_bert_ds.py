@@ -584,18 +584,24 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             if not run_on_rank0(claim_experiment, rank):
                 return progress.experiment_dir
             data, model = prepare(progress.experiment_dir / "tokenizer")
-        else:  # rank 0 loads the inputs first (filling the datasets cache) and creates the directory; the rest follow
+        else:  # rank 0 creates the directory once its inputs are loaded; the rest follow
             prepared = {}
+            if flags["tokenizer"] != "bpe":
+                # Every rank prepares at once: the first to take the token store's file lock builds the store while
+                # the others wait on the lock (not in a collective, whose timeout a long tokenization would exceed),
+                # then they all memory-map the same files.
+                prepared["data"], prepared["model"] = prepare(None)
 
             def start_experiment() -> str:
-                prepared["data"], prepared["model"] = prepare(None)
+                if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
+                    prepared["data"], prepared["model"] = prepare(None)
                 experiment_dir = create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
                                                    deepspeed_version=deepspeed.__version__)
                 lock.enter_context(experiment_lock(experiment_dir))  # nobody else knows its name yet
                 return str(experiment_dir)
 
             progress.experiment_dir, progress.created = Path(run_on_rank0(start_experiment, rank)), rank == 0
-            data, model = (prepared["data"], prepared["model"]) if rank == 0 else prepare(
+            data, model = (prepared["data"], prepared["model"]) if prepared else prepare(
                 progress.experiment_dir / "tokenizer")
         experiment_dir = progress.experiment_dir
         if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly

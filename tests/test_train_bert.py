@@ -136,7 +136,7 @@ def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
     assert (torch.tensor([row[-1] for row in lines["input_ids"]]) == tokenizer.eos_token_id).all(), \
         "every line must end with </s>"
 
-    blocks = train_bert.pack_blocks(lines, tokenizer, 32)
+    blocks = train_bert.pack_blocks(stream.numpy(), tokenizer, 32)[:]
     assert blocks.shape[1] == 32
     assert (blocks[:, 0] == tokenizer.bos_token_id).all() and (blocks[:, -1] == tokenizer.eos_token_id).all()
     assert not (blocks == tokenizer.pad_token_id).any()
@@ -145,10 +145,10 @@ def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
     assert len(stream) - len(bodies) < 30, "at most one partial block may be dropped"
 
 
-def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpus, tokenizer):
+def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpus, tokenizer, tmp_path):
     """Batch (epoch, i) is the same however it is reached; two ranks get disjoint blocks and different masks."""
-    lines = train_bert.tokenize_lines(train_bert.load_text_dataset(str(tiny_corpus), None)["train"], tokenizer)
-    blocks = train_bert.pack_blocks(lines, tokenizer, 32)
+    tokens = train_bert.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), num_proc=1)[0]["train"]
+    blocks = train_bert.pack_blocks(tokens, tokenizer, 32)  # memory-mapped: the DataLoader workers below reopen it
     masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
     from_start = train_bert.train_batches(blocks, 4, 0, masking, (0, 0), num_workers=0, pin_memory=False)
     batches = [next(from_start) for _ in range(5)]
