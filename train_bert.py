@@ -1376,14 +1376,17 @@ def log_line(record: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def setup_logging(experiment_dir: Path) -> list[int]:
-    """loguru to stderr (through tqdm, so the progress bar stays intact) and to train.log; returns the sink ids."""
+def console_logging() -> int:
+    """loguru to stderr, short lines, through tqdm (so a progress bar stays intact); returns the sink id."""
     logger.remove()
-    return [
-        logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level="INFO", colorize=False,
-                   format="{time:HH:mm:ss} | {level: <7} | {message}"),
-        logger.add(experiment_dir / "train.log", level="DEBUG", format="{time} | {level: <7} | {message}"),
-    ]
+    return logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level="INFO", colorize=False,
+                      format="{time:HH:mm:ss} | {level: <7} | {message}")
+
+
+def setup_logging(experiment_dir: Path) -> list[int]:
+    """loguru to stderr and to train.log; returns the sink ids."""
+    return [console_logging(),
+            logger.add(experiment_dir / "train.log", level="DEBUG", format="{time} | {level: <7} | {message}")]
 
 
 def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FILL_MASK_SENTENCE) -> list[list[str]]:
@@ -2172,7 +2175,7 @@ def experiment_logging(experiment_dir: Path, start_step: int) -> Iterator[Metric
         metrics.close()
         for sink in sinks:
             logger.remove(sink)
-        logger.add(sys.stderr, level="INFO")
+        console_logging()
 
 
 def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None) -> Path:
@@ -2604,6 +2607,7 @@ def main(function: Callable = None) -> None:
     import fire
 
     function = function or train
+    console_logging()  # the lines before an experiment's logs start (data preparation) look like the rest
     arguments = sys.argv[1:]
     if any(arg in ("-h", "--help") for arg in arguments[:arguments.index("--") if "--" in arguments else None]):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
