@@ -1358,7 +1358,8 @@ def format_number(value: Any, digits: int = 3) -> str:
 # How each metric reads in a log line: (label, unit); the metrics.jsonl record keeps every key and full precision.
 LOG_LINE_FIELDS = {"loss": ("loss", ""), "lr": ("lr", ""), "grad_norm": ("grad", ""), "loss_scale": ("scale", ""),
                    "tokens_per_sec": ("", " tok/s"), "step_time_ms": ("", " ms/step"), "mfu": ("MFU", "%"),
-                   "peak_memory_mib": ("mem", " MiB"), "eta_s": ("eta", "")}
+                   "peak_memory_mib": ("mem", " MiB"), "eta_s": ("eta", ""),
+                   "budget_spent_s": ("spent", " s")}
 
 
 def log_line(record: dict[str, Any]) -> str:
