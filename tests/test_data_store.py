@@ -325,6 +325,7 @@ dist.barrier()
 """
 
 
+@pytest.mark.slow
 def test_two_ranks_share_one_store_and_read_disjoint_blocks(tiny_flags, tmp_path):
     """Two torchrun ranks start together on an unprepared corpus: one builds the store while the other waits, both
     map the same file, and their batches never share a block."""

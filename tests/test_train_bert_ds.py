@@ -294,6 +294,7 @@ def two_rank_runs(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> dict[str, di
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", TWO_RANK_CONFIGS)
 def test_two_ranks_resume_exactly(config, two_rank_runs):
     """Interrupted after step 4 and resumed on 2 ranks: the same losses, gradient norms and final weights.
@@ -309,6 +310,7 @@ def test_two_ranks_resume_exactly(config, two_rank_runs):
     assert_same_weights(exported_weights(resumed), exported_weights(uninterrupted))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", TWO_RANK_CONFIGS)
 def test_optimizer_state_is_partitioned(config, two_rank_runs):
     """Each rank's checkpoint shard holds half of Adam's state (the model's parameters split two ways)."""
@@ -321,6 +323,7 @@ def test_optimizer_state_is_partitioned(config, two_rank_runs):
         assert count == pytest.approx(num_parameters / 2, rel=0.02), per_rank  # alignment padding aside
 
 
+@pytest.mark.slow
 def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     """The step-1 loss logged by a 2-rank run is the mean of rank 0's and rank 1's batch losses, which differ.
 
@@ -343,6 +346,7 @@ def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     assert logged["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_with_another_number_of_ranks_is_a_clear_error(two_rank_runs):
     experiment = two_rank_runs["zero2_offload"]["uninterrupted"]
     result = run_cli("train_bert_ds.py", {"load_checkpoint_dir": str(experiment)}, env=child_env())
@@ -351,6 +355,7 @@ def test_resume_with_another_number_of_ranks_is_a_clear_error(two_rank_runs):
     assert "zero_to_fp32.py" in result.stderr
 
 
+@pytest.mark.slow
 def test_zero3_export_loads_and_predicts(two_rank_runs):
     """hf_model/ from a ZeRO-3 run (weights partitioned over 2 ranks) is the trained model, whole.
 
