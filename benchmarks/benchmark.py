@@ -47,6 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_bert  # noqa: E402
@@ -1035,7 +1036,8 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
         validation = validation.select(range(min(data["validation_lines"], len(validation))))
     masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
     seq_length = data["eval_seq_length"]
-    blocks = train_bert.pack_blocks(train_bert.tokenize_lines(validation, tokenizer), tokenizer, seq_length)
+    tokens = np.concatenate(train_bert.tokenize_lines(validation, tokenizer)["input_ids"]).astype(np.int64)
+    blocks = train_bert.pack_blocks(tokens, tokenizer, seq_length)
     batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
     packed, correct = torch.zeros(2, dtype=torch.float64), 0
     with torch.no_grad():
@@ -1043,9 +1045,11 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
             hidden = model.roberta(input_ids=batch["input_ids"]).last_hidden_state
             logits = model.lm_head(hidden.flatten(0, 1).index_select(0, batch["masked_positions"])).float()
             loss_sum = torch.nn.functional.cross_entropy(logits, batch["masked_labels"], reduction="sum")
-            packed += torch.tensor([float(loss_sum), len(batch["masked_labels"])], dtype=torch.float64)
+            predicted = int((batch["masked_labels"] != train_bert.IGNORE_INDEX).sum())  # not the bucket's padding
+            packed += torch.tensor([float(loss_sum), predicted], dtype=torch.float64)
             correct += int((logits.argmax(-1) == batch["masked_labels"]).sum())
     labels = torch.cat([batch["masked_labels"] for batch in batches])
+    labels = labels[labels != train_bert.IGNORE_INDEX]
     most_frequent_share = float(labels.bincount().max()) / len(labels)
 
     lines = [text for text in validation["text"] if text.strip()]
