@@ -1097,12 +1097,17 @@ class TimeBudget:
     """
 
     END_MARGIN_S = 3.0  # the fill-mask demo loads the exported model into a pipeline: a few seconds, not timed ahead
+    RETIME_EVERY_S = 30.0  # how often an evaluation batch is timed again: the machine's load changes during a run
 
     def __init__(self, total_s: float, spent_before_s: float = 0.0):
         self.total_s, self.spent_before_s = total_s, spent_before_s
-        self.clock_start = time.perf_counter()
+        self.clock_start = self.timed_at = time.perf_counter()
         self.evaluation_batch_s = self.checkpoint_s = 0.0
         self.end_evaluation_batches = 0
+
+    def retime_due(self) -> bool:
+        """Whether the evaluation batch should be timed again (every RETIME_EVERY_S seconds)."""
+        return time.perf_counter() - self.timed_at >= self.RETIME_EVERY_S
 
     def start(self) -> None:
         """Start the clock (at the first training step)."""
@@ -2456,6 +2461,9 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                                        device)
                 if budget is not None:
                     record.update(budget_spent_s=budget.spent(), eta_s=max(0.0, budget.total_s - budget.spent()))
+                    if budget.retime_due():  # the reserve for the end follows the machine's current speed
+                        budget.evaluation_batch_s = time_evaluation_batch(model, validation[0], device, autocast)
+                        budget.timed_at = time.perf_counter()
                 if scaler.is_enabled():
                     record["loss_scale"] = scaler.get_scale()
                 metrics.log(record)
@@ -2484,6 +2492,14 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
     return step
 
 
+def time_evaluation_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+                          autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
+    """Seconds one evaluation batch takes now."""
+    start = time.perf_counter()
+    float(evaluate(model, [batch], device, autocast)[0])  # waits for the device
+    return time.perf_counter() - start
+
+
 def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: list[dict[str, torch.Tensor]],
                        data: PreparedData, flags: dict[str, Any], device: torch.device,
                        autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
@@ -2492,12 +2508,7 @@ def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: l
     and AdamW's two moments). `TimeBudget.reserve_s` multiplies them out; the real ones replace them later."""
     test_batches = 0 if data.test_blocks is None else math.ceil(len(data.test_blocks) / flags["batch_size"])
     budget.end_evaluation_batches = len(validation) + test_batches
-    timings = []
-    for batch in validation[:2]:
-        start = time.perf_counter()
-        evaluate(model, [batch], device, autocast)
-        timings.append(time.perf_counter() - start)
-    budget.evaluation_batch_s = min(timings)
+    budget.evaluation_batch_s = min(time_evaluation_batch(model, batch, device, autocast) for batch in validation[:2])
     start = time.perf_counter()
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     torch.save({"model": state, "moments": [state, state]}, io.BytesIO())
