@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny corpus and a tiny tokenizer made on the spot, so tests never need the network or ../shared."""
 
 import os
+import contextlib
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +90,18 @@ def run_cli(script: str, flags: dict, timeout: float = 600, **kwargs) -> subproc
     """Run `python script --flag=value ...` as a user would; returns the completed process (text output)."""
     return subprocess.run([sys.executable, str(ROOT / script), *cli_args(flags)], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path, size: str):
+    """A tmpfs of `size` mounted at `directory`: a real file system that fills up (needs root with mount rights;
+    the test is skipped elsewhere)."""
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                             capture_output=True).returncode == 0 if shutil.which("mount") else False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train_bert
+from conftest import small_disk as conftest_small_disk
 from conftest import ROOT, run_cli, write_corpus
 
 
@@ -173,17 +174,9 @@ def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 1 MiB tmpfs: a real file system that fills up (needs root with mount rights; skipped elsewhere)."""
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                             capture_output=True).returncode == 0 if shutil.which("mount") else False
-    if not mounted:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    """A 1 MiB tmpfs that fills up for real."""
+    with conftest_small_disk(tmp_path / "small_disk", "1m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_no_store(tiny_flags, big_corpus, small_disk, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import train_bert
+from conftest import small_disk as conftest_small_disk
 from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
 
 # Short runs: checkpoints only where a test asks for them, evaluation only at the end.
@@ -358,17 +359,9 @@ def test_a_failed_save_is_an_error_that_keeps_the_previous_checkpoint(experiment
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs: a real file system that fills up (needs root with mount rights; skipped elsewhere)."""
-    mount_point = tmp_path / "small_disk"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True).returncode == 0 if shutil.which("mount") else False
-    if not mounted:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    """A 2 MiB tmpfs that fills up for real."""
+    with conftest_small_disk(tmp_path / "small_disk", "2m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint(run_flags, small_disk):
