@@ -14,7 +14,7 @@
 #
 # The GPU machine needs torch, transformers, tokenizers and tensorboard, and no network: deepspeed, datasets, fire
 # and loguru (with the dependencies such a machine lacks) are installed from ./wheels, made beforehand on a machine
-# with PyPI access by the one line in README.md ("Performance", GPU check). It uses no files outside this folder:
+# with PyPI access by the one line in benchmarks/README.md (GPU check). It uses no files outside this folder:
 # the text is a synthetic corpus made on the spot and the tokenizer a byte-level BPE trained on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 if ! "$PYTHON" -c "import deepspeed, datasets, fire, loguru" 2>/dev/null; then
     if ! ls wheels/*.whl >/dev/null 2>&1; then
         echo "error: deepspeed/datasets/fire/loguru are missing and there is no ./wheels folder; prepare it with the" \
-             "command in README.md (Performance, GPU check)" >&2
+             "command in benchmarks/README.md (GPU check)" >&2
         exit 2
     fi
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" wheels/*.whl || exit 2
