@@ -2274,7 +2274,7 @@ def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
             "before training resumed"
     if (progress.experiment_dir / LATEST_POINTER).is_file() and saved_step(progress.experiment_dir) == \
             flags["num_iterations"]:
-        return (f"after the last step, during the test evaluation or the hf_model export (a resume does only "
+        return ("after the last step, during the test evaluation or the hf_model export (a resume does only "
                 "those)")
     return "during training"
 

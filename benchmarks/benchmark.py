@@ -37,7 +37,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -1030,7 +1030,6 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     import upstream_style
 
     model.eval()
-    device = torch.device("cpu")
     validation = train_bert.load_text_dataset(data["original_dataset"], data.get("original_dataset_config"))["validation"]
     if data.get("validation_lines"):
         validation = validation.select(range(min(data["validation_lines"], len(validation))))
