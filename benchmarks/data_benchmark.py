@@ -36,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,18 +87,21 @@ def run_child(command: list[str], first_step_file: Path | None = None) -> dict:
     """Run `command`; return its wall time, peak RSS (MiB), time to the first step (when a file matching the glob
     `first_step_file` appears, non-empty) and the JSON it printed last, if any."""
     start = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env=os.environ)
-    first_step = None
-    while True:  # wait4 (not poll) so the child's resource usage is ours to read
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if first_step is None and first_step_file is not None and any(
-                os.path.getsize(path) > 0 for path in glob.glob(str(first_step_file))):
-            first_step = time.time() - start
-        if pid:
-            break
-        time.sleep(0.05)
-    stdout, stderr = process.stdout.read(), process.stderr.read()
+    # Files, not pipes: nobody reads a pipe until the child ends, and a long run's progress bars fill its 64 KiB,
+    # which blocks the child's next write for ever.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, cwd=ROOT, env=os.environ)
+        first_step = None
+        while True:  # wait4 (not poll) so the child's resource usage is ours to read
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if first_step is None and first_step_file is not None and any(
+                    os.path.getsize(path) > 0 for path in glob.glob(str(first_step_file))):
+                first_step = time.time() - start
+            if pid:
+                break
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
     result = {"wall_s": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024, "first_step_s": first_step,
