@@ -140,3 +140,18 @@ def test_time_to_quality_runs_hugging_face_run_mlm_unchanged(tiny_corpus, tiny_t
     (hf,) = json.loads((tmp_path / "ttq.json").read_text())["results"]
     assert hf["status"] == "ok", hf
     assert hf["steps"] >= 1 and hf["train_seconds"] >= 4 and 0 < hf["val_loss_packed"] < 20
+
+
+def test_data_benchmark_child_that_writes_more_than_a_pipe_holds_finishes():
+    """A 1 GB tokenization's progress bars once filled the pipe to the benchmark, which read it only at the end:
+    the child blocked for ever. run_child must take any amount of output (here 1 MiB on each stream)."""
+    child = ("import sys; sys.stderr.write('progress ' * 131072); sys.stdout.write('x' * 1048576 + '\\n'); "
+             "print('{\"tokens\": 3}')")
+    runner = ("import sys, json; sys.path.insert(0, 'benchmarks'); import data_benchmark; "
+              f"result = data_benchmark.run_child([sys.executable, '-c', {child!r}]); "
+              "print(json.dumps({'tokens': result['tokens'], 'stderr_bytes': len(result['stderr']), "
+              "'rss': result['peak_rss_mib']}))")
+    finished = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(finished.stdout.splitlines()[-1])
+    assert result["tokens"] == 3 and result["stderr_bytes"] == len("progress ") * 131072 and result["rss"] > 0
