@@ -1104,6 +1104,7 @@ class TimeBudget:
         self.clock_start = self.timed_at = time.perf_counter()
         self.evaluation_batch_s = self.checkpoint_s = 0.0
         self.end_evaluation_batches = 0
+        self.training_ended = False  # set after the last step: a stop from then on is in the end phase
 
     def retime_due(self) -> bool:
         """Whether the evaluation batch should be timed again (every RETIME_EVERY_S seconds)."""
@@ -2201,6 +2202,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
                              data.tokenizer, flags["max_seq_length"], flags["init_from"]).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
         budget = TimeBudget(parse_duration(flags["time_budget"])) if flags["time_budget"] is not None else None
+        progress.budget = budget
         lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"], budget)
         scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
 
@@ -2243,6 +2245,7 @@ class RunProgress:
     experiment_dir: Path | None  # None until a new experiment's directory exists
     created: bool = False  # this run created experiment_dir
     started: bool = False  # the training loop was entered
+    budget: TimeBudget | None = None  # a --time_budget run's budget: it knows when training has ended
 
 
 @contextlib.contextmanager
@@ -2273,8 +2276,12 @@ def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
     if not progress.started:
         return "before the first step" if progress.created or progress.experiment_dir is None else \
             "before training resumed"
-    if (progress.experiment_dir / LATEST_POINTER).is_file() and saved_step(progress.experiment_dir) == \
-            flags["num_iterations"]:
+    if progress.budget is not None:  # a budgeted run ends at whatever step its time runs out
+        training_ended = progress.budget.training_ended
+    else:
+        training_ended = (progress.experiment_dir / LATEST_POINTER).is_file() and \
+            saved_step(progress.experiment_dir) == flags["num_iterations"]
+    if training_ended:
         return ("after the last step, during the test evaluation or the hf_model export (a resume does only "
                 "those)")
     return "during training"
@@ -2488,6 +2495,8 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 raise stop.interruption(step, experiment_dir)
             if last:
                 break
+    if budget is not None:
+        budget.training_ended = True
     log_test_evaluation(metrics, data, flags, lambda test: evaluate(model, test, device, autocast, description="test"),
                         step)
     return step

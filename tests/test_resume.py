@@ -193,6 +193,30 @@ def test_sigterm_during_the_test_evaluation_is_reported_and_a_resume_finishes_th
     assert [record["step"] for record in metric_records(experiment, "test_loss")] == [2], "evaluated exactly once"
 
 
+def test_sigterm_during_the_test_evaluation_of_a_budgeted_run_names_the_end_phase(run_flags, long_test_split,
+                                                                                 tmp_path):
+    """A --time_budget run ends at whatever step its time runs out, never at --num_iterations: the stop message must
+    still say the training is over (before, it said "during training"), and the printed resume only finishes."""
+    flags = {**run_flags, **QUIET, "dataset": long_test_split, "checkpoint_dir": tmp_path / "experiments",
+             "time_budget": "8s"}
+    log = tmp_path / "run.log"
+    process = start("train_bert.py", cli_args(flags), log)
+    wait_until(lambda: "| test: " in log.read_text(), process, log)
+    assert stop(process) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "Traceback" not in output
+    assert "stopped by SIGTERM after the last step, during the test evaluation or the hf_model export" in output
+    experiment = only_experiment(tmp_path / "experiments")
+    trained = checkpoint_steps(experiment)
+    assert metric_records(experiment, "test_loss") == []
+
+    result = run_in_shell(printed_command(output, "Resume with: "))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint_steps(experiment) == trained, "the end phase trains nothing"
+    assert [record["step"] for record in metric_records(experiment, "test_loss")] == trained[-1:]
+    assert (experiment / "hf_model" / "model.safetensors").is_file()
+
+
 def test_sigterm_during_the_export_leaves_no_partial_hf_model(run_flags, tmp_path):
     """A model of ~80 MB takes a while to write: SIGTERM as soon as the export's temporary folder appears. Before,
     this left an hf_model/ holding only config.json."""
