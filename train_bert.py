@@ -886,12 +886,14 @@ def eval_batches(blocks: "PackedBlocks | torch.Tensor", batch_size: int, seed: i
 
 def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
                  tokenizer: "transformers.PreTrainedTokenizerBase", max_seq_length: int,
-                 init_from: str | None = None) -> "transformers.RobertaForMaskedLM":
+                 init_from: str | None = None, output_bias: torch.Tensor | None = None
+                 ) -> "transformers.RobertaForMaskedLM":
     """Build a randomly initialised `RobertaForMaskedLM` whose sizes come from the arguments and the tokenizer.
 
     Vocabulary size and special ids come from the tokenizer (nothing is hard-coded to roberta-base). RoBERTa
     numbers positions from pad_token_id + 1, so a block of `max_seq_length` tokens needs that many more position
     embeddings. Attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
+    `output_bias` (see `unigram_output_bias`) becomes the initial bias of the output layer.
 
     With `init_from` (continued pretraining) the model is that masked-LM checkpoint instead, weights and config
     (its sizes must already agree with the arguments: `resolve_init_from` sees to it), with `dropout` applied.
@@ -917,7 +919,24 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
         bos_token_id=start_id,
         eos_token_id=end_id,
     )
-    return RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
+    model = RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
+    if output_bias is not None:
+        with torch.no_grad():
+            model.lm_head.bias.copy_(output_bias)
+    return model
+
+
+def unigram_output_bias(token_ids: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """The log frequency of every token in `token_ids` (add-one smoothed): the output layer's initial bias.
+
+    With random weights the logits are near 0, so the model starts out predicting every token alike (loss ln 50265
+    = 10.8 nats) and spends its first hundreds of steps learning how common each token is. Starting the bias at the
+    corpus's log frequencies makes step 0 predict the unigram distribution (7.1 nats on wikitext-2) and the
+    steps go to context instead: 0.26 nats lower after 3 minutes on a CPU (benchmarks/README.md). The usual advice
+    for any classifier's last layer ("init well": start from the label distribution).
+    """
+    counts = np.bincount(np.asarray(token_ids, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 1.0
+    return torch.from_numpy(np.log(counts / counts.sum())).float()
 
 
 def mlm_loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
@@ -1823,6 +1842,13 @@ class PreparedData:
     test_blocks: PackedBlocks | torch.Tensor | None
     masking: MaskingConfig
 
+    def token_sample(self, max_tokens: int = 2**20) -> np.ndarray:
+        """The first `max_tokens` tokens (about) of the train split: enough to count how common each token is."""
+        if isinstance(self.train_blocks, BlockStream):
+            blocks = -(-max_tokens // self.train_blocks.max_seq_length)
+            return self.train_blocks.take(blocks, self.train_blocks.first_position)[0].flatten().numpy()
+        return np.asarray(self.train_blocks.tokens[:max_tokens])
+
     @property
     def num_train_blocks(self) -> int | None:
         """Blocks per epoch (None for a stream, whose length is unknown)."""
@@ -2198,8 +2224,9 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
     progress = RunProgress(None if saved_tokenizer_dir is None else saved_tokenizer_dir.parent)
     with contextlib.ExitStack() as lock, reported_stops(flags, progress):
         data = prepare_data(flags, saved_tokenizer_dir)
+        output_bias = None if flags["init_from"] else unigram_output_bias(data.token_sample(), len(data.tokenizer))
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                             data.tokenizer, flags["max_seq_length"], flags["init_from"]).to(device)
+                             data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
         budget = TimeBudget(parse_duration(flags["time_budget"])) if flags["time_budget"] is not None else None
         progress.budget = budget

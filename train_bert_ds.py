@@ -48,7 +48,7 @@ from train_bert import (COMPLETED_KEY, ConfigError, CheckpointError, LossWindow,
                         load_hparams, log_evaluation, log_run_start, log_test_evaluation, mark_completed, mlm_loss,
                         nonfinite_error, parameter_groups, prepare_data, record_flag_changes, reported_stops,
                         resolve_resume_flags, resume_command, rng_states, saved_step, set_rng_states, start_command,
-                        stop_outcome, to_device, train_batches, validate_flags)
+                        stop_outcome, to_device, train_batches, unigram_output_bias, validate_flags)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DS_CONFIG = HERE / "ds_config.json"
@@ -568,7 +568,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     def prepare(tokenizer_dir: Path | None) -> tuple[PreparedData, torch.nn.Module]:
         data = prepare_data(flags, tokenizer_dir)
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                             flags["dropout"], data.tokenizer, flags["max_seq_length"])
+                             flags["dropout"], data.tokenizer, flags["max_seq_length"],
+                             output_bias=unigram_output_bias(data.token_sample(), len(data.tokenizer)))
         return data, model
 
     resuming = flags["checkpoint_dir"] is None

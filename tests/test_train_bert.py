@@ -191,6 +191,34 @@ def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer):
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
 
 
+def test_output_bias_is_the_log_unigram_distribution(tokenizer):
+    """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's logits start there."""
+    sample = torch.tensor([5, 5, 5, 7, len(tokenizer) - 1]).numpy()
+    bias = train_bert.unigram_output_bias(sample, len(tokenizer))
+    counts = torch.ones(len(tokenizer), dtype=torch.float64)
+    counts[5], counts[7], counts[-1] = 4, 2, 2
+    assert torch.allclose(bias.double().exp(), counts / counts.sum(), rtol=1e-6)
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, output_bias=bias)
+    assert torch.equal(model.lm_head.bias, bias) and torch.equal(model.lm_head.decoder.bias, bias)
+
+
+def test_a_new_run_starts_at_the_unigram_plateau(tiny_flags, tokenizer):
+    """The first step's loss (the untrained model's, on batch 1) is the corpus's unigram cross-entropy, not ln(vocab).
+
+    ln(400) = 6.0 nats is where a model with a zero output bias starts (measured: 6.02); the unigram entropy of the
+    tiny corpus is 4.35 nats (measured first loss: 4.42). Tolerance 0.3 nats: batch 1's ~100 predicted tokens are a
+    sample of the corpus's frequencies.
+    """
+    experiment = train_bert.train(**{**tiny_flags, "num_iterations": 1, "log_every": 1, "batch_size": 16})
+    data = train_bert.prepare_data(json.loads((Path(experiment) / "hparams.json").read_text())["flags"])
+    tokens = torch.from_numpy(data.token_sample().astype("int64"))
+    shares = torch.bincount(tokens, minlength=len(tokenizer)).double() / len(tokens)
+    entropy = float(-(shares[shares > 0] * shares[shares > 0].log()).sum())
+    first_loss = metric_records(experiment, "loss")[0]["loss"]
+    assert entropy < math.log(len(tokenizer)) - 1.5, entropy
+    assert abs(first_loss - entropy) < 0.3, (first_loss, entropy)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Training, checkpoints, resume.
 # --------------------------------------------------------------------------------------------------------------------
