@@ -1021,8 +1021,10 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     """MLM loss on the original dataset's validation split, 15% masking with masks fixed by EVAL_SEED, two ways.
 
     - packed: the split packed into 128-token blocks (train_bert.py's format), also the masked-token accuracy
-      (the share of masked tokens whose top prediction is right) and, for scale, the accuracy of predicting the
-      most frequent masked token everywhere (where a model stuck on the unigram plateau sits);
+      (the share of masked tokens whose top prediction is right), split by what the input showed at the position
+      (<mask>: 80%; a random token: 10%; the token itself, unchanged: 10%, where copying the input is right) and,
+      for scale, the accuracy of predicting the most frequent masked token everywhere (where a model stuck on the
+      unigram plateau sits);
     - lines: each line alone, `<s> line </s>` truncated to 128 tokens and padded (upstream's format).
     (128 is `eval_seq_length`'s default.)
     Both are token-weighted means over the predicted tokens, in fp32, with the same masking rule.
@@ -1038,15 +1040,23 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     tokens = np.concatenate(train_bert.tokenize_lines(validation, tokenizer)["input_ids"]).astype(np.int64)
     blocks = train_bert.pack_blocks(tokens, tokenizer, seq_length)
     batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
-    packed, correct = torch.zeros(2, dtype=torch.float64), 0
+    packed = torch.zeros(2, dtype=torch.float64)
+    by_input = {"mask": [0, 0], "random": [0, 0], "unchanged": [0, 0]}  # [correct, predicted] per input shown
     with torch.no_grad():
         for batch in batches:
             hidden = model.roberta(input_ids=batch["input_ids"]).last_hidden_state
             logits = model.lm_head(hidden.flatten(0, 1).index_select(0, batch["masked_positions"])).float()
             loss_sum = torch.nn.functional.cross_entropy(logits, batch["masked_labels"], reduction="sum")
-            predicted = int((batch["masked_labels"] != train_bert.IGNORE_INDEX).sum())  # not the bucket's padding
-            packed += torch.tensor([float(loss_sum), predicted], dtype=torch.float64)
-            correct += int((logits.argmax(-1) == batch["masked_labels"]).sum())
+            labels = batch["masked_labels"]
+            predicted = labels != train_bert.IGNORE_INDEX  # not the bucket's padding
+            packed += torch.tensor([float(loss_sum), int(predicted.sum())], dtype=torch.float64)
+            shown = batch["input_ids"].flatten().index_select(0, batch["masked_positions"])
+            right = logits.argmax(-1) == labels
+            for kind, where in (("mask", shown == tokenizer.mask_token_id), ("unchanged", shown == labels),
+                                ("random", (shown != tokenizer.mask_token_id) & (shown != labels))):
+                by_input[kind][0] += int((right & where & predicted).sum())
+                by_input[kind][1] += int((where & predicted).sum())
+    correct = sum(right for right, _ in by_input.values())
     labels = torch.cat([batch["masked_labels"] for batch in batches])
     labels = labels[labels != train_bert.IGNORE_INDEX]
     most_frequent_share = float(labels.bincount().max()) / len(labels)
@@ -1065,6 +1075,7 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
             totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())], dtype=torch.float64)
     return {"val_loss_packed": float(packed[0] / packed[1]), "val_loss_lines": float(totals[0] / totals[1]),
             "val_accuracy_packed": correct / float(packed[1]), "val_most_frequent_token_share": most_frequent_share,
+            "val_accuracy_by_input": by_input,
             "val_tokens_packed": int(packed[1]), "val_tokens_lines": int(totals[1])}
 
 
@@ -1233,18 +1244,22 @@ def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
 def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_s: float) -> str:
     """Time-to-quality results as a markdown table."""
     lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | masked-token accuracy "
-             "| val loss, single lines | fill-mask top 5 (each <mask>) | key flags |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| accuracy where the input shows <mask> / the token unchanged | val loss, single lines "
+             "| fill-mask top 5 (each <mask>) | key flags |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for config, result in zip(rows, results):
         if result.get("status") != "ok":
-            lines.append(f"| {config['name']} | {result['status']} | | | | | | | |")
+            lines.append(f"| {config['name']} | {result['status']} | | | | | | | | |")
             continue
+        by_input = {kind: 100 * right / max(1, predicted) for kind, (right, predicted)
+                    in result["val_accuracy_by_input"].items()}
         flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
         fill_mask = " / ".join(" ".join(f"`{token}`" if token else "`␣`" for token in candidates)
                                for candidates in result.get("fill_mask") or [])
         lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
                      f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
-                     f"{100 * result['val_accuracy_packed']:.2f}% | {result['val_loss_lines']:.3f} | {fill_mask} "
+                     f"{100 * result['val_accuracy_packed']:.2f}% | {by_input['mask']:.2f}% / "
+                     f"{by_input['unchanged']:.2f}% | {result['val_loss_lines']:.3f} | {fill_mask} "
                      f"| {flags} |")
     shares = [result["val_most_frequent_token_share"] for result in results if result.get("status") == "ok"]
     if shares:

@@ -113,6 +113,12 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
         # Fixed masks on the same validation text for both: the same number of predicted tokens.
         assert 0 < trained["val_loss_packed"] < 20 and 0 < trained["val_loss_lines"] < 20
         assert 0 <= trained["val_accuracy_packed"] <= 1 and 0 < trained["val_most_frequent_token_share"] < 1
+        # The accuracy split by what the input showed adds up to the whole: every predicted token counted once.
+        by_input = trained["val_accuracy_by_input"]
+        assert sum(predicted for _, predicted in by_input.values()) == trained["val_tokens_packed"]
+        assert sum(right for right, _ in by_input.values()) / trained["val_tokens_packed"] == pytest.approx(
+            trained["val_accuracy_packed"])
+        assert by_input["mask"][1] > by_input["unchanged"][1] > 0 and by_input["random"][1] > 0
     assert "| masked-token accuracy |" in result.stdout and f"{100 * ours['val_accuracy_packed']:.2f}%" in result.stdout
     assert (tmp_path / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ours["val_tokens_packed"] == baseline["val_tokens_packed"]
