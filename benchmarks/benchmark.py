@@ -1153,6 +1153,28 @@ def ttq(
         plot_reports([json.loads(Path(path).read_text()) for path in previous] + [report], png_path)
 
 
+def evaluate(*model_dirs: str, dataset: str = DEFAULT_DATASET, dataset_config: str | None = "wikitext-2-v1",
+             validation_lines: int | None = None, eval_seq_length: int = 128) -> None:
+    """Evaluate exported masked LMs (hf_model/ folders) exactly as `ttq` evaluates its recipes; print JSON lines.
+
+    Args:
+        model_dirs: Folders with a model and its tokenizer (save_pretrained), e.g. a run's hf_model/.
+        dataset: The dataset whose validation split is evaluated (in full unless `validation_lines`).
+        dataset_config: The dataset's configuration name.
+        validation_lines: Evaluate on only the first this many lines of the validation split.
+        eval_seq_length: Block length (and line truncation) of the evaluation.
+    """
+    from transformers import AutoModelForMaskedLM
+
+    data = {"original_dataset": dataset, "original_dataset_config": dataset_config,
+            "validation_lines": validation_lines, "eval_seq_length": eval_seq_length}
+    for model_dir in model_dirs:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise train_bert.ConfigError(f"{model_dir!r} is not a saved model folder (no config.json)")
+        model = AutoModelForMaskedLM.from_pretrained(model_dir)
+        print(json.dumps({"model": model_dir, **validation_losses(model, train_bert.load_tokenizer(model_dir), data)}))
+
+
 def plot(*json_paths: str, png_path: str = "ttq.png") -> None:
     """Draw validation loss vs budget (minutes), one line per recipe, from ttq JSON files (one per budget)."""
     plot_reports([json.loads(Path(path).read_text()) for path in json_paths], png_path)
@@ -1271,5 +1293,5 @@ def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "plot": plot, "profile": profile, "ceiling": ceiling,
+    fire.Fire({"throughput": throughput, "ttq": ttq, "evaluate": evaluate, "plot": plot, "profile": profile, "ceiling": ceiling,
                "memory": memory, "run_one": run_one, "ttq_one": ttq_one})

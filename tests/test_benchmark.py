@@ -101,7 +101,8 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
                {"name": "baseline", "kind": "upstream-style", **TINY_MODEL_FLAGS}]
     result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
                            "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
-                           "--json_path", str(tmp_path / "ttq.json"), "--png_path", str(tmp_path / "ttq.png"))
+                           "--json_path", str(tmp_path / "ttq.json"), "--png_path", str(tmp_path / "ttq.png"),
+                           "--work_dir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ttq.json").read_text())
     ours, baseline = report["results"]
@@ -123,6 +124,16 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
     assert (tmp_path / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ours["val_tokens_packed"] == baseline["val_tokens_packed"]
     assert ours["val_tokens_lines"] == baseline["val_tokens_lines"]
+
+    # `evaluate` gives an exported model the very same evaluation (same masks, same numbers).
+    exported = next((tmp_path / "work").glob("ttq/row0/experiments/*/hf_model"))
+    evaluated = run_benchmark("evaluate", str(exported), "--dataset", str(tiny_corpus), "--dataset_config", "None",
+                              "--eval_seq_length", "32")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    for key in ("val_loss_packed", "val_accuracy_packed", "val_loss_lines"):
+        assert again[key] == pytest.approx(ours[key], rel=1e-5), key
+    assert again["val_accuracy_by_input"] == ours["val_accuracy_by_input"]
 
 
 def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_tokenizer):
