@@ -1273,15 +1273,15 @@ def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_
         if result.get("status") != "ok":
             lines.append(f"| {config['name']} | {result['status']} | | | | | | | | |")
             continue
-        by_input = {kind: 100 * right / max(1, predicted) for kind, (right, predicted)
-                    in result["val_accuracy_by_input"].items()}
+        by_input = {kind: f"{100 * right / max(1, predicted):.2f}%" for kind, (right, predicted)
+                    in result.get("val_accuracy_by_input", {}).items()}  # absent from reports made before the split
         flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
         fill_mask = " / ".join(" ".join(f"`{token}`" if token else "`␣`" for token in candidates)
                                for candidates in result.get("fill_mask") or [])
         lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
                      f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
-                     f"{100 * result['val_accuracy_packed']:.2f}% | {by_input['mask']:.2f}% / "
-                     f"{by_input['unchanged']:.2f}% | {result['val_loss_lines']:.3f} | {fill_mask} "
+                     f"{100 * result['val_accuracy_packed']:.2f}% | {by_input.get('mask', '-')} / "
+                     f"{by_input.get('unchanged', '-')} | {result['val_loss_lines']:.3f} | {fill_mask} "
                      f"| {flags} |")
     shares = [result["val_most_frequent_token_share"] for result in results if result.get("status") == "ok"]
     if shares:
