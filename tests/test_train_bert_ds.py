@@ -335,7 +335,8 @@ def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     torch.manual_seed(flags["seed"])
     data = train_bert.prepare_data(flags, experiment / "tokenizer")
     model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                                    flags["dropout"], data.tokenizer, flags["max_seq_length"])
+                                    flags["dropout"], data.tokenizer, flags["max_seq_length"],
+                                    output_bias=train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer)))
     with torch.no_grad():
         losses = [float(train_bert.mlm_loss(model, **train_bert.TrainBatches(
             data.train_blocks, flags["batch_size"], 0, flags["seed"], data.masking, rank, 2)[0]))
