@@ -2224,7 +2224,8 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
     progress = RunProgress(None if saved_tokenizer_dir is None else saved_tokenizer_dir.parent)
     with contextlib.ExitStack() as lock, reported_stops(flags, progress):
         data = prepare_data(flags, saved_tokenizer_dir)
-        output_bias = None if flags["init_from"] else unigram_output_bias(data.token_sample(), len(data.tokenizer))
+        new_model = saved_tokenizer_dir is None and not flags["init_from"]  # a resume loads its weights instead
+        output_bias = unigram_output_bias(data.token_sample(), len(data.tokenizer)) if new_model else None
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
                              data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])

@@ -566,6 +566,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     np.random.seed(flags["seed"])
 
     def prepare(tokenizer_dir: Path | None) -> tuple[PreparedData, torch.nn.Module]:
+        # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
         data = prepare_data(flags, tokenizer_dir)
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                              flags["dropout"], data.tokenizer, flags["max_seq_length"],
