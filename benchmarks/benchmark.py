@@ -1293,5 +1293,5 @@ def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "evaluate": evaluate, "plot": plot, "profile": profile, "ceiling": ceiling,
-               "memory": memory, "run_one": run_one, "ttq_one": ttq_one})
+    fire.Fire({"throughput": throughput, "ttq": ttq, "evaluate": evaluate, "plot": plot, "profile": profile,
+               "ceiling": ceiling, "memory": memory, "run_one": run_one, "ttq_one": ttq_one})
