@@ -157,6 +157,9 @@ def errors_named_after_config(fields: dict[str, str], ds_config: str) -> Iterato
 
 def validate_ds_flags(flags: dict[str, Any]) -> None:
     """Reject bad values of the DeepSpeed flags with one line each (train_bert.validate_flags checks the rest)."""
+    if flags["dtype"] not in train_bert.DTYPES:  # train_bert.py's "auto": here ds_config.json decides
+        raise ConfigError(f"--dtype must be one of {', '.join(train_bert.DTYPES)} here, or left out (ds_config.json's "
+                          f"fp16 / bf16 \"enabled\" decides); got {flags['dtype']!r}")
     if flags["zero_stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3; got {flags['zero_stage']!r}")
     for name in ("offload_optimizer", "offload_param"):
@@ -186,7 +189,8 @@ def check_dtype_supported(dtype: str) -> None:
 
 
 def inherit_flags(function: Callable, base: Callable, from_config: tuple[str, ...]) -> None:
-    """Give `function(**flags)` the signature and flag documentation of `base` plus its own keyword flags.
+    """Give `function(**flags)` the signature and flag documentation of `base` plus its own keyword flags (an own
+    flag replaces the inherited one of its name).
 
     fire reads both (`__signature__` and the docstring's Args), so `--help` lists every flag and unknown flags
     are rejected, while the flags themselves stay defined once, in train_bert.train. Flags in `from_config`
@@ -194,8 +198,9 @@ def inherit_flags(function: Callable, base: Callable, from_config: tuple[str, ..
     """
     own = [parameter for parameter in inspect.signature(function).parameters.values()
            if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    own_names = {parameter.name for parameter in own}
     inherited = [parameter.replace(default=None) if parameter.name in from_config else parameter
-                 for parameter in inspect.signature(base).parameters.values()]
+                 for parameter in inspect.signature(base).parameters.values() if parameter.name not in own_names]
     keyword_only = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in inherited + own]
     function.__signature__ = inspect.signature(function).replace(parameters=keyword_only)
     head, own_args = function.__doc__.rstrip().split("Args:\n", 1)
@@ -483,7 +488,7 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
 
 
 def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
-          offload_param: str | None = None, **flags: Any) -> str | None:
+          offload_param: str | None = None, compile: bool = False, **flags: Any) -> str | None:
     """Pretrain a RoBERTa encoder with masked language modelling using DeepSpeed; return the experiment directory.
 
     Start:  deepspeed train_bert_ds.py --checkpoint_dir ./experiments [flags]   (or torchrun, or plain python)
@@ -506,12 +511,16 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
             gradients) or 3 (and the parameters); the config's when not given.
         offload_optimizer: none or cpu: keep the optimizer states and step in CPU memory (ZeRO-Offload, stage >= 1).
         offload_param: none or cpu: keep the parameters in CPU memory between uses (ZeRO-3 only).
+        compile: Compile the encoder with torch.compile (stages 0-2). Off by default here, unlike train_bert.py:
+            DeepSpeed's engine runs the loss in its own forward, so only the encoder compiles (not the head's
+            cross-entropy, where most of the gain is), and ZeRO-3's parameter hooks cannot be traced.
     """
     if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 alone says what every rank would say
         logger.remove()
         logger.add(sys.stderr, level="ERROR")
     all_flags = inspect.signature(train).bind(ds_config=ds_config, zero_stage=zero_stage,
-                                              offload_optimizer=offload_optimizer, offload_param=offload_param, **flags)
+                                              offload_optimizer=offload_optimizer, offload_param=offload_param,
+                                              compile=compile, **flags)
     all_flags.apply_defaults()
     flags = dict(all_flags.arguments)
     defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}

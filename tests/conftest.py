@@ -70,8 +70,10 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     return path
 
 
-# Flags for a model small enough that a step takes milliseconds.
-TINY_MODEL_FLAGS = {"num_layers": 2, "num_heads": 2, "h_dim": 32, "ff_dim": 64, "max_seq_length": 32, "batch_size": 4}
+# Flags for a model small enough that a step takes milliseconds; compiling it would take longer than its whole run
+# (tests that need --compile say so).
+TINY_MODEL_FLAGS = {"num_layers": 2, "num_heads": 2, "h_dim": 32, "ff_dim": 64, "max_seq_length": 32, "batch_size": 4,
+                    "compile": False}
 
 
 @pytest.fixture

@@ -191,6 +191,48 @@ def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer):
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
 
 
+@pytest.mark.slow
+def test_compiled_loss_equals_the_eager_loss_and_gradients(tokenizer):
+    """--compile (the default) trains the same loss: value and gradients match eager within fp32 rounding, on two
+    batches (one graph, its number of predicted tokens dynamic)."""
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
+    compiled = train_bert.compiled_mlm_loss()
+    for seed, rows in ((0, 4), (1, 8)):
+        masked, labels = train_bert.masking_function(token_batch(tokenizer, rows, 32), tokenizer,
+                                                     generator=torch.Generator().manual_seed(seed))
+        batch = train_bert.sparse_batch(masked, labels)
+        losses, gradients = [], []
+        for loss_function in (train_bert.mlm_loss, compiled):
+            model.zero_grad()
+            loss = loss_function(model, **batch)
+            loss.backward()
+            losses.append(loss.detach())
+            gradients.append([parameter.grad.clone() for parameter in model.parameters() if parameter.grad is not None])
+        assert torch.allclose(*losses, rtol=1e-5, atol=1e-6), losses
+        assert len(gradients[0]) == len(gradients[1]) > 0
+        for eager, compiled_gradient in zip(*gradients):
+            assert torch.allclose(eager, compiled_gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experiment_keeps_it(tiny_flags, monkeypatch):
+    """--dtype auto (the default) resolves by the hardware when an experiment starts; hparams.json records the
+    result, and a resume on a machine that would resolve differently keeps the experiment's precision."""
+    def cpu_with(amx: bool, avx512_bf16: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        cpu_with(amx, avx512_bf16)
+        assert train_bert.resolve_dtype("auto", cpu) == expected
+        assert train_bert.resolve_dtype("fp16", cpu) == "fp16"
+    experiment = train_bert.train(**{**tiny_flags, "num_iterations": 2})  # no bf16 units: fp32
+    cpu_with(True, True)
+    train_bert.train(load_checkpoint_dir=experiment, num_iterations=4)
+    assert json.loads((Path(experiment) / "hparams.json").read_text())["flags"]["dtype"] == "fp32"
+    assert torch.load(Path(experiment) / "checkpoint-00000004.pt", weights_only=True)["step"] == 4
+
+
 def test_output_bias_is_the_log_unigram_distribution(tokenizer):
     """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's logits start there."""
     sample = torch.tensor([5, 5, 5, 7, len(tokenizer) - 1]).numpy()
@@ -230,10 +272,13 @@ def metric_records(experiment_dir: Path, key: str) -> list[dict]:
     return [record for record in map(json.loads, lines) if key in record]
 
 
-def test_model_checkpointing(tiny_flags, tmp_path):
-    """A run resumed from its step-10 checkpoint equals the uninterrupted 20-step run bit for bit (CPU, fp32)."""
+@pytest.mark.parametrize("dtype, compile", [("fp32", False), ("bf16", False),
+                                            pytest.param("bf16", True, marks=pytest.mark.slow)])
+def test_model_checkpointing(tiny_flags, tmp_path, dtype, compile):
+    """A run resumed from its step-10 checkpoint equals the uninterrupted 20-step run bit for bit (CPU; fp32 and
+    bf16 autocast, eager and compiled)."""
     flags = {**tiny_flags, "num_iterations": 20, "checkpoint_every": 10, "log_every": 1, "warmup_steps": 5,
-             "dropout": 0.1, "keep_last": 5}
+             "dropout": 0.1, "keep_last": 5, "dtype": dtype, "compile": compile}
     full = Path(train_bert.train(**flags))
 
     # The interrupted run: the same experiment as it stood after step 10 (nothing of steps 11-20 kept).
