@@ -2079,11 +2079,11 @@ def train(
         dtype: auto, fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scaler); master weights and the
             loss stay fp32 in every case. auto (the default) is bf16 where the device computes it natively (Ampere
             or newer GPUs; CPUs with AMX or AVX-512 BF16), else fp32: bf16 trains more tokens per second at no cost
-            in stability (1.36x fp32 on a 2-core Xeon with AMX, 1.3x on a 2-core EPYC; benchmarks/README.md), and
+            in stability (1.2x fp32 on a 2-core Xeon with AMX, 1.3x on a 2-core EPYC; benchmarks/README.md), and
             emulated bf16 would be slower. The experiment records the precision chosen.
         compile: Compile the training loss (encoder, sparse head and cross-entropy) with torch.compile. On by
             default, as in nanoGPT: fusing the head's cross-entropy over the 50k-token vocabulary and the encoder's
-            elementwise work made a step 1.65x faster in bf16 on a 2-core Xeon (benchmarks/README.md). The first
+            elementwise work made a step 1.75x faster in bf16 on a 2-core Xeon (benchmarks/README.md). The first
             steps take longer while it compiles (about 30 s on a small CPU; later runs reuse the compiled code).
             Falls back to eager, with a warning, where it cannot compile; --compile False for tiny models, where
             compiling takes longer than training.
