@@ -118,6 +118,13 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
         # name says so (train_bert.py's own default is --compile True).
         "cpu": cpu_suite(32, 128),
         "cpu512": cpu_suite(8, 512),
+        # train_bert.py's default model (batch 16 x 128): what --dtype auto and --compile buy on this CPU.
+        "cpu-default": [row(f"train_bert.py {dtype}{' + compile' if compile else ''}", "plain",
+                            **{name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim",
+                                                                            "num_heads", "batch_size",
+                                                                            "max_seq_length")},
+                            dtype=dtype, compile=compile)
+                        for compile in (False, True) for dtype in ("fp32", "bf16")],
         # The DeepSpeed script on the CPU (DeepSpeed's CPU accelerator), next to the plain script.
         "cpu-ds": [row("train_bert.py bf16", "plain", **cpu_dims, dtype="bf16", compile=False),
                    *ds_rows(cpu_dims, "bf16")],
@@ -585,8 +592,9 @@ def throughput(
     """Benchmark training throughput; print a markdown table, one row per configuration.
 
     Args:
-        suite: Which rows: cpu (upstream's model, batch 32 x 128), cpu512 (batch 8 x 512), cpu-ds (the
-            DeepSpeed script on the CPU), gpu (BERT-base on GPU 0), smoke (tiny, seconds).
+        suite: Which rows: cpu (upstream's model, batch 32 x 128), cpu512 (batch 8 x 512), cpu-default
+            (train_bert.py's model in fp32 / bf16, eager / compiled), cpu-ds (the DeepSpeed script on the CPU), gpu
+            (BERT-base on GPU 0), smoke (tiny, seconds).
         configs: Instead of a suite, a JSON file with a list of rows ({"name", "kind", "flags"}).
         rounds: Run the whole list this many times, interleaved; the table shows medians (and the range).
         window: Steps per log window. The first window is warm-up (and compilation); then `windows` are timed.

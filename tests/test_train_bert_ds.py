@@ -195,14 +195,21 @@ def test_zero0_fp32_matches_train_bert(grad_clip, tolerance, tiny_flags, tmp_pat
     clip_grad_norm_, which sums the squared norms in another order than torch's.
     """
     flags = {**tiny_flags, "num_iterations": 10, "grad_accum_steps": 2, "log_every": 1, "eval_every": 5,
-             "warmup_steps": 3, "grad_clip": grad_clip}
+             "warmup_steps": 3, "grad_clip": grad_clip, "dtype": "fp32"}
     plain = train_bert.train(**{**flags, "checkpoint_dir": str(tmp_path / "plain")})
-    deepspeed = train_bert_ds.train(**flags, zero_stage=0, dtype="fp32")
+    deepspeed = train_bert_ds.train(**flags, zero_stage=0)
     for key in ("loss", "eval_loss"):
         expected = [record[key] for record in metric_records(plain, key)]
         actual = [record[key] for record in metric_records(deepspeed, key)]
         assert len(actual) == len(expected) > 0
         assert actual == pytest.approx(expected, rel=tolerance, abs=0), key
+
+
+def test_dtype_auto_is_refused_here_with_what_to_give_instead(tiny_flags):
+    """train_bert.py's --dtype auto is not a DeepSpeed precision: one error naming the choices, nothing created."""
+    with pytest.raises(train_bert.ConfigError, match=r"--dtype must be one of fp32, bf16, fp16 here.*'auto'"):
+        train_bert_ds.train(**tiny_flags, dtype="auto")
+    assert not Path(tiny_flags["checkpoint_dir"]).exists()
 
 
 def test_fp16_loss_scale_survives_a_resume(tiny_flags, tmp_path):
