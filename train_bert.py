@@ -2083,7 +2083,7 @@ def train(
             emulated bf16 would be slower. The experiment records the precision chosen.
         compile: Compile the training loss (encoder, sparse head and cross-entropy) with torch.compile. On by
             default, as in nanoGPT: fusing the head's cross-entropy over the 50k-token vocabulary and the encoder's
-            elementwise work made a step 1.75x faster in bf16 on a 2-core Xeon (benchmarks/README.md). The first
+            elementwise work made a step 1.67x faster in bf16 on a 2-core Xeon (benchmarks/README.md). The first
             steps take longer while it compiles (about 30 s on a small CPU; later runs reuse the compiled code).
             Falls back to eager, with a warning, where it cannot compile; --compile False for tiny models, where
             compiling takes longer than training.
