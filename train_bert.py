@@ -2039,17 +2039,17 @@ def train(
             with length, and short blocks let a model see more blocks per second early in training; raise it (e.g.
             512) for the last part of a long run, as BERT does, when the model must learn long contexts.
         num_layers: Transformer layers. The model defaults (2 layers, h_dim 128, 2 heads, ff 512) are a small
-            model on purpose: in a short run on a CPU (minutes), what limits quality is how many tokens the model
+            model on purpose. In a short run on a CPU (minutes), what limits quality is how many tokens the model
             sees, and with roberta-base's 50k vocabulary most of a step is the embedding and output layer, so a
             narrow, shallow model sees several times the tokens of upstream's 6 x 256 and leaves the unigram
             plateau first (benchmarks/README.md, time to quality). They are sound for long runs too (they train
-            stably at any length) but not the best use of a GPU for hours: there, size the model up, e.g. BERT-base
+            stably at any length) but not the best use of a GPU for hours; there, size the model up, e.g. BERT-base
             (--num_layers 12 --h_dim 768 --num_heads 12 --ff_dim 3072) with --lr 5e-4 and a larger --batch_size.
         num_heads: Attention heads per layer; must divide h_dim (2 heads of 64 dimensions by default).
         ff_dim: Width of each layer's feed-forward block (4 x h_dim is the usual ratio).
         h_dim: Hidden size (also the embedding size: the tied 50k x h_dim embedding is most of a small model).
         dropout: Dropout on hidden states and attention probabilities. 0 by default, as in Cramming and
-            academic-budget-bert: a run that sees each token about once (10 minutes on a CPU is a fraction of an
+            academic-budget-bert; a run that sees each token about once (10 minutes on a CPU is a fraction of an
             epoch of wikitext-2; a GPU run on a large corpus) has little to overfit, and dropout slows learning and
             costs time (its random masks; with 0, attention also takes the fused flash kernel). For many epochs of
             a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
@@ -2065,7 +2065,7 @@ def train(
             follows the share of the budget spent, reaching 0 when it ends. A resume continues the budget from
             the time saved in the checkpoint; budgeted runs are not bit-reproducible (steps depend on speed).
         init_from: Continue pretraining a Hugging Face masked-LM checkpoint (a folder such as an hf_model/ this
-            script exported, or a Hub name such as roberta-base): its weights, config and tokenizer. Model flags
+            script exported, or a Hub name such as roberta-base), with its weights, config and tokenizer. Model flags
             must agree with it or be left out.
         lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa). 2e-3 suits the small default model
             (small models tolerate a high one; 3e-3 was no better in a 3-minute CPU run); use ~5e-4 to 1e-3 for
@@ -2078,11 +2078,11 @@ def train(
         grad_clip: Clip the global gradient norm to this (0 disables clipping).
         dtype: auto, fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scaler); master weights and the
             loss stay fp32 in every case. auto (the default) is bf16 where the device computes it natively (Ampere
-            or newer GPUs; CPUs with AMX or AVX-512 BF16), else fp32: bf16 trains more tokens per second at no cost
+            or newer GPUs; CPUs with AMX or AVX-512 BF16), else fp32. bf16 trains more tokens per second at no cost
             in stability (1.2x fp32 on a 2-core Xeon with AMX, 1.3x on a 2-core EPYC; benchmarks/README.md), and
             emulated bf16 would be slower. The experiment records the precision chosen.
         compile: Compile the training loss (encoder, sparse head and cross-entropy) with torch.compile. On by
-            default, as in nanoGPT: fusing the head's cross-entropy over the 50k-token vocabulary and the encoder's
+            default, as in nanoGPT; fusing the head's cross-entropy over the 50k-token vocabulary and the encoder's
             elementwise work made a step 1.67x faster in bf16 on a 2-core Xeon (benchmarks/README.md). The first
             steps take longer while it compiles (about 30 s on a small CPU; later runs reuse the compiled code).
             Falls back to eager, with a warning, where it cannot compile; --compile False for tiny models, where
@@ -2101,15 +2101,15 @@ def train(
             ~/.cache/huggingface/datasets). A store is one flat uint16 (uint32 for vocabularies over 65,536) token
             array per split, memory-mapped, keyed by the corpus and the tokenizer; delete it to reclaim the space.
         eval_blocks: Validation blocks of each periodic evaluation: a fixed subset drawn by --seed (0 or more than
-            the split holds: the whole split). 2048 blocks cost a forward pass each, about 2048 / 3 training blocks
-            (a step is forward + backward, ~3 forwards): ~4% of the 500 x 32 blocks trained between evaluations at
+            the split holds means the whole split). 2048 blocks cost a forward pass each, about 2048 / 3 training blocks
+            (a step is forward + backward, ~3 forwards), ~4% of the 500 x 32 blocks trained between evaluations at
             the defaults, and ~40k predicted tokens, enough for a loss to ~0.01 nats. wikitext-2's validation split
             (1,958 blocks of 128) is evaluated whole. The test evaluation at the end uses the whole test split.
         streaming: Read the corpus as a stream instead of preparing a token store: for corpora too big to download
             first (a Hub dataset such as allenai/c4 or HuggingFaceFW/fineweb, or local .txt files). Lines are
             tokenized and packed on the fly, in file order (no shuffling), every rank reading the stream and
             training on its own blocks; the stream position is checkpointed, so a resume continues exactly where
-            it stopped. Validation: the first --eval_blocks blocks of the validation split, or, without one, of
+            it stopped. Validation uses the first --eval_blocks blocks of the validation split, or, without one, of
             the train split (then held out from training). Batches are made in the main process (--num_workers
             does not apply).
     """
