@@ -845,6 +845,9 @@ def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train
 UPSTREAM_RECIPE = row("upstream-style defaults", "upstream-style", **UPSTREAM_DIMS, batch_size=8, max_seq_length=512,
                       dropout=0.1)
 EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
+# The flags a ttq table shows for a train_bert.py / train_bert_ds.py recipe, as the run resolved them.
+TTQ_KEY_FLAGS = ("lr", "warmup_steps", "num_iterations", "time_budget", "batch_size", "dtype", "compile", "dropout",
+                 "num_layers", "h_dim", "ff_dim", "max_seq_length")
 
 
 def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
@@ -931,8 +934,7 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     steps = checkpoint["step"]
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
             "tokens_trained": steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"],
-            "flags": {key: resolved[key] for key in ("lr", "warmup_steps", "num_iterations", "time_budget", "batch_size",
-                                                     "dtype", "dropout", "num_layers", "h_dim", "ff_dim", "max_seq_length")
+            "flags": {key: resolved[key] for key in TTQ_KEY_FLAGS
                       if resolved.get(key) is not None and not (key == "num_iterations" and resolved.get("time_budget"))}}
 
 
@@ -1270,8 +1272,9 @@ def train_bert_default(name: str) -> Any:
 
 def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
     """A recipe as a throughput row, with train_bert.py's defaults filled in where the recipe leaves a flag out."""
-    defaults = {name: train_bert_default(name) for name in
-                ("num_layers", "h_dim", "ff_dim", "num_heads", "batch_size", "max_seq_length", "dtype")}
+    names = ("num_layers", "h_dim", "ff_dim", "num_heads", "batch_size", "max_seq_length")
+    # train_bert.py's --dtype default ("auto") is not a DeepSpeed precision: there ds_config.json decides.
+    defaults = {name: train_bert_default(name) for name in names + (() if config["kind"] == "ds" else ("dtype",))}
     return {**config, "flags": {**defaults, **config["flags"]}}
 
 
