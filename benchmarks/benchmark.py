@@ -119,11 +119,8 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
         "cpu": cpu_suite(32, 128),
         "cpu512": cpu_suite(8, 512),
         # train_bert.py's default model (batch 16 x 128): what --dtype auto and --compile buy on this CPU.
-        "cpu-default": [row(f"train_bert.py {dtype}{' + compile' if compile else ''}", "plain",
-                            **{name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim",
-                                                                            "num_heads", "batch_size",
-                                                                            "max_seq_length")},
-                            dtype=dtype, compile=compile)
+        "cpu-default": [throughput_config(row(f"train_bert.py {dtype}{' + compile' if compile else ''}", "plain",
+                                              dtype=dtype, compile=compile))
                         for compile in (False, True) for dtype in ("fp32", "bf16")],
         # The DeepSpeed script on the CPU (DeepSpeed's CPU accelerator), next to the plain script.
         "cpu-ds": [row("train_bert.py bf16", "plain", **cpu_dims, dtype="bf16", compile=False),
