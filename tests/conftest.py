@@ -4,6 +4,7 @@ import os
 import contextlib
 import random
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The test models are tiny: one thread per process beats several fighting over 2 cores (and over the other processes
 # a test starts), several-fold on a busy machine. Set before torch is imported, so it holds in-process too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A CI runner may start the suite with SIGTERM or SIGINT ignored (a shell does so for its background jobs), and every
+# process a test starts would inherit that: the `deepspeed` runner, which sets no handler of its own, would shrug off
+# the SIGTERM a test sends it. The stop tests signal processes as a terminal or a scheduler does, so they start from
+# the defaults a user's shell gives.
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 
