@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import typing
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -2667,12 +2666,11 @@ def help_text(function: Callable, program: str) -> str:
 
     doc = docstrings.parse(inspect.getdoc(function))
     meanings = {arg.name: arg.description for arg in doc.args or []}
-    hints = typing.get_type_hints(function)
     lines = [f"{program}: {doc.summary}", "", doc.description or "", "", "Flags:"]
     for name, parameter in inspect.signature(function).parameters.items():
-        hint = hints.get(name)
-        type_name = hint.__name__ if isinstance(hint, type) else str(hint).replace("NoneType", "None")
-        lines.append(f"  --{name} {type_name}  (default: {parameter.default!r})")
+        # The annotation as written (a string under `from __future__ import annotations`), also for the flags
+        # train_bert_ds.py inherits, whose annotations live in this module.
+        lines.append(f"  --{name} {parameter.annotation}  (default: {parameter.default!r})")
         lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 

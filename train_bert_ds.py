@@ -212,13 +212,14 @@ def inherit_flags(function: Callable, base: Callable, from_config: tuple[str, ..
 def flag_docs(args_section: str) -> dict[str, str]:
     """Split a docstring's Args section into {flag: its lines}."""
     docs, name = {}, None
-    for line in args_section.splitlines(keepends=True):
+    # Without the closing quotes' indentation, the last entry would run into the next one joined after it.
+    for line in args_section.rstrip().splitlines():
         stripped = line.strip()
         if stripped and not line.startswith(" " * 12) and ":" in stripped:
             name = stripped.split(":", 1)[0]
             docs[name] = ""
         if name is not None:
-            docs[name] += line
+            docs[name] += line + "\n"
     return docs
 
 

@@ -920,15 +920,25 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     with contextlib.suppress(train_bert.TrainingInterrupted):
         module.train(**flags)
     experiment_dir = next((work_dir / "experiments").glob("bert_pretrain.*"))
-    checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
     hparams = json.loads((experiment_dir / "hparams.json").read_text())
     resolved = hparams["flags"]
     tokenizer = train_bert.load_tokenizer(str(experiment_dir / "tokenizer"))
-    model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
-                                    resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
-                                    resolved.get("init_from"))
-    model.load_state_dict(checkpoint["model"])
-    steps = checkpoint["step"]
+    if config["kind"] == "ds":
+        # A DeepSpeed checkpoint is DeepSpeed's own format; the run's export at its end is the model to evaluate.
+        # Its step count was fitted to end inside the budget, so only a much slower run than calibrated lacks it.
+        if train_bert.COMPLETED_KEY not in hparams:
+            raise RuntimeError(f"{experiment_dir} has no hf_model/: the run was stopped before its end")
+        from transformers import AutoModelForMaskedLM
+
+        model = AutoModelForMaskedLM.from_pretrained(experiment_dir / "hf_model")
+        steps = hparams[train_bert.COMPLETED_KEY]
+    else:
+        checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
+        model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
+                                        resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
+                                        resolved.get("init_from"))
+        model.load_state_dict(checkpoint["model"])
+        steps = checkpoint["step"]
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
             "tokens_trained": steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"],
             "flags": {key: resolved[key] for key in TTQ_KEY_FLAGS

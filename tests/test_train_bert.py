@@ -1,5 +1,7 @@
 """Tests of train_bert.py: each reads like a claim the tutorial makes."""
 
+import importlib
+import inspect
 import json
 import math
 import re
@@ -421,15 +423,20 @@ def test_one_letter_abbreviations_are_refused(tiny_flags):
     assert not Path(tiny_flags["checkpoint_dir"]).exists()
 
 
-def test_cli_help_documents_every_flag():
-    """--help is a manual: every flag of train() appears with its whole docstring entry (fire's docstring parser
-    cuts an entry short at a continuation line it mistakes for a new "name: text" entry)."""
-    result = subprocess.run([sys.executable, "train_bert.py", "--help"], capture_output=True, text=True, timeout=120,
+@pytest.mark.parametrize("script", ["train_bert", "train_bert_ds"])
+def test_cli_help_documents_every_flag(script):
+    """--help is a manual: every flag of train() appears with its type as written, its default and its whole
+    docstring entry (fire's docstring parser cuts an entry short at a continuation line it mistakes for a new
+    "name: text" entry); train_bert_ds.py's inherited flags too."""
+    train = importlib.import_module(script).train
+    result = subprocess.run([sys.executable, f"{script}.py", "--help"], capture_output=True, text=True, timeout=120,
                             cwd=Path(train_bert.__file__).parent)
     assert result.returncode == 0, result.stderr
     shown = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join((result.stdout + result.stderr).split()))  # undo wrapping
-    args = train_bert.train.__doc__.split("Args:\n", 1)[1]
+    args = train.__doc__.split("Args:\n", 1)[1]
     entries = re.findall(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", args, flags=re.M | re.S)
-    assert [name for name, _ in entries] == list(train_bert.inspect.signature(train_bert.train).parameters)
+    parameters = inspect.signature(train).parameters
+    assert [name for name, _ in entries] == list(parameters)
     for name, text in entries:
-        assert f"--{name}" in shown and " ".join(text.split()) in shown, name
+        assert f"--{name} {parameters[name].annotation} (default: {parameters[name].default!r})" in shown, name
+        assert " ".join(text.split()) in shown, name
