@@ -146,6 +146,22 @@ def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_
     assert re.search(r"RSS from step 2 to 6: [+-][\d,]+ MiB; peak [+-][\d,]+ MiB", result.stdout), result.stdout
 
 
+@pytest.mark.slow
+def test_time_to_quality_evaluates_a_deepspeed_recipe_from_its_export(tiny_corpus, tiny_tokenizer, tmp_path):
+    """A train_bert_ds.py recipe runs the step count its calibration fits into the budget, then is evaluated from
+    the hf_model/ it exported (its checkpoints are DeepSpeed's own format)."""
+    recipes = [{"name": "ds", "kind": "ds", **TINY_MODEL_FLAGS, "zero_stage": 1, "dtype": "fp32"}]
+    result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
+                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
+                           "--json_path", str(tmp_path / "ttq.json"), "--work_dir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ds,) = json.loads((tmp_path / "ttq.json").read_text())["results"]
+    assert ds["status"] == "ok", ds
+    [experiment] = (tmp_path / "work").glob("ttq/row0/experiments/*")
+    assert (experiment / "latest").read_text() == f"global_step{ds['steps']}"  # its end, not a SIGTERM
+    assert ds["steps"] == ds["flags"]["num_iterations"] >= 1 and 0 < ds["val_loss_packed"] < 20
+
+
 @pytest.mark.skipif(not os.environ.get("RUN_MLM_SCRIPT"), reason="set RUN_MLM_SCRIPT to a local copy of Hugging "
                     "Face's run_mlm.py (the project does not ship it)")
 def test_time_to_quality_runs_hugging_face_run_mlm_unchanged(tiny_corpus, tiny_tokenizer, tmp_path):
