@@ -879,50 +879,63 @@ def eval_batches(blocks: "PackedBlocks | torch.Tensor", batch_size: int, seed: i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Model: a Hugging Face RobertaForMaskedLM, sized by the flags, with a sparse MLM loss.
-# ----------------------------------------------------------------------------------------------------------------------
+# Model: a Hugging Face BERT-style masked LM (RoFormer or RoBERTa), sized by the flags, with a sparse MLM loss.
+# ----------------------------------------------------------------------------------------------------------------
+
+POSITIONS = ("rotary", "learned")
 
 
 def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
                  tokenizer: "transformers.PreTrainedTokenizerBase", max_seq_length: int,
-                 init_from: str | None = None, output_bias: torch.Tensor | None = None
-                 ) -> "transformers.RobertaForMaskedLM":
-    """Build a randomly initialised `RobertaForMaskedLM` whose sizes come from the arguments and the tokenizer.
+                 init_from: str | None = None, output_bias: torch.Tensor | None = None, positions: str = "rotary"
+                 ) -> "transformers.PreTrainedModel":
+    """Build a randomly initialised BERT-style masked LM whose sizes come from the arguments and the tokenizer.
+
+    `positions` is how attention learns where the tokens are:
+    - "rotary": `RoFormerForMaskedLM`, BERT with rotary position embeddings (RoPE, as in RoFormer, ModernBERT and
+      Llama). Queries and keys are rotated by angles proportional to their positions, so every attention score
+      depends on the two tokens' distance from the first step on; there is nothing about positions to learn.
+    - "learned": `RobertaForMaskedLM`, RoBERTa's learned absolute positions: a trained vector per position, added
+      to the token's. The model has to discover from data that neighbours matter: a small model spends its first
+      ~5,500 steps (an hour on a CPU) on a plateau where it predicts from word frequencies and the bag of words
+      around the mask (benchmarks/README.md). Released RoBERTa checkpoints use it, and its attention runs through
+      PyTorch's scaled_dot_product_attention (flash kernels), which transformers' RoFormer does not offer.
 
     Vocabulary size and special ids come from the tokenizer (nothing is hard-coded to roberta-base). RoBERTa
     numbers positions from pad_token_id + 1, so a block of `max_seq_length` tokens needs that many more position
-    embeddings. Attention runs through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
-    `output_bias` (see `unigram_output_bias`) becomes the initial bias of the output layer.
+    embeddings. `output_bias` (see `unigram_output_bias`) becomes the initial bias of the output layer.
 
     With `init_from` (continued pretraining) the model is that masked-LM checkpoint instead, weights and config
     (its sizes must already agree with the arguments: `resolve_init_from` sees to it), with `dropout` applied.
     """
-    from transformers import AutoModelForMaskedLM, RobertaConfig, RobertaForMaskedLM
+    from transformers import AutoModelForMaskedLM, RobertaConfig, RobertaForMaskedLM, RoFormerConfig, RoFormerForMaskedLM
 
     if init_from is not None:
-        return AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,
-                                                    attention_probs_dropout_prob=dropout, attn_implementation="sdpa")
+        model = AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,
+                                                     attention_probs_dropout_prob=dropout)
+        if model.config.model_type == "roformer":  # from_pretrained makes its fixed sinusoid table trainable
+            model.base_model.encoder.embed_positions.requires_grad_(False)
+        return model
     start_id, end_id = block_framing_ids(tokenizer)
-    config = RobertaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=h_dim,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        intermediate_size=ff_dim,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        max_position_embeddings=max_seq_length + tokenizer.pad_token_id + 1,
-        type_vocab_size=1,
-        layer_norm_eps=1e-5,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=start_id,
-        eos_token_id=end_id,
-    )
-    model = RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=h_dim, num_hidden_layers=num_layers,
+                 num_attention_heads=num_heads, intermediate_size=ff_dim, hidden_dropout_prob=dropout,
+                 attention_probs_dropout_prob=dropout, type_vocab_size=1, layer_norm_eps=1e-5,
+                 pad_token_id=tokenizer.pad_token_id, bos_token_id=start_id, eos_token_id=end_id)
+    if positions == "rotary":
+        model = RoFormerForMaskedLM._from_config(RoFormerConfig(max_position_embeddings=max_seq_length, **sizes))
+    else:
+        config = RobertaConfig(max_position_embeddings=max_seq_length + tokenizer.pad_token_id + 1, **sizes)
+        model = RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
     if output_bias is not None:
         with torch.no_grad():
-            model.lm_head.bias.copy_(output_bias)
+            model.get_output_embeddings().bias.copy_(output_bias)  # tied to the head's own bias
     return model
+
+
+def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
+    """The model's own MLM head (hidden states to vocabulary logits): `lm_head` in RoBERTa, `cls` in BERT-family
+    models such as RoFormer."""
+    return model.lm_head if hasattr(model, "lm_head") else model.cls
 
 
 def unigram_output_bias(token_ids: np.ndarray, vocab_size: int) -> torch.Tensor:
@@ -944,12 +957,12 @@ def mlm_loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: 
 
     The encoder runs on every token, but the MLM head (a d x d layer plus a d x vocab projection: most of a small
     model's FLOPs) runs only where there is something to predict, ~15% of positions. Logits go to fp32 before the
-    softmax so autocast never computes the loss in half precision. `model.lm_head` is the model's own head, so the
-    trained weights load with `RobertaForMaskedLM.from_pretrained`. No attention mask: packed blocks have no padding.
+    softmax so autocast never computes the loss in half precision. `mlm_head` is the model's own head, so the
+    trained weights load with `AutoModelForMaskedLM.from_pretrained`. No attention mask: packed blocks have no padding.
     """
-    hidden = model.roberta(input_ids=input_ids).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, masked_positions)
-    logits = model.lm_head(hidden)
+    logits = mlm_head(model)(hidden)
     return F.cross_entropy(logits.float(), masked_labels, reduction=reduction)
 
 
@@ -958,7 +971,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_flops(config: "transformers.RobertaConfig", tokens: int, predicted: int, seq_length: int) -> float:
+def training_flops(config: "transformers.PretrainedConfig", tokens: int, predicted: int, seq_length: int) -> float:
     """FLOPs of one forward+backward pass, the usual 6·N·tokens estimate made specific to a sparse-head encoder.
 
         6 · N_dense · tokens            N_dense = L·(4·d² + 2·d·f): attention projections and feed-forward matrices
@@ -1045,6 +1058,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     """Two optimizer groups: weight matrices decay, biases and LayerNorm weights do not (BERT's recipe)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:  # e.g. RoFormer's fixed sinusoid table
+            continue
         (no_decay if parameter.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -1436,8 +1451,8 @@ def fill_mask_demo(hf_model_dir: Path, device: torch.device, sentence: str = FIL
 
 # Flags that fix the model's or the data's shape: a resume must use the values the checkpoint was trained with.
 RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size", "max_seq_length", "num_layers",
-                      "num_heads", "ff_dim", "h_dim", "batch_size", "grad_accum_steps", "seed", "init_from",
-                      "streaming")
+                      "num_heads", "ff_dim", "h_dim", "positions", "batch_size", "grad_accum_steps", "seed",
+                      "init_from", "streaming")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**32 - 1  # np.random.seed's limit (torch's is 2**64 - 1)
 # Flags that describe this process, not the experiment: never recorded as a change of the experiment's flags.
@@ -1476,6 +1491,8 @@ def validate_flags(flags: dict[str, Any]) -> None:
         require(not (is_int(warmup) and warmup >= 1),
                 f"--warmup_steps {warmup} is a number of steps, but a --time_budget run has no fixed number of steps; "
                 "give the warmup as a share of the budget (e.g. 0.06)")
+    require(flags.get("positions", "rotary") in POSITIONS,
+            f"--positions must be one of {', '.join(POSITIONS)}; got {flags.get('positions')!r}")
     for name in ("whole_word_mask",):
         require(isinstance(flags.get(name, False), bool), f"--{name} must be True or False; got {flags.get(name)!r}")
     require(flags.get("init_from") is None or (isinstance(flags["init_from"], str) and flags["init_from"] != ""),
@@ -1562,6 +1579,7 @@ def resolve_resume_flags(flags: dict[str, Any], saved: dict[str, Any], defaults:
     overrides the saved value (e.g. a larger --num_iterations to train further).
     """
     resolved = dict(flags)
+    saved = {"positions": "learned"} | saved  # experiments from before --positions existed used learned positions
     for name, saved_value in saved.items():
         if name not in flags or name in ("checkpoint_dir", "load_checkpoint_dir"):
             continue
@@ -1990,6 +2008,7 @@ def train(
     num_heads: int = 2,
     ff_dim: int = 512,
     h_dim: int = 128,
+    positions: str = "rotary",
     dropout: float = 0.0,
     batch_size: int = 16,
     grad_accum_steps: int = 1,
@@ -2047,11 +2066,17 @@ def train(
         num_heads: Attention heads per layer; must divide h_dim (2 heads of 64 dimensions by default).
         ff_dim: Width of each layer's feed-forward block (4 x h_dim is the usual ratio).
         h_dim: Hidden size (also the embedding size: the tied 50k x h_dim embedding is most of a small model).
+        positions: How attention knows where tokens are, "rotary" (RoFormer, BERT with rotary position
+            embeddings) or "learned" (RoBERTa's learned absolute position embeddings). Rotary by default, because
+            with learned positions a small model spends its first hour on a CPU (~5,500 steps) before it uses word
+            order, and with rotary ones only minutes (after 10 minutes on a CPU the validation loss is 4.86 against
+            6.25; benchmarks/README.md). "learned" is what released RoBERTa checkpoints use, and its attention has
+            PyTorch's flash kernels.
         dropout: Dropout on hidden states and attention probabilities. 0 by default, as in Cramming and
-            academic-budget-bert; a run that sees each token about once (10 minutes on a CPU is a fraction of an
-            epoch of wikitext-2; a GPU run on a large corpus) has little to overfit, and dropout slows learning and
-            costs time (its random masks; with 0, attention also takes the fused flash kernel). For many epochs of
-            a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
+            academic-budget-bert; a run that sees each token a few times (about two epochs of wikitext-2 in 10
+            minutes on a CPU; once in a GPU run on a large corpus) has little to overfit, and dropout slows learning and
+            costs time (its random masks; with 0, learned-position attention also takes the fused flash kernel).
+            For many epochs of a small corpus (hours of GPU time on wikitext-2) use --dropout 0.1.
         batch_size: Blocks per micro-batch (tokens per micro-batch = batch_size x max_seq_length). 16 by default:
             early in training more, smaller steps learn more per second than fewer large ones (in 3-minute CPU
             runs batch 16 beat batch 32; benchmarks/README.md). On a GPU raise it (and --lr with it) until the
@@ -2158,12 +2183,15 @@ def resolve_init_from(flags: dict[str, Any], defaults: dict[str, Any]) -> dict[s
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"could not load --init_from {source!r}: {first_line[:300]}. {offline_hint()}") from error
-    if config.model_type not in ("roberta", "xlm-roberta", "camembert"):
+    learned_positions = config.model_type in ("roberta", "xlm-roberta", "camembert")
+    if not learned_positions and config.model_type != "roformer":
         raise ConfigError(f"--init_from {source!r} is a {config.model_type!r} model; this script continues RoBERTa-"
-                          "architecture masked LMs (roberta, xlm-roberta, camembert, or an hf_model/ it exported)")
+                          "architecture masked LMs (roberta, xlm-roberta, camembert), RoFormer, or an hf_model/ it "
+                          "exported")
     resolved = dict(flags)
     from_checkpoint = {"num_layers": config.num_hidden_layers, "num_heads": config.num_attention_heads,
-                       "ff_dim": config.intermediate_size, "h_dim": config.hidden_size, "tokenizer": source}
+                       "ff_dim": config.intermediate_size, "h_dim": config.hidden_size, "tokenizer": source,
+                       "positions": "learned" if learned_positions else "rotary"}
     for name, value in from_checkpoint.items():
         if flags[name] not in (defaults[name], value):
             raise ConfigError(f"--{name} {flags[name]!r} disagrees with --init_from {source!r}, whose {name} is "
@@ -2171,10 +2199,11 @@ def resolve_init_from(flags: dict[str, Any], defaults: dict[str, Any]) -> dict[s
         resolved[name] = value
     if flags["dropout"] == defaults["dropout"]:
         resolved["dropout"] = config.hidden_dropout_prob
-    positions = config.max_position_embeddings - config.pad_token_id - 1
-    if flags["max_seq_length"] > positions:
-        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is longer than the {positions} positions of "
-                          f"--init_from {source!r}; use --max_seq_length {positions} or less")
+    # RoBERTa numbers positions from pad_token_id + 1 (see create_model); RoFormer from 0.
+    limit = config.max_position_embeddings - (config.pad_token_id + 1 if learned_positions else 0)
+    if flags["max_seq_length"] > limit:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is longer than the {limit} positions of "
+                          f"--init_from {source!r}; use --max_seq_length {limit} or less")
     logger.info(f"init_from {source}: " + ", ".join(f"{name} {resolved[name]}" for name in (*from_checkpoint, "dropout")))
     return resolved
 
@@ -2251,7 +2280,8 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         new_model = saved_tokenizer_dir is None and not flags["init_from"]  # a resume loads its weights instead
         output_bias = unigram_output_bias(data.token_sample(), len(data.tokenizer)) if new_model else None
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                             data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias).to(device)
+                             data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias,
+                             flags["positions"]).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
         budget = TimeBudget(parse_duration(flags["time_budget"])) if flags["time_budget"] is not None else None
         progress.budget = budget
@@ -2358,7 +2388,7 @@ def compile_encoder(model: torch.nn.Module) -> None:
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
-    model.roberta.compile()
+    model.base_model.compile()
 
 
 def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
@@ -2433,7 +2463,7 @@ class LossWindow:
             raise nonfinite_error(f"the loss became non-finite (NaN or inf) at step {bad_step}", experiment_dir)
 
     def record(self, step: int, lr: float, grad_norm: float | None, flags: dict[str, Any],
-               model_config: "transformers.RobertaConfig", device: torch.device, num_ranks: int = 1
+               model_config: "transformers.PretrainedConfig", device: torch.device, num_ranks: int = 1
                ) -> dict[str, Any]:
         """The log line for the steps since the previous one, then start a new window.
 

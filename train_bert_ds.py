@@ -386,7 +386,7 @@ class SparseMLM(torch.nn.Module):
     Checkpoint keys get a `model.` prefix; the export removes it.
     """
 
-    def __init__(self, model: "transformers.RobertaForMaskedLM"):
+    def __init__(self, model: "transformers.PreTrainedModel"):
         super().__init__()
         self.model = model
 
@@ -463,7 +463,7 @@ def load_ds_checkpoint(engine: Any, experiment_dir: Path) -> tuple[int, tuple[in
 
 def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[str, Any],
                        tokenizer: Any) -> torch.nn.Module:
-    """The trained model as one fp32 RobertaForMaskedLM on the CPU (call on rank 0 after the final checkpoint).
+    """The trained model as one fp32 masked LM (create_model's) on the CPU (call on rank 0 after the final checkpoint).
 
     With ZeRO or bf16 the fp32 master weights are partitioned across the ranks' optimizer states: DeepSpeed's
     zero_to_fp32 gathers them from the checkpoint (ZeRO-3 included). Without ZeRO in fp32 or fp16, every rank holds
@@ -476,7 +476,7 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
     else:
         state = engine.module.state_dict()
     model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                         tokenizer, flags["max_seq_length"])
+                         tokenizer, flags["max_seq_length"], positions=flags["positions"])
     prefix = "model."
     model.load_state_dict({key.removeprefix(prefix): value.float().cpu() for key, value in state.items()},
                           strict=True)
@@ -580,7 +580,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         data = prepare_data(flags, tokenizer_dir)
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                              flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                             output_bias=unigram_output_bias(data.token_sample(), len(data.tokenizer)))
+                             output_bias=unigram_output_bias(data.token_sample(), len(data.tokenizer)),
+                             positions=flags["positions"])
         return data, model
 
     resuming = flags["checkpoint_dir"] is None

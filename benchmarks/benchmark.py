@@ -936,7 +936,7 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
         checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
         model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
                                         resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
-                                        resolved.get("init_from"))
+                                        resolved.get("init_from"), positions=resolved["positions"])
         model.load_state_dict(checkpoint["model"])
         steps = checkpoint["step"]
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
@@ -1065,8 +1065,8 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     by_input = {"mask": [0, 0], "random": [0, 0], "unchanged": [0, 0]}  # [correct, predicted] per input shown
     with torch.no_grad():
         for batch in batches:
-            hidden = model.roberta(input_ids=batch["input_ids"]).last_hidden_state
-            logits = model.lm_head(hidden.flatten(0, 1).index_select(0, batch["masked_positions"])).float()
+            hidden = model.base_model(input_ids=batch["input_ids"]).last_hidden_state
+            logits = train_bert.mlm_head(model)(hidden.flatten(0, 1).index_select(0, batch["masked_positions"])).float()
             loss_sum = torch.nn.functional.cross_entropy(logits, batch["masked_labels"], reduction="sum")
             labels = batch["masked_labels"]
             predicted = labels != train_bert.IGNORE_INDEX  # not the bucket's padding

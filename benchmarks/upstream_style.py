@@ -88,7 +88,8 @@ def upstream_style_batches(texts: list[str], tokenizer: Any, batch_size: int, ma
 def upstream_style_model(tokenizer: Any, num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
                          max_seq_length: int) -> torch.nn.Module:
     """Our `create_model` (the same RoBERTa, tied decoder) switched to eager attention, as upstream ran it."""
-    model = train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, dropout, tokenizer, max_seq_length)
+    model = train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, dropout, tokenizer, max_seq_length,
+                                    positions="learned")
     model.config._attn_implementation = "eager"
     return model
 
@@ -96,10 +97,10 @@ def upstream_style_model(tokenizer: Any, num_layers: int, num_heads: int, ff_dim
 def upstream_style_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pad_id: int,
                         reduction: str = "mean") -> torch.Tensor:
     """Upstream's forward: encoder over the padded batch, masked positions found with `nonzero` in the step."""
-    hidden = model.roberta(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     flat_labels = batch["labels"].flatten()
     positions = (flat_labels != pad_id).nonzero().squeeze(1)
-    logits = model.lm_head(hidden.flatten(0, 1).index_select(0, positions))
+    logits = train_bert.mlm_head(model)(hidden.flatten(0, 1).index_select(0, positions))
     return torch.nn.functional.cross_entropy(logits.float(), flat_labels[positions], reduction=reduction)
 
 

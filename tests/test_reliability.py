@@ -439,6 +439,7 @@ BAD_INPUT_CASES = [
     ("mask_prob=0", NEW + ["--mask_prob=0"], ["--mask_prob", "> 0"]),
     ("h_dim%heads", NEW + ["--h_dim=30", "--num_heads=4"], ["--h_dim 30", "divisible by --num_heads 4"]),
     ("layers=0", NEW + ["--num_layers=0"], ["--num_layers", "positive integer", "0"]),
+    ("positions=relative", NEW + ["--positions=relative"], ["--positions", "rotary, learned", "'relative'"]),
     ("iterations<0", NEW + ["--num_iterations=-5"], ["--num_iterations", "positive integer", "-5"]),
     ("batch_size=abc", NEW + ["--batch_size=abc"], ["--batch_size", "positive integer", "'abc'"]),
     ("seq_len<specials", NEW + ["--max_seq_length=4"], ["--max_seq_length", "at least 8", "4"]),

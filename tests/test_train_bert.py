@@ -176,12 +176,15 @@ def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpu
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer):
+@pytest.mark.parametrize("positions, model_type, attention", [("rotary", "roformer", "eager"),
+                                                              ("learned", "roberta", "sdpa")])
+def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer, positions, model_type, attention):
     """Vocab and ids come from the tokenizer; the sparse MLM loss equals HF's dense loss over all positions."""
-    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, positions=positions)
+    assert model.config.model_type == model_type
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.pad_token_id == tokenizer.pad_token_id
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == attention
     masked, labels = train_bert.masking_function(token_batch(tokenizer, 4, 32), tokenizer,
                                                  generator=torch.Generator().manual_seed(0))
     batch = train_bert.sparse_batch(masked, labels)
@@ -235,15 +238,20 @@ def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experimen
     assert torch.load(Path(experiment) / "checkpoint-00000004.pt", weights_only=True)["step"] == 4
 
 
-def test_output_bias_is_the_log_unigram_distribution(tokenizer):
-    """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's logits start there."""
+@pytest.mark.parametrize("positions", train_bert.POSITIONS)
+def test_output_bias_is_the_log_unigram_distribution(tokenizer, positions):
+    """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's output layer starts there."""
     sample = torch.tensor([5, 5, 5, 7, len(tokenizer) - 1]).numpy()
     bias = train_bert.unigram_output_bias(sample, len(tokenizer))
     counts = torch.ones(len(tokenizer), dtype=torch.float64)
     counts[5], counts[7], counts[-1] = 4, 2, 2
     assert torch.allclose(bias.double().exp(), counts / counts.sum(), rtol=1e-6)
-    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, output_bias=bias)
-    assert torch.equal(model.lm_head.bias, bias) and torch.equal(model.lm_head.decoder.bias, bias)
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, output_bias=bias,
+                                    positions=positions)
+    vocab_biases = {name: value for name, value in model.state_dict().items()
+                    if name.endswith("bias") and value.shape == bias.shape}
+    assert len(vocab_biases) == 2, vocab_biases.keys()  # the head's bias and the decoder's, tied
+    assert all(torch.equal(value, bias) for value in vocab_biases.values())
 
 
 def test_a_new_run_starts_at_the_unigram_plateau(tiny_flags, tokenizer):
@@ -301,9 +309,9 @@ def test_model_checkpointing(tiny_flags, tmp_path, dtype, compile):
     for name, tensor in final["model"].items():
         assert torch.equal(tensor, final_resumed["model"][name]), name
     optimizer_state = final["optimizer"]["state"]
-    from transformers import AutoModelForMaskedLM
 
-    assert len(optimizer_state) == len(list(AutoModelForMaskedLM.from_pretrained(full / "hf_model").parameters()))
+    exported = train_bert.create_model(2, 2, 64, 32, 0.0, None, 32, init_from=str(full / "hf_model"))
+    assert len(optimizer_state) == len([p for p in exported.parameters() if p.requires_grad])
     for slot, resumed_slot in zip(optimizer_state.values(), final_resumed["optimizer"]["state"].values()):
         assert float(slot["step"]) == 20
         assert torch.equal(slot["exp_avg"], resumed_slot["exp_avg"])
@@ -318,6 +326,18 @@ def test_resume_can_train_further_and_rejects_shape_changes(tiny_flags):
     assert torch.load(Path(experiment) / "checkpoint-00000010.pt", weights_only=True)["step"] == 10
     with pytest.raises(train_bert.ConfigError, match="h_dim"):
         train_bert.train(load_checkpoint_dir=experiment, h_dim=64)
+
+
+def test_an_experiment_from_before_positions_existed_resumes_with_learned_positions(tiny_flags):
+    """hparams.json written before --positions has no such flag; its model had learned positions, and a resume with
+    the new default (rotary) would build the wrong model and fail to load the checkpoint."""
+    experiment = train_bert.train(**{**tiny_flags, "num_iterations": 2, "positions": "learned"})
+    hparams_path = Path(experiment) / "hparams.json"
+    hparams = json.loads(hparams_path.read_text())
+    del hparams["flags"]["positions"]
+    hparams_path.write_text(json.dumps(hparams))
+    train_bert.train(load_checkpoint_dir=experiment, num_iterations=4)
+    assert torch.load(Path(experiment) / "checkpoint-00000004.pt", weights_only=True)["step"] == 4
 
 
 def test_same_seed_same_run(tiny_flags):
