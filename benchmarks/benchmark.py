@@ -844,7 +844,7 @@ UPSTREAM_RECIPE = row("upstream-style defaults", "upstream-style", **UPSTREAM_DI
 EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
 # The flags a ttq table shows for a train_bert.py / train_bert_ds.py recipe, as the run resolved them.
 TTQ_KEY_FLAGS = ("lr", "warmup_steps", "num_iterations", "time_budget", "batch_size", "dtype", "compile", "dropout",
-                 "num_layers", "h_dim", "ff_dim", "max_seq_length")
+                 "num_layers", "h_dim", "ff_dim", "positions", "max_seq_length")
 
 
 def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
