@@ -967,8 +967,9 @@ def mlm_loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: 
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """Number of distinct parameters (tied embedding/decoder weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of distinct trained parameters (tied embedding/decoder weights counted once; a fixed table such as
+    RoFormer's sinusoids not at all)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def training_flops(config: "transformers.PretrainedConfig", tokens: int, predicted: int, seq_length: int) -> float:

@@ -478,8 +478,13 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
     model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
                          tokenizer, flags["max_seq_length"], positions=flags["positions"])
     prefix = "model."
-    model.load_state_dict({key.removeprefix(prefix): value.float().cpu() for key, value in state.items()},
-                          strict=True)
+    missing, unexpected = model.load_state_dict(
+        {key.removeprefix(prefix): value.float().cpu() for key, value in state.items()}, strict=False)
+    # zero_to_fp32 gathers the trained parameters only; a fixed one (RoFormer's sinusoid table) is create_model's.
+    fixed = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
+    if unexpected or set(missing) - fixed:
+        raise RuntimeError(f"{experiment_dir} / {tag} does not match the model: missing {sorted(set(missing) - fixed)}, "
+                           f"unexpected {unexpected}")
     return model
 
 

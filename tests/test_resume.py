@@ -350,10 +350,12 @@ def long_blocks_corpus(tmp_path_factory) -> Path:
 def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags, long_blocks_corpus, tmp_path):
     """Blocks of 2048 tokens and 8 heads: a step's attention needs GiBs more than loading does. Under a 4 GiB
     address-space limit the step's allocation fails for real: one line naming the flags, and no experiment without
-    a checkpoint (new run) / the checkpoint kept (resumed run). Dropout keeps attention on the math path, which
-    builds the [batch, heads, 2048, 2048] matrices (without dropout the CPU's flash kernel needs far less)."""
+    a checkpoint (new run) / the checkpoint kept (resumed run). Learned positions and dropout keep attention on
+    SDPA's math path, which builds the [batch, heads, 2048, 2048] matrices (without dropout the CPU's flash kernel
+    needs far less)."""
     flags = {**run_flags, **QUIET, "dataset": long_blocks_corpus, "checkpoint_dir": tmp_path / "experiments",
-             "max_seq_length": 2048, "num_heads": 8, "batch_size": 4, "num_iterations": 2, "dropout": 0.1}
+             "max_seq_length": 2048, "num_heads": 8, "batch_size": 4, "num_iterations": 2, "dropout": 0.1,
+             "positions": "learned"}
     result = run_cli("train_bert.py", flags, env=ENV, preexec_fn=limit_address_space(4))
     assert_one_line_error(result, "out of memory during training", "--batch_size (now 4", "--max_seq_length (now 2048)",
                           "was removed", "Start again with")
