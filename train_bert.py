@@ -880,7 +880,7 @@ def eval_batches(blocks: "PackedBlocks | torch.Tensor", batch_size: int, seed: i
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Model: a Hugging Face BERT-style masked LM (RoFormer or RoBERTa), sized by the flags, with a sparse MLM loss.
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 
 POSITIONS = ("rotary", "learned")
 
@@ -908,7 +908,8 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
     With `init_from` (continued pretraining) the model is that masked-LM checkpoint instead, weights and config
     (its sizes must already agree with the arguments: `resolve_init_from` sees to it), with `dropout` applied.
     """
-    from transformers import AutoModelForMaskedLM, RobertaConfig, RobertaForMaskedLM, RoFormerConfig, RoFormerForMaskedLM
+    from transformers import (AutoModelForMaskedLM, RobertaConfig, RobertaForMaskedLM, RoFormerConfig,
+                              RoFormerForMaskedLM)
 
     if init_from is not None:
         model = AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,

@@ -483,8 +483,8 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
     # zero_to_fp32 gathers the trained parameters only; a fixed one (RoFormer's sinusoid table) is create_model's.
     fixed = {name for name, parameter in model.named_parameters() if not parameter.requires_grad}
     if unexpected or set(missing) - fixed:
-        raise RuntimeError(f"{experiment_dir} / {tag} does not match the model: missing {sorted(set(missing) - fixed)}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(f"{experiment_dir} / {tag} does not match the model: missing "
+                           f"{sorted(set(missing) - fixed)}, unexpected {unexpected}")
     return model
 
 
