@@ -1613,18 +1613,23 @@ class StopSignal:
         return self
 
     def request_stop(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:  # the stop is under way
+            if signum == signal.SIGINT and not self.at_once:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            return
+        self.signum = signum
         if self.at_once:
             raise StoppedAtOnce(f"stopped by {signal.Signals(signum).name}", signum)
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.signum = signum
         # A raw write, not the logger: the signal may have interrupted a log call, and loguru is not re-entrant.
         os.write(sys.stderr.fileno(),
                  f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint\n".encode())
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, _type: Any, error: BaseException | None, _traceback: Any) -> None:
+        # A stopping run has saved what it can and only has to say so and exit; a launcher stopping the other ranks
+        # SIGTERMs this one again, which must not cut that message short: SIGTERM stays ignored from here on.
+        stopping = isinstance(error, (TrainingInterrupted, StoppedAtOnce))
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if stopping and signum == signal.SIGTERM else handler)
 
     def interruption(self, step: int, experiment_dir: Path) -> TrainingInterrupted:
         """The error that ends the run once the checkpoint of `step` is saved; it says how to resume."""
@@ -2737,8 +2742,6 @@ def main(function: Callable = None) -> None:
     except (CheckpointError, OutOfMemory) as error:
         report(f"error: {error}", shared=False, exit_code=1)
     except TrainingInterrupted as error:
-        # The checkpoint is safe: a second SIGTERM (a launcher stopping the other ranks) must not cut this message.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         report(str(error), shared=True, exit_code=128 + error.signum)
     except KeyboardInterrupt:  # a second Ctrl-C
         report("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "

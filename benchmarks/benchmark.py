@@ -919,8 +919,10 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
             timer.cancel()
 
     module.training_loop = budgeted_loop
-    with contextlib.suppress(train_bert.TrainingInterrupted):
+    try:
         module.train(**flags)
+    except train_bert.TrainingInterrupted:  # a stopped run leaves SIGTERM ignored (it expects to exit); this goes on
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     experiment_dir = next((work_dir / "experiments").glob("bert_pretrain.*"))
     hparams = json.loads((experiment_dir / "hparams.json").read_text())
     resolved = hparams["flags"]

@@ -241,6 +241,33 @@ def test_sigterm_during_the_export_leaves_no_partial_hf_model(run_flags, tmp_pat
     AutoModelForMaskedLM.from_pretrained(experiment / "hf_model")
 
 
+def test_sigterms_that_keep_coming_while_the_run_stops_cannot_cut_its_message(run_flags, tmp_path):
+    """A launcher that stops a rank signals it again when another rank has exited first (DeepSpeed's per-node
+    launcher SIGTERMs every rank left): SIGTERM every 5 ms from the first one on, so repeats land in every phase of
+    the stop (the step in flight, the save, the unwinding). Before, one landing after the training loop's handler was
+    gone killed the process before it said where its checkpoint was."""
+    flags = {**run_flags, **QUIET, "checkpoint_dir": tmp_path / "experiments", "num_iterations": 100000}
+    log = tmp_path / "run.log"
+    process = start("train_bert.py", cli_args(flags), log)
+    wait_until(lambda: list((tmp_path / "experiments").glob("*/metrics.jsonl")) and metric_records(
+        only_experiment(tmp_path / "experiments"), "loss"), process, log)
+    try:
+        while process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.005)
+        exit_code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert exit_code == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    step = checkpoint_steps(only_experiment(tmp_path / "experiments"))[-1]
+    assert output.count("stopped by SIGTERM") == 1, output[-3000:]
+    assert f"stopped by SIGTERM after step {step}; checkpoint saved. Resume with: " in output
+    assert output.count("received SIGTERM: finishing this step") == 1, "said once, however many signals came"
+
+
 def test_sigterm_before_the_first_step_leaves_no_experiment_that_cannot_resume(run_flags, tmp_path):
     """The experiment folder exists, no checkpoint yet: the folder is removed and the start command is printed."""
     flags = {**run_flags, **QUIET, "checkpoint_dir": tmp_path / "experiments", "num_iterations": 3}
