@@ -69,7 +69,10 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived: a checkpoint was saved and the message says how to resume."""
+    """SIGTERM/SIGINT arrived: a checkpoint was saved and the message says how to resume.
+
+    The process is expected to print that and exit: from here on it ignores SIGTERM (see `StopSignal.__exit__`).
+    """
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)

@@ -32,9 +32,11 @@ MODELS = [
 
 def meta_model(tokenizer, num_layers: int, num_heads: int, h_dim: int, ff_dim: int, max_seq_length: int
                ) -> torch.nn.Module:
-    """The model train_bert.create_model builds, with shapes only (no memory, no initialisation cost)."""
+    """The model train_bert.create_model builds, with shapes only (no memory, no initialisation cost); learned
+    positions, as BERT and RoBERTa were published."""
     with torch.device("meta"):
-        return train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, 0.1, tokenizer, max_seq_length)
+        return train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, 0.1, tokenizer, max_seq_length,
+                                       positions="learned")
 
 
 def largest_layer_params(model: torch.nn.Module) -> int:
