@@ -919,6 +919,7 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
                                                      attention_probs_dropout_prob=dropout)
         if model.config.model_type == "roformer":  # from_pretrained makes its fixed sinusoid table trainable
             model.base_model.encoder.embed_positions.requires_grad_(False)
+            use_fused_rotary_attention(model)
         return model
     start_id, end_id = block_framing_ids(tokenizer)
     sizes = dict(vocab_size=len(tokenizer), hidden_size=h_dim, num_hidden_layers=num_layers,
@@ -927,6 +928,7 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
                  pad_token_id=tokenizer.pad_token_id, bos_token_id=start_id, eos_token_id=end_id)
     if positions == "rotary":
         model = RoFormerForMaskedLM._from_config(RoFormerConfig(max_position_embeddings=max_seq_length, **sizes))
+        use_fused_rotary_attention(model)
     else:
         config = RobertaConfig(max_position_embeddings=max_seq_length + tokenizer.pad_token_id + 1, **sizes)
         model = RobertaForMaskedLM._from_config(config, attn_implementation="sdpa")
@@ -934,6 +936,36 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
         with torch.no_grad():
             model.get_output_embeddings().bias.copy_(output_bias)  # tied to the head's own bias
     return model
+
+
+def rotary_sdpa_attention(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          sinusoidal_pos: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+    """RoFormer's self-attention with the same weights and rotations, computed by `scaled_dot_product_attention`.
+
+    transformers' RoFormer writes attention out (QKᵀ, softmax, dropout, ·V: the [tokens x tokens] matrices of every
+    head go through memory three times, forward and backward). Rotating q and k first and handing them to PyTorch's
+    fused kernel (flash attention on GPUs, a fused kernel on CPUs) computes the same function in one pass.
+    """
+    batch_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
+    query, key, value = (projection(hidden_states).view(batch_shape).transpose(1, 2)
+                         for projection in (self.query, self.key, self.value))
+    if self.rotary_value:
+        query, key, value = self.apply_rotary_position_embeddings(sinusoidal_pos, query, key, value)
+    else:
+        query, key = self.apply_rotary_position_embeddings(sinusoidal_pos, query, key)
+    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             dropout_p=self.dropout.p if self.training else 0.0)
+    return context.transpose(1, 2).flatten(2), None
+
+
+def use_fused_rotary_attention(model: "transformers.PreTrainedModel") -> None:
+    """Make every RoFormer self-attention layer of `model` run `rotary_sdpa_attention` (parameters, their names and
+    the saved checkpoints stay RoFormer's own, so `from_pretrained` loads them into the stock class)."""
+    from transformers.models.roformer.modeling_roformer import RoFormerSelfAttention
+
+    for module in model.modules():
+        if isinstance(module, RoFormerSelfAttention):
+            module.forward = rotary_sdpa_attention.__get__(module)
 
 
 def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
@@ -1461,7 +1493,7 @@ RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**32 - 1  # np.random.seed's limit (torch's is 2**64 - 1)
 # Flags that describe this process, not the experiment: never recorded as a change of the experiment's flags.
-PER_PROCESS_FLAGS = ("checkpoint_dir", "load_checkpoint_dir", "local_rank", "ds_config")
+PER_PROCESS_FLAGS = ("checkpoint_dir", "load_checkpoint_dir", "device", "local_rank", "ds_config")
 
 
 def validate_flags(flags: dict[str, Any]) -> None:
@@ -1523,7 +1555,10 @@ def validate_flags(flags: dict[str, Any]) -> None:
             f"--dtype must be one of auto, {', '.join(DTYPES)}; got {flags['dtype']!r}")
     require(isinstance(flags["compile"], bool), f"--compile must be True or False; got {flags['compile']!r}")
     require(is_int(flags["local_rank"]) and flags["local_rank"] >= -1,
-            f"--local_rank must be -1 (CPU) or a GPU index >= 0; got {flags['local_rank']!r}")
+            f"--local_rank must be -1 (not under a launcher) or a GPU index >= 0; got {flags['local_rank']!r}")
+    require(isinstance(flags.get("device", "auto"), str) and
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", flags.get("device", "auto")) is not None,
+            f"--device must be auto, cpu, cuda or cuda:N (N a GPU index); got {flags.get('device')!r}")
     for name in ("dataset", "tokenizer"):
         require(isinstance(flags[name], str) and flags[name] != "", f"--{name} must be a name or a path; got {flags[name]!r}")
     require(flags["num_proc"] is None or (is_int(flags["num_proc"]) and flags["num_proc"] > 0),
@@ -1540,20 +1575,34 @@ def validate_flags(flags: dict[str, Any]) -> None:
             "--eval_blocks 0 (the whole validation split) cannot be used with --streaming; give a number of blocks")
 
 
-def resolve_device(local_rank: int, dtype: str) -> torch.device:
-    """`--local_rank -1` is the CPU, N is GPU N; check the device exists and supports `dtype`."""
-    if local_rank == -1:
+def resolve_device(device: str, local_rank: int, dtype: str) -> torch.device:
+    """The device to train on, checked to exist and to support `dtype`, and logged with the reason.
+
+    `--device auto` is GPU `--local_rank` (a launcher's, else $LOCAL_RANK, else 0) where CUDA is available, else
+    the CPU; `cpu`, `cuda` (the same GPU as auto) and `cuda:N` choose. A `--local_rank N` given without --device
+    asks for GPU N, as launchers expect.
+    """
+    rank = local_rank if local_rank >= 0 else int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto" and local_rank < 0 and not torch.cuda.is_available():
+        logger.info("device cpu (--device auto: no CUDA GPU on this machine)")
         return torch.device("cpu")
+    if device == "cpu":
+        logger.info("device cpu (--device cpu)")
+        return torch.device("cpu")
+    index = int(device.split(":")[1]) if ":" in device else rank
+    asked = f"--device {device}" if device != "auto" else f"--local_rank {local_rank}" if local_rank >= 0 else \
+        "--device auto"
     if not torch.cuda.is_available():
-        raise ConfigError(f"--local_rank {local_rank} asks for GPU {local_rank}, but this machine has no CUDA GPU; "
-                          "use --local_rank -1 to train on the CPU")
-    if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"--local_rank {local_rank} asks for GPU {local_rank}, but there are only "
-                          f"{torch.cuda.device_count()} (0..{torch.cuda.device_count() - 1})")
+        raise ConfigError(f"{asked} asks for GPU {index}, but this machine has no CUDA GPU; use --device cpu (or "
+                          "auto) to train on the CPU")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{asked} asks for GPU {index}, but there are only {torch.cuda.device_count()} "
+                          f"(0..{torch.cuda.device_count() - 1})")
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--dtype bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(local_rank)} "
+        raise ConfigError(f"--dtype bf16 needs an Ampere or newer GPU; {torch.cuda.get_device_name(index)} "
                           "cannot; use --dtype fp16 or fp32")
-    return torch.device("cuda", local_rank)
+    logger.info(f"device cuda:{index} ({torch.cuda.get_device_name(index)}; {asked})")
+    return torch.device("cuda", index)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -2037,6 +2086,7 @@ def train(
     checkpoint_every: int = 1000,
     keep_last: int = 3,
     num_workers: int = 0,
+    device: str = "auto",
     local_rank: int = -1,
     num_proc: int | None = None,
     data_cache: str | None = None,
@@ -2127,7 +2177,9 @@ def train(
         checkpoint_every: Steps between checkpoints (also at the end and when stopped by SIGTERM/Ctrl-C).
         keep_last: Checkpoints kept; older ones are deleted once a newer one is safely written.
         num_workers: DataLoader worker processes that mask batches ahead of the step (0: in the main process).
-        local_rank: -1 trains on the CPU; N >= 0 on GPU N.
+        device: auto (the GPU where CUDA is available, else the CPU), cpu, cuda or cuda:N. The log's first lines
+            say which device was chosen and why.
+        local_rank: The GPU of this process on its machine, as launchers pass it (-1: not given; $LOCAL_RANK or 0).
         num_proc: Processes that tokenize the corpus into the token store (default: all the machine's cores; at
             most one per 10,000 lines). Only the first run on a corpus and tokenizer tokenizes; later runs and
             resumes, at any --max_seq_length, reuse the store.
@@ -2158,7 +2210,7 @@ def train(
     if load_checkpoint_dir is None:
         check_writable(checkpoint_dir)
         check_sequence_limits(flags)
-        device = resolve_device(flags["local_rank"], flags["dtype"])
+        device = resolve_device(flags["device"], flags["local_rank"], flags["dtype"])
         flags["dtype"] = resolve_dtype(flags["dtype"], device)
         check_memory(flags, device)
         return str(run_training(flags, device, None))
@@ -2172,7 +2224,7 @@ def train(
         hparams = load_hparams(experiment_dir)  # read under the lock: the last run may have updated it
         flags = resolve_resume_flags(flags, hparams["flags"], defaults)
         validate_flags(flags)
-        device = resolve_device(flags["local_rank"], flags["dtype"])
+        device = resolve_device(flags["device"], flags["local_rank"], flags["dtype"])
         if not check_resume_target(flags, saved_step(experiment_dir), experiment_dir, hparams.get(COMPLETED_KEY)):
             return str(experiment_dir)
         check_memory(flags, device)

@@ -504,7 +504,7 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
     --grad_accum_steps, --lr, --weight_decay, --grad_clip, --dtype and the ZeRO flags) take the config's value when
     not given, and override it when given. Each rank trains on its own batches: the effective batch is
     batch_size x grad_accum_steps x ranks. The device is DeepSpeed's accelerator: CUDA where there is a GPU, else
-    the CPU (set DS_ACCELERATOR=cpu to choose it on a GPU machine).
+    the CPU (--device cpu, or DS_ACCELERATOR=cpu, chooses it on a GPU machine).
 
     Args:
         batch_size: Blocks per micro-batch on each rank (ds_config: train_micro_batch_size_per_gpu).
@@ -555,6 +555,11 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         flags, config = effective_ds_config(flags, config, world_size)
         validate_flags(flags)
         validate_ds_flags(flags)
+        if flags["device"] not in ("auto", "cpu"):
+            raise ConfigError(f"--device {flags['device']!r}: train_bert_ds.py puts each rank on the GPU its launcher "
+                              "gives it (LOCAL_RANK); --device takes auto (that GPU, or the CPU without CUDA) or cpu")
+        if flags["device"] == "cpu":  # read when deepspeed is first imported (in init_distributed)
+            os.environ["DS_ACCELERATOR"] = "cpu"
         for name in ("time_budget", "init_from"):  # train_bert.py's loop and model have them; this script not yet
             if flags[name] is not None:
                 raise ConfigError(f"--{name} is not supported by train_bert_ds.py yet; use train_bert.py for it")

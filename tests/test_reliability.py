@@ -445,7 +445,9 @@ BAD_INPUT_CASES = [
     ("seq_len<specials", NEW + ["--max_seq_length=4"], ["--max_seq_length", "at least 8", "4"]),
     ("seq_len>tokenizer", NEW + ["--tokenizer={tokenizer_short}"], ["--max_seq_length 32", "16 tokens"]),
     ("dtype=fp8", NEW + ["--dtype=fp8"], ["--dtype", "fp32, bf16, fp16", "'fp8'"]),
-    ("local_rank_without_gpu", NEW + ["--local_rank=0"], ["--local_rank 0", "no CUDA GPU", "--local_rank -1"]),
+    ("local_rank_without_gpu", NEW + ["--local_rank=0"], ["--local_rank 0", "no CUDA GPU", "--device cpu"]),
+    ("device_cuda_without_gpu", NEW + ["--device=cuda:1"], ["--device cuda:1", "GPU 1", "no CUDA GPU"]),
+    ("device=tpu", NEW + ["--device=tpu"], ["--device", "auto, cpu, cuda or cuda:N", "'tpu'"]),
     ("unknown_flag", NEW + ["--lerning_rate=1e-3"], ["--lerning_rate", "--help"]),
     ("stray_value", NEW + ["oops"], ["'oops'", "--flag"]),
     ("both_dirs", NEW + ["--load_checkpoint_dir={EXP}"], ["exactly one of --checkpoint_dir", "both"]),
@@ -476,7 +478,7 @@ BAD_INPUT_CASES = [
                          ids=[case[0] for case in BAD_INPUT_CASES])
 def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(run_flags, bad_inputs, experiment, tmp_path, args,
                                                                expected):
-    if "--local_rank=0" in args and torch.cuda.is_available():
+    if ("--local_rank=0" in args or "--device=cuda:1" in args) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     overridden = {arg[2:].split("=")[0] for arg in args if arg.startswith("--")}
     new_run = cli_args({name: value for name, value in {**run_flags, "checkpoint_dir": tmp_path / "experiments"}.items()

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unittest.mock
 from pathlib import Path
 
 import pytest
@@ -176,7 +177,7 @@ def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpu
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("positions, model_type, attention", [("rotary", "roformer", "eager"),
+@pytest.mark.parametrize("positions, model_type, attention", [("rotary", "roformer", "eager"),  # SDPA: see below
                                                               ("learned", "roberta", "sdpa")])
 def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer, positions, model_type, attention):
     """Vocab and ids come from the tokenizer; the sparse MLM loss equals HF's dense loss over all positions."""
@@ -194,6 +195,55 @@ def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer, po
     sparse = train_bert.mlm_loss(model, **batch)
     dense = model(input_ids=masked, labels=labels).loss
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
+
+
+def test_rotary_attention_runs_fused_and_equals_roformers_own(tokenizer):
+    """The rotary model's attention goes through scaled_dot_product_attention (one fused kernel) and computes what
+    transformers' RoFormer computes with the same weights: logits and gradients, with and without a padding mask;
+    the saved weights load into the stock class."""
+    from transformers import RoFormerForMaskedLM
+
+    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
+    stock = RoFormerForMaskedLM(model.config)
+    stock.load_state_dict(model.state_dict())
+    ids = token_batch(tokenizer, 3, 32)
+    padding = torch.ones_like(ids)
+    padding[1, 20:] = 0
+    with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
+                                    wraps=torch.nn.functional.scaled_dot_product_attention) as sdpa:
+        model(input_ids=ids)
+    assert sdpa.call_count == model.config.num_hidden_layers
+    for attention_mask in (None, padding):
+        outputs = [network(input_ids=ids, attention_mask=attention_mask).logits for network in (model, stock)]
+        assert torch.allclose(*outputs, rtol=1e-5, atol=1e-5), (outputs[0] - outputs[1]).abs().max()
+        for network, logits in zip((model, stock), outputs):
+            network.zero_grad()
+            logits.square().mean().backward()
+        for fused, reference in zip(model.parameters(), stock.parameters()):
+            if fused.grad is not None:
+                assert torch.allclose(fused.grad, reference.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_device_auto_is_the_launchers_gpu_where_cuda_is_available_else_the_cpu(monkeypatch):
+    """--device auto (the default) trains on GPU $LOCAL_RANK (or --local_rank) when CUDA is available, on the CPU
+    otherwise; cpu and cuda:N choose; a GPU asked for where there is none is one clear error."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_bert.resolve_device("auto", -1, "fp32") == torch.device("cpu")
+    with pytest.raises(train_bert.ConfigError, match="no CUDA GPU"):
+        train_bert.resolve_device("cuda", -1, "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train_bert.resolve_device("auto", -1, "bf16") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train_bert.resolve_device("auto", -1, "bf16") == torch.device("cuda", 1)
+    assert train_bert.resolve_device("auto", 0, "bf16") == torch.device("cuda", 0)  # a launcher's --local_rank
+    assert train_bert.resolve_device("cuda:1", -1, "bf16") == torch.device("cuda", 1)
+    assert train_bert.resolve_device("cpu", 1, "bf16") == torch.device("cpu")
+    with pytest.raises(train_bert.ConfigError, match="only 2"):
+        train_bert.resolve_device("cuda:2", -1, "bf16")
 
 
 @pytest.mark.slow
