@@ -16,6 +16,7 @@ Run it:
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -34,6 +35,7 @@ import shutil
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1163,22 +1165,34 @@ class TimeBudget:
     everything after it: steps, evaluations, checkpoints, and the end of the run (last evaluation and checkpoint,
     test evaluation, export and fill-mask demo). So that the end fits, training stops `reserve_s` early: an
     estimate of that end work from measurements (an evaluation batch and a checkpoint-sized save, timed at the
-    start, then the real ones as they happen). A resumed run adds the time its checkpoint says was spent before.
+    start, again once the first steps are done, then the real ones as they happen). A resumed run adds the time its
+    checkpoint says was spent before.
+
+    A process's first steps are not its step time: they compile the model (torch.compile: a minute for BERT-base)
+    and allocate memory. They count as spent, but the stop rule predicts the next step from the median of the
+    recent steps after them, never from a compile.
     """
 
     END_MARGIN_S = 3.0  # the fill-mask demo loads the exported model into a pipeline: a few seconds, not timed ahead
     RETIME_EVERY_S = 30.0  # how often an evaluation batch is timed again: the machine's load changes during a run
+    WARMUP_STEPS = 2  # a process's first steps (compilation, first allocations): spent, never extrapolated
+    END_SHARE = 0.15  # the test evaluation is cut to a subset where the whole split would take more of the budget
+    STEP_WINDOW = 9  # recent step times whose median predicts the next step
 
     def __init__(self, total_s: float, spent_before_s: float = 0.0):
         self.total_s, self.spent_before_s = total_s, spent_before_s
         self.clock_start = self.timed_at = time.perf_counter()
         self.evaluation_batch_s = self.checkpoint_s = 0.0
-        self.end_evaluation_batches = 0
+        self.validation_batches = self.all_test_batches = self.test_batches = 0
+        self.step_times: collections.deque[float] = collections.deque(maxlen=self.STEP_WINDOW)
+        self.steps_seen, self.first_step_s = 0, 0.0
         self.training_ended = False  # set after the last step: a stop from then on is in the end phase
 
     def retime_due(self) -> bool:
-        """Whether the evaluation batch should be timed again (every RETIME_EVERY_S seconds)."""
-        return time.perf_counter() - self.timed_at >= self.RETIME_EVERY_S
+        """Whether the evaluation batch should be timed again: after each warm-up step and the first step after
+        them (the timing at the start may have shared the machine with start-up work or a compile: it must not
+        decide the first stop), then every RETIME_EVERY_S seconds."""
+        return self.steps_seen <= self.WARMUP_STEPS + 1 or time.perf_counter() - self.timed_at >= self.RETIME_EVERY_S
 
     def start(self) -> None:
         """Start the clock (at the first training step)."""
@@ -1188,9 +1202,31 @@ class TimeBudget:
         """Seconds spent, earlier runs of a resumed experiment included."""
         return self.spent_before_s + time.perf_counter() - self.clock_start
 
+    def record_step(self, seconds: float) -> None:
+        """Count one optimizer step that took `seconds`; the warm-up steps are remembered but not averaged."""
+        self.steps_seen += 1
+        if self.steps_seen == 1:
+            self.first_step_s = seconds
+        if self.steps_seen > self.WARMUP_STEPS:
+            self.step_times.append(seconds)
+
+    def step_estimate_s(self) -> float:
+        """The expected duration of the next step: the median of the recent steps after the warm-up (0 during it,
+        so a compile never ends a run that has time left)."""
+        return statistics.median(self.step_times) if self.step_times else 0.0
+
+    def set_evaluation_batch_s(self, seconds: float) -> None:
+        """A new measurement of one evaluation batch; the test evaluation is sized to END_SHARE of the budget
+        (at least one batch, at most the whole split)."""
+        self.evaluation_batch_s, self.timed_at = seconds, time.perf_counter()
+        fixed = self.validation_batches * seconds + 2 * self.checkpoint_s + self.END_MARGIN_S
+        room = int((self.END_SHARE * self.total_s - fixed) / max(seconds, 1e-9))
+        self.test_batches = min(self.all_test_batches, max(1, room))
+
     def reserve_s(self) -> float:
         """The time kept for the end of the run: final and test evaluation, the last checkpoint, the export."""
-        return self.evaluation_batch_s * self.end_evaluation_batches + 2 * self.checkpoint_s + self.END_MARGIN_S
+        end_batches = self.validation_batches + self.test_batches
+        return self.evaluation_batch_s * end_batches + 2 * self.checkpoint_s + self.END_MARGIN_S
 
     def training_s(self) -> float:
         """The point of the budget at which training stops (and the learning rate reaches 0)."""
@@ -1203,6 +1239,13 @@ class TimeBudget:
     def exhausted(self, next_seconds: float) -> bool:
         """True if work of `next_seconds` (one more step and what follows it) would run into the reserve."""
         return self.spent() + next_seconds > self.training_s()
+
+    def overrun_note(self) -> str:
+        """Why a run that ended past its budget did, when its first step (a compile) took much of it; else ''."""
+        if self.spent() <= 1.05 * self.total_s or self.first_step_s < 0.25 * self.total_s:
+            return ""
+        return (f"; the first step alone took {self.first_step_s:.0f} s of the {self.total_s:.0f} s budget (compiling "
+                "the model): raise --time_budget or pass --compile False")
 
 
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
@@ -2378,7 +2421,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             export_and_demo(model, data.tokenizer, experiment_dir, device, flags["max_seq_length"])
             mark_completed(experiment_dir, saved_step(experiment_dir))
             if budget is not None:
-                logger.info(f"time budget: {budget.spent():.1f} s of {budget.total_s:.0f} s spent")
+                logger.info(f"time budget: {budget.spent():.1f} s of {budget.total_s:.0f} s spent{budget.overrun_note()}")
     return experiment_dir
 
 
@@ -2604,7 +2647,10 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
             if budget is None:
                 last = step == flags["num_iterations"]
             else:  # stop if another step (and the evaluation/checkpoint due now) would eat into the end's reserve
-                last = budget.exhausted(time.perf_counter() - step_start + evaluate_now * budget.evaluation_batch_s
+                budget.record_step(time.perf_counter() - step_start)
+                if budget.retime_due():  # the reserve for the end follows the machine's current speed
+                    budget.set_evaluation_batch_s(time_evaluation_batch(model, validation[:2], device, autocast))
+                last = budget.exhausted(budget.step_estimate_s() + evaluate_now * budget.evaluation_batch_s
                                         * len(validation) + checkpoint_now * budget.checkpoint_s)
 
             if step % flags["log_every"] == 0 or last:
@@ -2613,9 +2659,6 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                                        device)
                 if budget is not None:
                     record.update(budget_spent_s=budget.spent(), eta_s=max(0.0, budget.total_s - budget.spent()))
-                    if budget.retime_due():  # the reserve for the end follows the machine's current speed
-                        budget.evaluation_batch_s = time_evaluation_batch(model, validation[0], device, autocast)
-                        budget.timed_at = time.perf_counter()
                 if scaler.is_enabled():
                     record["loss_scale"] = scaler.get_scale()
                 metrics.log(record)
@@ -2626,7 +2669,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast,
                                                               description="validation"))
                 if budget is not None:
-                    budget.evaluation_batch_s = (time.perf_counter() - evaluation_start) / len(validation)
+                    budget.set_evaluation_batch_s((time.perf_counter() - evaluation_start) / len(validation))
             if checkpoint_now or last or stop.signum is not None:
                 window.raise_if_nonfinite(experiment_dir)
                 raise_if_weights_nonfinite(model, step, experiment_dir)
@@ -2642,34 +2685,46 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
     if budget is not None:
         budget.training_ended = True
     log_test_evaluation(metrics, data, flags, lambda test: evaluate(model, test, device, autocast, description="test"),
-                        step)
+                        step, None if budget is None else budget.test_batches * flags["batch_size"])
     return step
 
 
-def time_evaluation_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+def time_evaluation_batch(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
                           autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
-    """Seconds one evaluation batch takes now."""
-    start = time.perf_counter()
-    float(evaluate(model, [batch], device, autocast)[0])  # waits for the device
-    return time.perf_counter() - start
+    """Seconds one evaluation batch takes now: the fastest of `batches`, so a one-off delay does not count."""
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        float(evaluate(model, [batch], device, autocast)[0])  # waits for the device
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: list[dict[str, torch.Tensor]],
                        data: PreparedData, flags: dict[str, Any], device: torch.device,
                        autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-    """Time what the end of a budgeted run costs, then start its clock: an evaluation batch (the faster of two, so
-    one-off warm-up does not count) and an in-memory save of a checkpoint-sized state (the weights
-    and AdamW's two moments). `TimeBudget.reserve_s` multiplies them out; the real ones replace them later."""
-    test_batches = 0 if data.test_blocks is None else math.ceil(len(data.test_blocks) / flags["batch_size"])
-    budget.end_evaluation_batches = len(validation) + test_batches
-    budget.evaluation_batch_s = min(time_evaluation_batch(model, batch, device, autocast) for batch in validation[:2])
+    """Time what the end of a budgeted run costs, then start its clock: an evaluation batch and an in-memory save of
+    a checkpoint-sized state (the weights and AdamW's two moments). `TimeBudget.reserve_s` multiplies them out;
+    they are timed again once the first steps are done, and the real ones replace them later."""
+    budget.validation_batches = len(validation)
+    budget.all_test_batches = 0 if data.test_blocks is None else math.ceil(len(data.test_blocks) / flags["batch_size"])
     start = time.perf_counter()
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     torch.save({"model": state, "moments": [state, state]}, io.BytesIO())
     budget.checkpoint_s = time.perf_counter() - start
+    budget.set_evaluation_batch_s(time_evaluation_batch(model, validation[:2], device, autocast))
     budget.start()
     logger.info(f"time budget {budget.total_s:.0f} s ({budget.spent_before_s:.0f} s spent before): training stops "
-                f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export")
+                f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export "
+                "(timed again after the first steps)")
+    if budget.reserve_s() > 0.25 * (budget.total_s - budget.spent_before_s):
+        logger.warning(f"the end of the run needs about {budget.reserve_s():.0f} s of the {budget.total_s:.0f} s budget "
+                       f"(evaluating {budget.validation_batches} validation batches at {budget.evaluation_batch_s:.2f} s "
+                       "each, a checkpoint, the export): lower --eval_blocks or raise --time_budget")
+    if flags["compile"] and budget.total_s < 120:
+        logger.warning(f"--time_budget {budget.total_s:.0f} s with --compile True: the first step compiles the model, "
+                       "which can take a minute; it counts as spent, so a budget this short may train few steps "
+                       "(--compile False for short runs)")
 
 
 def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch.Tensor) -> None:
@@ -2680,11 +2735,16 @@ def log_evaluation(metrics: MetricsLogger, step: int, prefix: str, totals: torch
 
 def log_test_evaluation(metrics: MetricsLogger, data: PreparedData, flags: dict[str, Any],
                         evaluate_batches: Callable[[list[dict[str, torch.Tensor]]], torch.Tensor],
-                        step: int | None = None) -> None:
+                        step: int | None = None, max_blocks: int | None = None) -> None:
     """At the end of training (`step`, default num_iterations), evaluate the test split (if the dataset has one)
-    with `evaluate_batches`."""
+    with `evaluate_batches`: all of it, or a fixed subset of `max_blocks` blocks (a short time budget's)."""
     if data.test_blocks is not None:
-        test = eval_batches(data.test_blocks, flags["batch_size"], flags["seed"], data.masking)
+        blocks = data.test_blocks
+        if max_blocks is not None and max_blocks < len(blocks):
+            logger.info(f"test: {max_blocks:,} of the {len(blocks):,} test blocks (what the time budget's end holds)")
+            blocks = blocks[:max_blocks] if isinstance(blocks, torch.Tensor) else eval_subset(blocks, max_blocks,
+                                                                                               flags["seed"])
+        test = eval_batches(blocks, flags["batch_size"], flags["seed"], data.masking)
         log_evaluation(metrics, flags["num_iterations"] if step is None else step, "test", evaluate_batches(test))
 
 

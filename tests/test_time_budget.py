@@ -65,7 +65,7 @@ class FakeBudget(train_bert.TimeBudget):
 def test_budget_schedule_follows_the_share_of_the_budget_spent():
     """Warmup over the first 10% of the training time, then linear decay reaching 0 exactly when training stops."""
     budget = FakeBudget(100.0)
-    budget.evaluation_batch_s, budget.end_evaluation_batches, budget.checkpoint_s = 0.5, 10, 1.0
+    budget.evaluation_batch_s, budget.validation_batches, budget.checkpoint_s = 0.5, 10, 1.0
     training_s = 100.0 - (0.5 * 10 + 2 * 1.0 + train_bert.TimeBudget.END_MARGIN_S)
     assert budget.training_s() == pytest.approx(training_s)
     optimizer = sgd(2.0)
@@ -173,3 +173,44 @@ def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
     assert resumed[0]["budget_spent_s"] > saved_spent
     spent, total = budget_line(experiment)
     assert total == BUDGET_S and saved_spent < spent <= 1.25 * BUDGET_S
+
+
+def test_a_slow_first_step_and_a_slow_start_up_evaluation_do_not_end_a_budgeted_run(tiny_flags, monkeypatch):
+    """A compile makes the first step slow, and a busy machine makes the evaluation batch timed at start-up slow:
+    the budget counts both as spent, but predicts neither the next step nor the end of the run from them. Injected
+    here (5 s in the first step, 1 s in each evaluation batch timed before it), the run keeps training until its
+    end reserve instead of stopping after one step, and says nothing about the first step having overrun."""
+    budget_s, first_step_delay_s = 12, 5.0
+    started = []
+    real_loss, real_timing = train_bert.mlm_loss, train_bert.time_evaluation_batch
+
+    def slow_first_step(*args, **kwargs):
+        if not started:
+            started.append(True)
+            time.sleep(first_step_delay_s)
+        return real_loss(*args, **kwargs)
+
+    def busy_start_up(model, batches, *args):
+        return real_timing(model, batches, *args) + (0.0 if started else 1.0)
+
+    monkeypatch.setattr(train_bert, "mlm_loss", slow_first_step)
+    monkeypatch.setattr(train_bert, "time_evaluation_batch", busy_start_up)
+    experiment = Path(train_bert.train(**{**tiny_flags, "time_budget": f"{budget_s}s", "log_every": 5}))
+    steps = [record["step"] for record in metric_records(experiment, "loss")]
+    assert steps[-1] > train_bert.TimeBudget.WARMUP_STEPS + 10, steps
+    spent, total = budget_line(experiment)
+    assert spent >= first_step_delay_s + 0.3 * (budget_s - first_step_delay_s), spent
+    assert "the first step alone took" not in (experiment / "train.log").read_text()
+
+
+def test_a_budget_the_first_step_overruns_says_why_and_what_to_do():
+    """A first step (a compile) longer than the budget ends the run on that step and the last line says so."""
+    budget = FakeBudget(50.0)
+    budget.record_step(221.0)
+    budget.now = 221.0
+    assert budget.step_estimate_s() == 0.0  # never extrapolated
+    assert "the first step alone took 221 s of the 50 s budget" in budget.overrun_note()
+    assert "--compile False" in budget.overrun_note()
+    for seconds in (0.2, 0.3, 9.0, 0.25):  # after the warm-up: the median of the recent steps, an outlier ignored
+        budget.record_step(seconds)
+    assert budget.step_estimate_s() == pytest.approx(0.3)
