@@ -1248,6 +1248,84 @@ class TimeBudget:
                 "the model): raise --time_budget or pass --compile False")
 
 
+# Model shapes a --time_budget run chooses from (layers, width, heads, feed-forward, peak lr): BERT's family at a head
+# width of 64, from this script's default up to BERT-base; the lr falls as the width grows, as in BERT's and
+# Cramming's recipes.
+AUTO_SHAPES = ((2, 128, 2, 512, 2e-3), (4, 256, 4, 1024, 1.5e-3), (6, 384, 6, 1536, 1e-3), (8, 512, 8, 2048, 7e-4),
+               (12, 768, 12, 3072, 5e-4))
+AUTO_SIZED_FLAGS = ("num_layers", "h_dim", "num_heads", "ff_dim", "lr", "batch_size")
+TOKENS_PER_PARAMETER = 20  # compute-optimal training sees ~20 tokens per parameter (Hoffmann et al., 2022)
+GPU_BATCH_SIZE = 128  # blocks per step a --time_budget run uses on a GPU: enough work per kernel to keep it busy
+
+
+def choose_shape_for_budget(flags: dict[str, Any], tokenizer: Any, device: torch.device,
+                            keep: set[str]) -> tuple[dict[str, Any], str]:
+    """The model shape, batch size and lr for a --time_budget run: the largest of AUTO_SHAPES that sees at least
+    TOKENS_PER_PARAMETER tokens per (non-embedding) parameter in the budget, at the speed measured here and now.
+
+    A bigger model learns more per token, a smaller one sees more tokens; the compute-optimal balance (Chinchilla)
+    is ~20 tokens per parameter. Each shape, smallest first, trains a few steps (eager, random tokens, this run's
+    precision) to measure its tokens/s on this device; the search stops at the first shape that would see too few
+    tokens. On a 2-core CPU that keeps the default (2 x 128); a GPU gets a wider, deeper model and a batch that
+    fills it. Flags named in `keep` (given by the user) are never changed; the RNG is left as it was. Returns the
+    chosen flags and a line that says why.
+    """
+    batch_size = flags["batch_size"] if "batch_size" in keep or device.type != "cuda" else GPU_BATCH_SIZE
+    training_s = (1 - TimeBudget.END_SHARE) * parse_duration(flags["time_budget"])
+    chosen = {}
+    for layers, width, heads, ff, lr in AUTO_SHAPES:
+        shape = {"num_layers": layers, "h_dim": width, "num_heads": heads, "ff_dim": ff, "lr": lr,
+                 "batch_size": batch_size}
+        shape = {name: flags[name] if name in keep else value for name, value in shape.items()}
+        if shape["h_dim"] % shape["num_heads"]:
+            continue
+        tokens_per_s = measure_tokens_per_s({**flags, **shape}, tokenizer, device)
+        parameters = shape["num_layers"] * (4 * shape["h_dim"] ** 2 + 2 * shape["h_dim"] * shape["ff_dim"])
+        per_parameter = tokens_per_s * training_s / parameters
+        logger.info(f"auto size: {shape['num_layers']} x {shape['h_dim']} (ff {shape['ff_dim']}), batch "
+                    f"{batch_size}: {tokens_per_s:,.0f} tokens/s here, {per_parameter:.0f} tokens per parameter in "
+                    f"{training_s:.0f} s of training")
+        if chosen and per_parameter < TOKENS_PER_PARAMETER:
+            break
+        chosen = shape
+    changed = {name: value for name, value in chosen.items() if value != flags[name]}
+    return chosen, (f"auto size: {chosen['num_layers']} layers x {chosen['h_dim']} (ff {chosen['ff_dim']}, "
+                    f"{chosen['num_heads']} heads), batch {chosen['batch_size']}, lr {chosen['lr']:g}: the largest shape "
+                    f"that sees >= {TOKENS_PER_PARAMETER} tokens per parameter in this budget on {device}" +
+                    (" (the defaults)" if not changed else "") + "; --auto_size False keeps the flags as given")
+
+
+def measure_tokens_per_s(flags: dict[str, Any], tokenizer: Any, device: torch.device, min_steps: int = 3,
+                         min_seconds: float = 0.5) -> float:
+    """Training tokens per second of the model `flags` describe, on `device`: eager forward, backward and AdamW step
+    on random tokens, timed over at least `min_steps` steps and `min_seconds` after two untimed ones (first
+    allocations, kernel selection). The weights and the RNG are thrown away afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
+                             flags["dropout"], tokenizer, flags["max_seq_length"], positions=flags["positions"])
+        model.to(device)
+        optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
+        ids = torch.randint(len(tokenizer), (flags["batch_size"], flags["max_seq_length"]))
+        batch = to_device(sparse_batch(*masking_function(ids, tokenizer)), device)
+        autocast = make_autocast(device, flags["dtype"])
+        steps, start = -2, 0.0
+        while steps < min_steps or time.perf_counter() - start < min_seconds:
+            with autocast():
+                loss = mlm_loss(model, **batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            float(loss)  # waits for the device
+            steps += 1
+            if steps == 0:
+                start = time.perf_counter()
+        seconds = (time.perf_counter() - start) / steps
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return flags["batch_size"] * flags["max_seq_length"] / seconds
+
+
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LambdaLR,
                       lr: float) -> None:
     """After loading a checkpoint, use this run's peak `lr` and schedule from the checkpoint's step on.
@@ -1573,7 +1651,7 @@ def validate_flags(flags: dict[str, Any]) -> None:
                 "give the warmup as a share of the budget (e.g. 0.06)")
     require(flags.get("positions", "rotary") in POSITIONS,
             f"--positions must be one of {', '.join(POSITIONS)}; got {flags.get('positions')!r}")
-    for name in ("whole_word_mask",):
+    for name in ("whole_word_mask", "auto_size"):
         require(isinstance(flags.get(name, False), bool), f"--{name} must be True or False; got {flags.get(name)!r}")
     require(flags.get("init_from") is None or (isinstance(flags["init_from"], str) and flags["init_from"] != ""),
             f"--init_from must be a Hugging Face masked-LM folder or Hub name; got {flags.get('init_from')!r}")
@@ -2116,6 +2194,7 @@ def train(
     grad_accum_steps: int = 1,
     num_iterations: int = 10000,
     time_budget: str | None = None,
+    auto_size: bool = True,
     init_from: str | None = None,
     lr: float = 2e-3,
     weight_decay: float = 0.01,
@@ -2191,6 +2270,9 @@ def train(
             export are inside the budget (training stops early enough for them), and the learning rate schedule
             follows the share of the budget spent, reaching 0 when it ends. A resume continues the budget from
             the time saved in the checkpoint; budgeted runs are not bit-reproducible (steps depend on speed).
+        auto_size: With --time_budget, choose the model shape, batch size and lr for the budget from the speed
+            measured on this device at start-up: the largest shape (up to BERT-base) that sees ~20 tokens per
+            parameter (compute-optimal), batch 128 on a GPU. Flags you give are kept. False: the flags as given.
         init_from: Continue pretraining a Hugging Face masked-LM checkpoint (a folder such as an hf_model/ this
             script exported, or a Hub name such as roberta-base), with its weights, config and tokenizer. Model flags
             must agree with it or be left out.
@@ -2256,7 +2338,10 @@ def train(
         device = resolve_device(flags["device"], flags["local_rank"], flags["dtype"])
         flags["dtype"] = resolve_dtype(flags["dtype"], device)
         check_memory(flags, device)
-        return str(run_training(flags, device, None))
+        given = {name for name in AUTO_SIZED_FLAGS if flags[name] != defaults[name]}
+        auto_size = flags["auto_size"] and time_budget is not None and init_from is None and not (
+            {"num_layers", "h_dim", "num_heads", "ff_dim"} <= given)
+        return str(run_training(flags, device, None, given if auto_size else None))
     experiment_dir = Path(load_checkpoint_dir)
     load_hparams(experiment_dir)
     if not any(experiment_dir.glob(CHECKPOINT_PATTERN)):
@@ -2370,8 +2455,12 @@ def experiment_logging(experiment_dir: Path, start_step: int) -> Iterator[Metric
         console_logging()
 
 
-def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None) -> Path:
-    """Prepare data and model, create or reopen the experiment directory, run the training loop, export."""
+def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_dir: Path | None,
+                 auto_size_keeping: set[str] | None = None) -> Path:
+    """Prepare data and model, create or reopen the experiment directory, run the training loop, export.
+
+    With `auto_size_keeping` (the user's own flags among AUTO_SIZED_FLAGS), the model's shape, batch size and lr
+    are first chosen for the time budget (`choose_shape_for_budget`)."""
     torch.manual_seed(flags["seed"])
     random.seed(flags["seed"])
     np.random.seed(flags["seed"])
@@ -2382,6 +2471,12 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
     progress = RunProgress(None if saved_tokenizer_dir is None else saved_tokenizer_dir.parent)
     with contextlib.ExitStack() as lock, reported_stops(flags, progress):
         data = prepare_data(flags, saved_tokenizer_dir)
+        auto_size_note = None
+        if auto_size_keeping is not None:
+            chosen, auto_size_note = choose_shape_for_budget(flags, data.tokenizer, device, auto_size_keeping)
+            flags.update(chosen)
+            logger.info(auto_size_note)
+            check_memory(flags, device)
         new_model = saved_tokenizer_dir is None and not flags["init_from"]  # a resume loads its weights instead
         output_bias = unigram_output_bias(data.token_sample(), len(data.tokenizer)) if new_model else None
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
@@ -2415,6 +2510,8 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
 
         with experiment_logging(experiment_dir, start_step) as metrics:
             log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
+            if auto_size_note:
+                logger.info(auto_size_note)  # again, now that train.log exists
             progress.started = True
             training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
                           start_step, data_position, budget)

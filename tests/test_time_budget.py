@@ -5,6 +5,7 @@ its schedule, and the whole run took about the budget), with tolerances generous
 make no speed claim.
 """
 
+import inspect
 import json
 import os
 import signal
@@ -214,3 +215,57 @@ def test_a_budget_the_first_step_overruns_says_why_and_what_to_do():
     for seconds in (0.2, 0.3, 9.0, 0.25):  # after the warm-up: the median of the recent steps, an outlier ignored
         budget.record_step(seconds)
     assert budget.step_estimate_s() == pytest.approx(0.3)
+
+
+def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(monkeypatch):
+    """With a --time_budget, the shape is the largest of AUTO_SHAPES whose measured speed gives it >= 20 tokens per
+    non-embedding parameter in the training part of the budget; the search stops at the first that falls short;
+    flags the user gave are kept; a GPU gets a larger batch."""
+    flags = {**{name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()},
+             "time_budget": "100s"}
+    training_s = (1 - train_bert.TimeBudget.END_SHARE) * 100
+    measured = []
+
+    def speed_for(per_parameter: dict[int, float]):
+        def measure(shape_flags, tokenizer, device):
+            measured.append((shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["batch_size"]))
+            layers, width, ff = shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["ff_dim"]
+            return per_parameter[width] * layers * (4 * width**2 + 2 * width * ff) / training_s
+        return measure
+
+    # Tokens per parameter each shape would see: 4 x 256 is the last with >= 20; 8 x 512 (more than 20) is never
+    # reached, because the search stops at 6 x 384.
+    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 500, 256: 21, 384: 19, 512: 25, 768: 1}))
+    chosen, why = train_bert.choose_shape_for_budget(flags, None, torch.device("cpu"), set())
+    assert why.startswith("auto size: 4 layers x 256 (ff 1024, 4 heads), batch 16, lr 0.0015")
+    assert (chosen["num_layers"], chosen["h_dim"], chosen["num_heads"], chosen["ff_dim"]) == (4, 256, 4, 1024)
+    assert chosen["lr"] == 1.5e-3 and chosen["batch_size"] == flags["batch_size"]
+    assert [shape[:2] for shape in measured] == [(2, 128), (4, 256), (6, 384)]
+
+    measured.clear()  # nothing reaches 20: the smallest (the defaults); on a GPU, GPU_BATCH_SIZE
+    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 3, 256: 1, 384: 1, 512: 1, 768: 1}))
+    chosen, why = train_bert.choose_shape_for_budget(flags, None, torch.device("cuda"), set())
+    assert "(the defaults)" not in why  # the batch changed
+    assert (chosen["num_layers"], chosen["h_dim"], chosen["batch_size"]) == (2, 128, train_bert.GPU_BATCH_SIZE)
+    assert measured == [(2, 128, train_bert.GPU_BATCH_SIZE), (4, 256, train_bert.GPU_BATCH_SIZE)]
+
+    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 500, 256: 500, 384: 500, 512: 500,
+                                                                        768: 500}))
+    chosen, _ = train_bert.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8}, None,
+                                                torch.device("cuda"), {"num_layers", "lr", "batch_size"})
+    assert (chosen["num_layers"], chosen["h_dim"], chosen["lr"], chosen["batch_size"]) == (3, 768, 1e-4, 8)
+
+
+def test_a_budgeted_run_without_model_flags_sizes_its_model_and_records_it(tiny_corpus, tiny_tokenizer, tmp_path):
+    """The auto-sizing runs for real (measured speeds, a CPU): its choice is logged and saved in hparams.json, so a
+    resume rebuilds the same model; --auto_size False or a model flag keeps the flags as given."""
+    common = {"dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer), "max_seq_length": 32, "compile": False,
+              "time_budget": "6s", "eval_blocks": 8}
+    experiment = Path(train_bert.train(checkpoint_dir=str(tmp_path / "auto"), **common))
+    log = (experiment / "train.log").read_text()
+    assert "auto size: " in log and "tokens per parameter in this budget on cpu" in log
+    saved = json.loads((experiment / "hparams.json").read_text())["flags"]
+    chosen = [shape for shape in train_bert.AUTO_SHAPES if shape[:2] == (saved["num_layers"], saved["h_dim"])]
+    assert chosen and (saved["num_heads"], saved["ff_dim"], saved["lr"]) == chosen[0][2:]
+    fixed = Path(train_bert.train(checkpoint_dir=str(tmp_path / "fixed"), auto_size=False, **common))
+    assert "auto size" not in (fixed / "train.log").read_text()
