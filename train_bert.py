@@ -1315,7 +1315,7 @@ def measure_tokens_per_s(flags: dict[str, Any], tokenizer: Any, device: torch.de
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            float(loss)  # waits for the device
+            float(loss.detach())  # waits for the device
             steps += 1
             if steps == 0:
                 start = time.perf_counter()
