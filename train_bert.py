@@ -2579,20 +2579,6 @@ def log_run_start(experiment_dir: Path, start_step: int, num_parameters: int, da
                 f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
 
 
-def compile_encoder(model: torch.nn.Module) -> None:
-    """torch.compile the encoder in place (parameter names unchanged, so checkpoints are the same either way).
-
-    Only the encoder: its shapes are static, while the sparse head sees a different number of masked tokens every
-    step. If compilation fails (no C++ compiler, unsupported platform), dynamo falls back to eager with a warning.
-    train_bert_ds.py uses this (its engine runs the loss in its own forward); train_bert.py compiles the whole loss
-    with `compiled_mlm_loss`.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    model.base_model.compile()
-
-
 def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
     """`mlm_loss` through torch.compile: what `--compile` trains with (the model itself is not modified).
 
@@ -2601,7 +2587,7 @@ def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
     instead of one kernel each (on CPU that alone made the head ~1.7x faster at a 50k vocabulary). The number of
     masked tokens changes every step, so that one dimension is marked dynamic: one graph serves every count, and
     the encoder's shapes stay static. Where compilation fails (no C++ compiler, unsupported platform), dynamo falls
-    back to eager with a warning.
+    back to eager with a warning. train_bert_ds.py runs the same compiled loss inside its engine's forward.
     """
     import torch._dynamo
 

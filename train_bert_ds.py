@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 import train_bert
 from train_bert import (COMPLETED_KEY, ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData,
                         RunProgress, StopSignal, atomic_write, check_memory, check_resumable, check_resume_target,
-                        check_sequence_limits, check_writable, compile_encoder, create_experiment, create_lr_scheduler,
+                        check_sequence_limits, check_writable, compiled_mlm_loss, create_experiment, create_lr_scheduler,
                         create_model, eval_batches, evaluate, experiment_lock, experiment_logging, export_and_demo,
                         load_hparams, log_evaluation, log_run_start, log_test_evaluation, mark_completed, mlm_loss,
                         nonfinite_error, parameter_groups, prepare_data, record_flag_changes, reported_stops,
@@ -386,13 +386,13 @@ class SparseMLM(torch.nn.Module):
     Checkpoint keys get a `model.` prefix; the export removes it.
     """
 
-    def __init__(self, model: "transformers.PreTrainedModel"):
+    def __init__(self, model: "transformers.PreTrainedModel", loss_function: Callable[..., torch.Tensor] = mlm_loss):
         super().__init__()
-        self.model = model
+        self.model, self.loss_function = model, loss_function
 
     def forward(self, input_ids: torch.Tensor, masked_positions: torch.Tensor, masked_labels: torch.Tensor,
                 reduction: str = "mean") -> torch.Tensor:
-        return mlm_loss(self.model, input_ids, masked_positions, masked_labels, reduction)
+        return self.loss_function(self.model, input_ids, masked_positions, masked_labels, reduction)
 
 
 def engine_loss(engine: torch.nn.Module, **batch: torch.Tensor) -> torch.Tensor:
@@ -407,7 +407,7 @@ def create_engine(model: torch.nn.Module, flags: dict[str, Any], config: dict[st
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=SparseMLM(model),
+        model=SparseMLM(model, compiled_mlm_loss() if flags["compile"] else mlm_loss),
         model_parameters=parameter_groups(model, flags["weight_decay"]),
         lr_scheduler=lambda optimizer: create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"]),
         config=config,
@@ -494,7 +494,7 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
 
 
 def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
-          offload_param: str | None = None, compile: bool = False, **flags: Any) -> str | None:
+          offload_param: str | None = None, compile: bool | None = None, **flags: Any) -> str | None:
     """Pretrain a RoBERTa encoder with masked language modelling using DeepSpeed; return the experiment directory.
 
     Start:  deepspeed train_bert_ds.py --checkpoint_dir ./experiments [flags]   (or torchrun, or plain python)
@@ -517,9 +517,8 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
             gradients) or 3 (and the parameters); the config's when not given.
         offload_optimizer: none or cpu: keep the optimizer states and step in CPU memory (ZeRO-Offload, stage >= 1).
         offload_param: none or cpu: keep the parameters in CPU memory between uses (ZeRO-3 only).
-        compile: Compile the encoder with torch.compile (stages 0-2). Off by default here, unlike train_bert.py:
-            DeepSpeed's engine runs the loss in its own forward, so only the encoder compiles (not the head's
-            cross-entropy, where most of the gain is), and ZeRO-3's parameter hooks cannot be traced.
+        compile: Compile the loss (encoder, sparse head, cross-entropy) with torch.compile, as train_bert.py does;
+            on by default for ZeRO stages 0-2, off for stage 3 (whose parameter hooks torch.compile cannot trace).
     """
     if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 alone says what every rank would say
         logger.remove()
@@ -553,6 +552,8 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
     config = load_ds_config(flags["ds_config"])
     with errors_named_after_config(fields_from_config(flags, config), flags["ds_config"]):
         flags, config = effective_ds_config(flags, config, world_size)
+        if flags["compile"] is None:
+            flags["compile"] = flags["zero_stage"] != 3
         validate_flags(flags)
         validate_ds_flags(flags)
         if flags["device"] not in ("auto", "cpu"):
@@ -629,8 +630,6 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         experiment_dir = progress.experiment_dir
         if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
             torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
-        if flags["compile"]:
-            compile_encoder(model)
         num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
         engine = create_engine(model, flags, config)
         control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
