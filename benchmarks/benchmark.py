@@ -689,7 +689,8 @@ def profile(
     time on a GPU), over `window` steps: the top costs to attack first.
 
     Args:
-        model: default (train_bert.py's model), upstream (HelloDeepSpeed's 6 x 256) or bert-base (12 x 768).
+        model: default (train_bert.py's model), upstream (HelloDeepSpeed's 6 x 256), bert-base (12 x 768, learned
+            positions) or bert-base-rotary.
         local_rank: -1 for the CPU, 0 for GPU 0.
         dtype: fp32, bf16 or fp16.
         dropout: The model's dropout (0 lets attention use the fused flash kernel on CPU).
@@ -706,9 +707,10 @@ def profile(
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    dims = {"default": {}, "upstream": UPSTREAM_DIMS, "bert-base": BERT_BASE_DIMS}.get(model)
+    dims = {"default": {}, "upstream": UPSTREAM_DIMS, "bert-base": BERT_BASE_DIMS,
+            "bert-base-rotary": {**BERT_BASE_DIMS, "positions": "rotary"}}.get(model)
     if dims is None:
-        raise train_bert.ConfigError(f"--model must be default, upstream or bert-base; got {model!r}")
+        raise train_bert.ConfigError(f"--model must be default, upstream, bert-base or bert-base-rotary; got {model!r}")
     if threads:
         torch.set_num_threads(threads)
     on_gpu = local_rank >= 0
