@@ -2271,8 +2271,9 @@ def train(
             follows the share of the budget spent, reaching 0 when it ends. A resume continues the budget from
             the time saved in the checkpoint; budgeted runs are not bit-reproducible (steps depend on speed).
         auto_size: With --time_budget, choose the model shape, batch size and lr for the budget from the speed
-            measured on this device at start-up: the largest shape (up to BERT-base) that sees ~20 tokens per
-            parameter (compute-optimal), batch 128 on a GPU. Flags you give are kept. False: the flags as given.
+            measured on this device at start-up (the largest shape, up to BERT-base, that sees ~20 tokens per
+            parameter, the compute-optimal balance; batch 128 on a GPU). Flags you give are kept; with False every
+            flag is used as given.
         init_from: Continue pretraining a Hugging Face masked-LM checkpoint (a folder such as an hf_model/ this
             script exported, or a Hub name such as roberta-base), with its weights, config and tokenizer. Model flags
             must agree with it or be left out.
@@ -2298,7 +2299,8 @@ def train(
             compiling takes longer than training.
         seed: Seeds the data order, the masks, the initial weights and dropout.
         log_every: Steps between log lines (loss averaged over the window, lr, grad norm, tokens/s, MFU, memory).
-        eval_every: Steps between evaluations on the whole validation split (also at the end, with the test split).
+        eval_every: Steps between evaluations on the --eval_blocks validation blocks (also at the end, then with the
+            test split).
         checkpoint_every: Steps between checkpoints (also at the end and when stopped by SIGTERM/Ctrl-C).
         keep_last: Checkpoints kept; older ones are deleted once a newer one is safely written.
         num_workers: DataLoader worker processes that mask batches ahead of the step (0: in the main process).
@@ -2312,10 +2314,10 @@ def train(
             ~/.cache/huggingface/datasets). A store is one flat uint16 (uint32 for vocabularies over 65,536) token
             array per split, memory-mapped, keyed by the corpus and the tokenizer; delete it to reclaim the space.
         eval_blocks: Validation blocks of each periodic evaluation: a fixed subset drawn by --seed (0 or more than
-            the split holds means the whole split). 2048 blocks cost a forward pass each, about 2048 / 3 training blocks
-            (a step is forward + backward, ~3 forwards), ~4% of the 500 x 32 blocks trained between evaluations at
-            the defaults, and ~40k predicted tokens, enough for a loss to ~0.01 nats. wikitext-2's validation split
-            (1,958 blocks of 128) is evaluated whole. The test evaluation at the end uses the whole test split.
+            the split holds means the whole split). 2048 blocks of 128 tokens hold ~40k predicted tokens, enough for
+            a loss to ~0.01 nats, and cost a forward pass each, about what 2048 / 3 training blocks cost (a step is
+            forward + backward). WikiText-2's validation split (1,958 blocks of 128) is evaluated whole. The test
+            evaluation at the end uses the whole test split (a fixed subset where a short --time_budget needs it).
         streaming: Read the corpus as a stream instead of preparing a token store: for corpora too big to download
             first (a Hub dataset such as allenai/c4 or HuggingFaceFW/fineweb, or local .txt files). Lines are
             tokenized and packed on the fly, in file order (no shuffling), every rank reading the stream and

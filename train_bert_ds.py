@@ -510,6 +510,8 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         batch_size: Blocks per micro-batch on each rank (ds_config: train_micro_batch_size_per_gpu).
         dtype: fp32, bf16 or fp16 (DeepSpeed mixed precision: the model computes in 16 bits, the optimizer keeps
             fp32 master weights; fp16 adds dynamic loss scaling); the config's fp16 / bf16 "enabled" when not given.
+        device: auto (each rank on the GPU its launcher gives it, or the CPU without CUDA) or cpu (DeepSpeed's CPU
+            accelerator, as DS_ACCELERATOR=cpu).
         local_rank: This process's GPU on its machine; the deepspeed launcher passes it (torchrun sets LOCAL_RANK).
         ds_config: DeepSpeed JSON config (precision, ZeRO, optimizer, clipping). The merged, effective config is
             saved as ds_config.json in the experiment directory; a resume starts from that one unless given.

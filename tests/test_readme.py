@@ -2,7 +2,7 @@
 
 Only what cannot run in a test is adapted: data paths point at the tiny corpus and tokenizer, the model is shrunk and
 trains 3 steps, and an experiment folder written as `.../bert_pretrain.<...>` is the one the previous command made.
-Commands that need a GPU (`--local_rank N` with N >= 0) are skipped on machines without one.
+Commands that need a GPU (`--device cuda...` or `--local_rank N` with N >= 0) are skipped on machines without one.
 """
 
 import re
@@ -49,8 +49,9 @@ def test_every_readme_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
     ran = 0
     for command in COMMANDS:
         flags = parse_flags(command)
-        if int(flags.get("local_rank", -1)) >= 0 and not torch.cuda.is_available():
-            continue  # a GPU command; the same flags minus --local_rank run in the CPU commands
+        needs_gpu = int(flags.get("local_rank", -1)) >= 0 or flags.get("device", "auto").startswith("cuda")
+        if needs_gpu and not torch.cuda.is_available():
+            continue  # a GPU command; the same flags minus --device run in the CPU commands
         if "load_checkpoint_dir" in flags:
             assert previous_experiment, f"{command!r} resumes, but no command before it made an experiment"
             flags["load_checkpoint_dir"] = previous_experiment

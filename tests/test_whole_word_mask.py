@@ -135,11 +135,29 @@ def test_whole_word_masking_keeps_the_generator_stream_and_the_default_is_token_
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1, whole_word_mask=True).word_starts is not None
 
 
-def test_training_with_whole_word_masking(tiny_flags):
-    """--whole_word_mask trains end to end (the flag reaches the masking of every batch and is recorded)."""
+def test_training_with_whole_word_masking(tiny_flags, bpe_tokenizer, monkeypatch):
+    """--whole_word_mask reaches the masking of every training batch: in each batch the loop masked, every word is
+    selected whole or not at all (token masking splits words within the first few batches); the flag is recorded."""
     import json
     from pathlib import Path
 
+    masked_batches = []
+    real_masking = train_bert.masking_function
+
+    def recording_masking(input_ids, *args, **kwargs):
+        masked, labels = real_masking(input_ids, *args, **kwargs)
+        masked_batches.append((input_ids.clone(), labels.clone()))
+        return masked, labels
+
+    monkeypatch.setattr(train_bert, "masking_function", recording_masking)
     experiment = Path(train_bert.train(**tiny_flags, whole_word_mask=True, num_iterations=4, log_every=2))
     assert json.loads((experiment / "hparams.json").read_text())["flags"]["whole_word_mask"] is True
     assert (experiment / "checkpoint-00000004.pt").is_file()
+    assert len(masked_batches) >= 4
+    split_words = 0
+    for input_ids, labels in masked_batches:
+        for row, row_labels in zip(input_ids.tolist(), labels.tolist()):
+            for word in reference_words(bpe_tokenizer, row):
+                selected = {row_labels[position] != train_bert.IGNORE_INDEX for position in word}
+                split_words += len(selected) > 1
+    assert split_words == 0
