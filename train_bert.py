@@ -2498,7 +2498,7 @@ def compile_encoder(model: torch.nn.Module) -> None:
     model.base_model.compile()
 
 
-def compiled_mlm_loss(device: torch.device) -> Callable[..., torch.Tensor]:
+def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
     """`mlm_loss` through torch.compile: what `--compile` trains with (the model itself is not modified).
 
     The whole loss is one graph, so besides the encoder's elementwise work the head's cross-entropy fuses too: the
@@ -2511,17 +2511,18 @@ def compiled_mlm_loss(device: torch.device) -> Callable[..., torch.Tensor]:
     On CPU the compiled code is made deterministic, so that a resumed run equals the uninterrupted one bit for bit.
     Inductor writes the embeddings' gradient (a scatter-add of every token's gradient into its row) as a parallel
     loop of atomic adds: with several threads the order of the additions, hence the last bits of the sum, changed
-    from run to run. In deterministic mode it calls ATen's sequential kernel for that one operation instead.
+    from run to run. In PyTorch's deterministic mode, switched on before the first call compiles anything, it calls
+    ATen's sequential kernel for that one operation instead.
     """
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     compiled = torch.compile(mlm_loss)
 
     def loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
              masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(True, warn_only=True)
         torch._dynamo.maybe_mark_dynamic(masked_positions, 0)
         torch._dynamo.maybe_mark_dynamic(masked_labels, 0)
         return compiled(model, input_ids, masked_positions, masked_labels, reduction)
@@ -2611,7 +2612,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                   data_position: tuple[int, int], budget: TimeBudget | None = None) -> int:
     """Train from `start_step` to `num_iterations` (or until the `budget` is spent), logging, evaluating and
     checkpointing along the way; return the last step."""
-    loss_function = compiled_mlm_loss(device) if flags["compile"] else mlm_loss
+    loss_function = compiled_mlm_loss() if flags["compile"] else mlm_loss
     autocast = make_autocast(device, flags["dtype"])
     validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,

@@ -201,7 +201,7 @@ def test_compiled_loss_equals_the_eager_loss_and_gradients(tokenizer):
     """--compile (the default) trains the same loss: value and gradients match eager within fp32 rounding, on two
     batches (one graph, its number of predicted tokens dynamic)."""
     model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
-    compiled = train_bert.compiled_mlm_loss(torch.device("cpu"))
+    compiled = train_bert.compiled_mlm_loss()
     for seed, rows in ((0, 4), (1, 8)):
         masked, labels = train_bert.masking_function(token_batch(tokenizer, rows, 32), tokenizer,
                                                      generator=torch.Generator().manual_seed(seed))
