@@ -311,6 +311,27 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_and_every_wait_says_why(
     assert (only_experiment(tiny_flags["checkpoint_dir"]) / "hf_model").is_dir()
 
 
+def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkeypatch):
+    """A live process holds the build lock and never lets go: the start gives up after OP_BUILD_WAIT (here 2 s) with
+    one error naming that process and the folder to delete, instead of waiting for ever."""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                                                     "time.sleep(600)"])
+    try:
+        while not train_bert_ds.processes_holding(lock):
+            assert holder.poll() is None
+            time.sleep(0.05)
+        monkeypatch.setattr(train_bert_ds, "op_build_directory", lambda: lock.parent)
+        monkeypatch.setattr(train_bert_ds, "OP_BUILD_WAIT", train_bert_ds.datetime.timedelta(seconds=2))
+        with pytest.raises(train_bert.ConfigError, match=f"process {holder.pid}.*delete {lock.parent}"):
+            train_bert_ds.prepare_op_build()
+        assert lock.exists(), "a live build's lock is never removed"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Two processes (torchrun, gloo): ZeRO-2 with optimizer offload, ZeRO-3 with optimizer and parameter offload.
 # --------------------------------------------------------------------------------------------------------------------
