@@ -421,8 +421,8 @@ def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, 
                 os.remove(cache_file["filename"])
         meta = {"format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
                 "tokenizer": tokenizer_fingerprint(tokenizer), "splits": splits}
-        (temporary / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.rename(temporary, store)
+        (temporary / "meta.json").write_text(json.dumps(store_record(temporary, meta), indent=2))
+        install_store(temporary, store)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
         if isinstance(error, OSError):
@@ -439,26 +439,19 @@ def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, d
 
     Processes that want the same store (the ranks of a job, two runs) take turns on a file lock: the first builds
     it, the others wait, then find it and only map it; the page cache holds one copy per machine for all of them.
+    A store is checked against its meta.json before it is used, and rebuilt if damaged (see `store_damage`).
     """
-    import fcntl
-
     sources, loaded = corpus_sources(dataset, dataset_config)
     store = token_store_dir(sources, tokenizer, data_cache)
-    try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(store.parent / f"{store.name}.lock", "w")
-    except OSError as error:
-        raise ConfigError(f"cannot create the token store folder {store.parent} ({error.strerror}); choose a "
-                          "writable folder with --data_cache DIR") from error
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info(f"token store: waiting for another process (a rank, another run) preparing {store}")
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
-        if store.is_dir():
+    with store_lock(store) as unwritable:
+        damage = store_damage(store) if store.is_dir() else None
+        if store.is_dir() and damage is None:
             logger.info(f"token store: reusing {store}")
         else:
+            if unwritable is not None:  # a read-only cache: its store can be used as it is, not rebuilt
+                raise damaged_store_error(store, damage, unwritable)
+            if damage is not None:
+                logger.warning(f"token store: {store} is damaged ({damage}); rebuilding it")
             for leftover in store.parent.glob(f"{store.name}.tmp.*"):  # a builder killed mid-write (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
             raw = raw if raw is not None else loaded if loaded is not None else load_text_dataset(dataset, dataset_config)
@@ -1779,6 +1772,7 @@ class StopSignal:
         self.signum: int | None = None
         self.at_once = at_once
         self.previous = {}
+        self.pid = os.getpid()
 
     def __enter__(self) -> "StopSignal":
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1786,6 +1780,8 @@ class StopSignal:
         return self
 
     def request_stop(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            end_forked_helper(signum)
         if self.signum is not None:  # the stop is under way
             if signum == signal.SIGINT and not self.at_once:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
@@ -1800,7 +1796,7 @@ class StopSignal:
     def __exit__(self, _type: Any, error: BaseException | None, _traceback: Any) -> None:
         # A stopping run has saved what it can and only has to say so and exit; a launcher stopping the other ranks
         # SIGTERMs this one again, which must not cut that message short: SIGTERM stays ignored from here on.
-        stopping = isinstance(error, (TrainingInterrupted, StoppedAtOnce))
+        stopping = isinstance(error, TrainingInterrupted) or (self.at_once and self.signum is not None)
         for signum, handler in self.previous.items():
             signal.signal(signum, signal.SIG_IGN if stopping and signum == signal.SIGTERM else handler)
 
@@ -2041,6 +2037,106 @@ def check_resumable(experiment_dir: Path) -> None:
                 f"--load_checkpoint_dir {str(experiment_dir)!r} cannot be resumed by this user (uid {os.getuid()}): "
                 f"{path} is not writable (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o}); run as its owner "
                 "or give this user write access to the experiment directory")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hardening: a token store is checked before it is used, and rebuilt (or named) when damaged; a stop while
+# tokenizing is reported once, by the main process.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def end_forked_helper(signum: int) -> None:
+    """End this process, a helper forked while `StopSignal` was installed, as the signal would without it.
+
+    `datasets` tokenizes with `--num_proc` forked processes, which inherit the main process's handler: on a stop
+    each of them raised StoppedAtOnce and printed its traceback (and the pool, waiting for them, raised a
+    TimeoutError over the main process's own stop). A helper has nothing to save or report: it dies of the
+    signal, quietly, and the main process, whose handler recorded the stop, reports it in one line whatever its
+    unwinding raised (see `reported_stops`).
+    """
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def store_lock(store: Path) -> Iterator[OSError | None]:
+    """Hold the file lock of `store` for the `with` block (see `open_token_store`); yield None.
+
+    A cache folder where the lock cannot be created (a read-only mount of a shared cache) is no error while the
+    store is there: nobody can be writing it, so it is read without the lock, and the OSError that says why is
+    yielded instead, for the message should the store be damaged.
+    """
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(store.parent / f"{store.name}.lock", "w")
+    except OSError as error:
+        if store.is_dir():
+            yield error
+            return
+        raise ConfigError(f"cannot create the token store folder {store.parent} ({error.strerror}); choose a "
+                          "writable folder with --data_cache DIR") from error
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(f"token store: waiting for another process (a rank, another run) preparing {store}")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        yield None
+
+
+def checksum(data: bytes) -> str:
+    """A short SHA-256 of `data`, as meta.json records it."""
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def store_record(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """`meta` with what a later run checks before trusting the store: every file's size, the checksums of the
+    line-end indexes (a few MB; the tokens, a hundred times more, are checked by their size only), and a checksum
+    of all that."""
+    record = {**meta, "files": {path.name: path.stat().st_size for path in sorted(store.glob("*.npy"))},
+              "checksums": {path.name: checksum(path.read_bytes()) for path in sorted(store.glob("*.line_ends.npy"))}}
+    return {**record, "checksum": checksum(json.dumps(record, sort_keys=True).encode())}
+
+
+def store_damage(store: Path) -> str | None:
+    """What is wrong with the store in `store` (a missing or unreadable file, a size other than meta.json records,
+    a checksum that does not match), in a few words; None if it is intact."""
+    try:
+        record = json.loads((store / "meta.json").read_text())
+        recorded = record.pop("checksum")
+        if checksum(json.dumps(record, sort_keys=True).encode()) != recorded:
+            return "meta.json does not match its checksum"
+        for name, size in record["files"].items():
+            if not (store / name).is_file():
+                return f"{name} is missing"
+            if (store / name).stat().st_size != size:
+                return f"{name} has {(store / name).stat().st_size:,} bytes, meta.json records {size:,}"
+        for name, expected in record["checksums"].items():
+            if checksum((store / name).read_bytes()) != expected:
+                return f"{name} does not match its checksum"
+    except OSError as error:
+        return f"{Path(error.filename or 'meta.json').name} cannot be read: {error.strerror}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "meta.json is not a token store's record (written by an older version, or damaged)"
+    return None
+
+
+def install_store(temporary: Path, store: Path) -> None:
+    """Rename the complete store `temporary` to `store`. A damaged store there is first renamed out of the way (to a
+    `.tmp.` name, which the next builder removes should this process die now), then deleted."""
+    damaged = store.with_name(f"{store.name}.tmp.{os.getpid()}.damaged")
+    if store.exists():
+        os.rename(store, damaged)
+    os.rename(temporary, store)
+    shutil.rmtree(damaged, ignore_errors=True)
+
+
+def damaged_store_error(store: Path, damage: str, unwritable: OSError) -> ConfigError:
+    """The error for a damaged store that cannot be rebuilt where it is."""
+    return ConfigError(f"token store {store} is damaged ({damage}) and cannot be rebuilt there ({unwritable.strerror}); "
+                       f"delete that folder where it is writable, or choose a writable folder with --data_cache DIR")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2543,15 +2639,16 @@ def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[Non
     line naming the flags to lower. Either way a new experiment directory without a checkpoint is removed (see
     `stop_outcome`).
     """
+    stop = StopSignal(at_once=True)
     try:
-        with StopSignal(at_once=True):
+        with stop:
             yield
-    except StoppedAtOnce as stop:
-        phase = run_phase(flags, progress)
-        raise TrainingInterrupted(f"{stop} {phase}; {stop_outcome(progress.experiment_dir, progress.created)}",
-                                  stop.signum) from None
-    except (RuntimeError, MemoryError) as error:
-        if not is_out_of_memory(error):
+    except BaseException as error:
+        if stop.signum is not None:  # StoppedAtOnce, or what a library's cleanup raised over it (see end_forked_helper)
+            phase = run_phase(flags, progress)
+            raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} {phase}; "
+                                      f"{stop_outcome(progress.experiment_dir, progress.created)}", stop.signum) from None
+        if not isinstance(error, (RuntimeError, MemoryError)) or not is_out_of_memory(error):
             raise
         phase = run_phase(flags, progress)
         raise out_of_memory(error, flags, phase, stop_outcome(progress.experiment_dir, progress.created)) from None
@@ -2590,6 +2687,12 @@ def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
     masked tokens changes every step, so that one dimension is marked dynamic: one graph serves every count, and
     the encoder's shapes stay static. Where compilation fails (no C++ compiler, unsupported platform), dynamo falls
     back to eager with a warning. train_bert_ds.py runs the same compiled loss inside its engine's forward.
+
+    On CPU the compiled code is made deterministic, so that a resumed run equals the uninterrupted one bit for bit.
+    Inductor writes the embeddings' gradient (a scatter-add of every token's gradient into its row) as a parallel
+    loop of atomic adds: with several threads the order of the additions, hence the last bits of the sum, changed
+    from run to run. In PyTorch's deterministic mode, switched on before the first call compiles anything, it calls
+    ATen's sequential kernel for that one operation instead.
     """
     import torch._dynamo
 
@@ -2598,6 +2701,8 @@ def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
 
     def loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
              masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(True, warn_only=True)
         torch._dynamo.maybe_mark_dynamic(masked_positions, 0)
         torch._dynamo.maybe_mark_dynamic(masked_labels, 0)
         return compiled(model, input_ids, masked_positions, masked_labels, reduction)

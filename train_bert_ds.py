@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import fcntl
 import inspect
 import json
 import math
@@ -570,6 +571,7 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
     if not resuming:
         check_writable(flags["checkpoint_dir"])
         check_sequence_limits(flags)
+    prepare_op_build()
     rank, world_size, device = init_distributed(flags["local_rank"])
     check_memory(flags, device)
     experiment_dir = run_training(flags, config, rank, world_size, device)
@@ -744,6 +746,76 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
             if stop.signum is not None:
                 raise stop.interruption(step, experiment_dir)
     log_test_evaluation(metrics, data, flags, lambda test: evaluate_on_ranks(engine, test, rank, world_size))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hardening: DeepSpeed's start-up never waits silently on the build of its op.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# How long a start waits for another live process to finish building DeepSpeed's op (it takes about a minute).
+OP_BUILD_WAIT = datetime.timedelta(minutes=10)
+
+
+def op_build_directory() -> Path | None:
+    """Where torch JIT-builds the op DeepSpeed's CPU collectives use (`deepspeed_shm_comm`, on first start), or None
+    where there is nothing to build: another accelerator, an incompatible CPU, or an op installed prebuilt."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME) or installed_ops.get(builder.name):
+        return None
+    return Path(_get_build_directory(builder.name, verbose=False))  # $TORCH_EXTENSIONS_DIR/<op>, or torch's default
+
+
+def processes_holding(path: Path) -> list[int]:
+    """The pids of this machine's processes that have `path` open, read from /proc."""
+    pids = []
+    for descriptors in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if any(os.readlink(descriptor) == str(path) for descriptor in descriptors.iterdir()):
+                pids.append(int(descriptors.parent.name))
+    return pids
+
+
+def prepare_op_build() -> None:
+    """Before `deepspeed.init_distributed` builds its op: clear a stale build lock, say what a wait or a build is.
+
+    torch builds an extension under a lock, `<build folder>/lock`, a plain file it creates (O_EXCL) and keeps open
+    until it deletes it; any other process waits, silently, for as long as the file exists. A start killed while
+    building (the first start takes about a minute) leaves the file behind, and every later start waited forever.
+    A lock that no process holds open is stale, and is deleted (the checks and the deletion under an OS lock, so two
+    starts cannot delete a lock the first of them just took); a live build is waited for, at most OP_BUILD_WAIT.
+    """
+    build_directory = op_build_directory()
+    if build_directory is None or not Path("/proc/self/fd").is_dir():  # nothing to build, or no /proc to look in
+        return
+    lock, deadline, waiting_for = build_directory / "lock", time.monotonic() + OP_BUILD_WAIT.total_seconds(), None
+    while lock.exists():
+        with open(build_directory / "lock.check", "w") as check:
+            fcntl.flock(check, fcntl.LOCK_EX)
+            holders = processes_holding(lock)
+            if not holders and lock.exists():
+                lock.unlink()
+                logger.warning(f"removed the stale build lock {lock}: no process holds it (a start was killed while "
+                               "it built DeepSpeed's op)")
+        if not holders:  # gone, or removed: look again (another start may have taken it since)
+            continue
+        if holders != waiting_for:
+            waiting_for = holders
+            logger.info(f"waiting for process {', '.join(map(str, holders))}, which is building DeepSpeed's op in "
+                        f"{build_directory} (about a minute)")
+        if time.monotonic() > deadline:
+            raise ConfigError(f"DeepSpeed's op in {build_directory} has been building for over "
+                              f"{OP_BUILD_WAIT.total_seconds() / 60:.0f} minutes (process "
+                              f"{', '.join(map(str, holders))}); stop that process, or delete {build_directory}, "
+                              "then start again")
+        time.sleep(1)
+    if not list(build_directory.glob("*.so")):
+        logger.info(f"building DeepSpeed's {build_directory.name} op in {build_directory}, about a minute the first "
+                    "time (later starts reuse it)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 import train_bert
 from conftest import small_disk as conftest_small_disk
-from conftest import ROOT, run_cli, write_corpus
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,106 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_store(tiny_flags, big_corp
     assert len(errors) == 1 and "could not write the token store" in errors[0] and "No space left" in errors[0]
     assert "--data_cache" in errors[0] and "Traceback" not in result.stderr
     assert [path.name for path in small_disk.iterdir()] == [path.name for path in small_disk.glob("*.lock")]
+    assert not (tmp_path / "experiments").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A damaged store is rebuilt, or named; a stop while tokenizing is one line.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built_store(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
+    """The folder of token stores a 1-step CLI run on the tiny corpus wrote; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("built_store")
+    result = run_cli("train_bert.py", {"dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer),
+                                       **TINY_MODEL_FLAGS, "num_iterations": 1, "checkpoint_dir": root / "experiments",
+                                       "data_cache": root / "stores"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "stores"
+
+
+def the_store(stores: Path) -> Path:
+    """The one token store in a --data_cache folder."""
+    [store] = [path for path in stores.iterdir() if path.is_dir()]
+    return store
+
+
+STORE_DAMAGE = {
+    "truncated_tokens": ("train.tokens.npy", lambda path: os.truncate(path, path.stat().st_size // 2)),
+    "missing_tokens": ("train.tokens.npy", lambda path: path.unlink()),
+    "index_of_the_wrong_size": ("validation.line_ends.npy", lambda path: os.truncate(path, path.stat().st_size - 8)),
+    "index_rewritten_same_size": ("train.line_ends.npy",
+                                  lambda path: path.write_bytes(path.read_bytes()[:-16] + bytes(16))),
+}
+
+
+@pytest.mark.parametrize("case", STORE_DAMAGE)
+def test_a_damaged_store_is_named_and_rebuilt(tiny_flags, built_store, tmp_path, case):
+    """Damage one file of a store for real: the next CLI run says which file is wrong, rebuilds the store in
+    place (the same bytes as the intact one, no leftovers) and trains, with no traceback."""
+    stores = Path(shutil.copytree(built_store, tmp_path / "stores"))
+    intact = {path.name: path.read_bytes() for path in the_store(built_store).iterdir()}
+    file, damage = STORE_DAMAGE[case]
+    damage(the_store(stores) / file)
+
+    result = run_cli("train_bert.py", {**tiny_flags, "num_iterations": 1, "data_cache": stores})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    [warning] = [line for line in result.stderr.splitlines() if "is damaged" in line]
+    assert str(the_store(stores)) in warning and file in warning and "rebuilding it" in warning, warning
+    assert {path.name: path.read_bytes() for path in the_store(stores).iterdir()} == intact
+    assert sorted(path.name for path in stores.iterdir()) == sorted(path.name for path in built_store.iterdir())
+
+
+def test_a_damaged_store_in_a_read_only_cache_is_one_line_naming_the_folder(tiny_flags, built_store, tmp_path):
+    """A read-only --data_cache: an intact store is used as it is; a damaged one cannot be rebuilt, so the run stops
+    with one line naming the folder to delete, exit 2, nothing created."""
+    with conftest_small_disk(tmp_path / "cache", "4m") as cache:
+        shutil.copytree(built_store, cache, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        intact = run_cli("train_bert.py", {**tiny_flags, "num_iterations": 1, "data_cache": cache})
+        assert intact.returncode == 0 and "token store: reusing" in intact.stderr, intact.stderr[-3000:]
+
+        subprocess.run(["mount", "-o", "remount,rw", str(cache)], check=True)
+        os.truncate(the_store(cache) / "train.tokens.npy", 100)
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        shutil.rmtree(tmp_path / "experiments")
+        error = one_error_line(run_cli("train_bert.py", {**tiny_flags, "num_iterations": 1, "data_cache": cache}))
+        assert all(piece in error for piece in (str(the_store(cache)), "train.tokens.npy", "delete")), error
+        assert not (tmp_path / "experiments").exists()
+
+
+@pytest.fixture(scope="module")
+def large_corpus(tmp_path_factory) -> Path:
+    """Enough lines (200,000) that 2 processes take seconds to tokenize the train split: a signal lands mid-way."""
+    return write_corpus(tmp_path_factory.mktemp("large_corpus"), seed=2,
+                        lines={"train": 200_000, "validation": 400, "test": 400})
+
+
+def test_sigterm_while_two_processes_tokenize_is_one_line(tiny_flags, large_corpus, tmp_path):
+    """SIGTERM to the CLI while its 2 tokenizing processes work on the train split: the processes end quietly, the
+    run prints the one stop line of the README, exit 143; no store, no temporary folder, no experiment is left."""
+    stores = tmp_path / "stores"
+    log = tmp_path / "run.log"
+    flags = {**tiny_flags, "dataset": str(large_corpus), "data_cache": stores, "num_proc": 2, "num_iterations": 1}
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)], cwd=ROOT,
+                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(stores.glob("*.tmp.*/*")):  # the tokenizing processes have started writing the train split
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "Traceback" not in output and "StoppedAtOnce" not in output, output[-3000:]
+    assert "stopped by SIGTERM before the first step; nothing was created. Start again with: " in output, output[-3000:]
+    assert [path.name for path in stores.iterdir()] == [path.name for path in stores.glob("*.lock")]
     assert not (tmp_path / "experiments").exists()
 
 

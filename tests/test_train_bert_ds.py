@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,66 @@ def test_cli_plain_python_with_the_shipped_config(tiny_flags):
     assert {"tokens_per_sec", "peak_memory_mib"} <= metric_records(experiment, "loss")[-1].keys()
     assert (experiment / "latest").read_text() == "global_step4"
     assert (experiment / "hf_model" / "model.safetensors").is_file()
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Poll `log` until it holds `text`; fail with its end if the process exits or the time runs out first."""
+    deadline = time.monotonic() + timeout_s
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {text!r} in:\n{log.read_text()[-3000:]}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_build_lock_left_by_a_killed_start_is_removed_and_every_wait_says_why(tiny_flags, tmp_path):
+    """torch's build lock of DeepSpeed's op, in a fresh TORCH_EXTENSIONS_DIR, held by a real process: the start says
+    it waits for that process; SIGKILL the holder (as a start killed mid-build leaves it), and the start removes
+    the stale lock, says it builds the op, builds it and trains. Before, it waited for ever, printing nothing."""
+    lock = tmp_path / "torch_extensions" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                                                     "time.sleep(600)"])
+    log = tmp_path / "run.log"
+    env = {**child_env(), "TORCH_EXTENSIONS_DIR": str(lock.parent.parent)}
+    with open(log, "w") as output:
+        process = subprocess.Popen([sys.executable, str(ROOT / "train_bert_ds.py"),
+                                    *cli_args({**tiny_flags, "num_iterations": 2, "dtype": "fp32"})],
+                                   cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for_line(log, f"waiting for process {holder.pid}, which is building DeepSpeed's op", process)
+        holder.kill()
+        holder.wait()
+        assert lock.exists(), "the killed holder left its lock, as a killed build does"
+        assert process.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        for child in (holder, process):
+            if child.poll() is None:
+                child.kill()
+    output = log.read_text()
+    assert f"removed the stale build lock {lock}" in output and "building DeepSpeed's deepspeed_shm_comm op" in output
+    assert not lock.exists() and list(lock.parent.glob("*.so")), "the op was built"
+    assert (only_experiment(tiny_flags["checkpoint_dir"]) / "hf_model").is_dir()
+
+
+def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkeypatch):
+    """A live process holds the build lock and never lets go: the start gives up after OP_BUILD_WAIT (here 2 s) with
+    one error naming that process and the folder to delete, instead of waiting for ever."""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                                                     "time.sleep(600)"])
+    try:
+        while not train_bert_ds.processes_holding(lock):
+            assert holder.poll() is None
+            time.sleep(0.05)
+        monkeypatch.setattr(train_bert_ds, "op_build_directory", lambda: lock.parent)
+        monkeypatch.setattr(train_bert_ds, "OP_BUILD_WAIT", train_bert_ds.datetime.timedelta(seconds=2))
+        with pytest.raises(train_bert.ConfigError, match=f"process {holder.pid}.*delete {lock.parent}"):
+            train_bert_ds.prepare_op_build()
+        assert lock.exists(), "a live build's lock is never removed"
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # --------------------------------------------------------------------------------------------------------------------
