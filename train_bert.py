@@ -1209,11 +1209,11 @@ class TimeBudget:
         return statistics.median(self.step_times) if self.step_times else 0.0
 
     def set_evaluation_batch_s(self, seconds: float) -> None:
-        """A new measurement of one evaluation batch; the test evaluation is sized to END_SHARE of the budget
-        (at least one batch, at most the whole split)."""
+        """A new measurement of one evaluation batch; the end's two evaluations (validation, then test) are given
+        END_SHARE of the budget, so the test split is cut to what is left of it (at least one batch, at most the
+        whole split)."""
         self.evaluation_batch_s, self.timed_at = seconds, time.perf_counter()
-        fixed = self.validation_batches * seconds + 2 * self.checkpoint_s + self.END_MARGIN_S
-        room = int((self.END_SHARE * self.total_s - fixed) / max(seconds, 1e-9))
+        room = int(self.END_SHARE * self.total_s / max(seconds, 1e-9)) - self.validation_batches
         self.test_batches = min(self.all_test_batches, max(1, room))
 
     def reserve_s(self) -> float:
