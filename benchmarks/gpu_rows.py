@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import fire
 
@@ -106,6 +106,20 @@ def budget_summary(result: dict[str, Any]) -> dict[str, Any]:
             if speeds else None, "wall_s": result["wall_s"]}
 
 
+def within_deadline(rows: list[tuple[str, list[str]]], deadline_s: float,
+                    measure: Callable[[str, list[str], float], dict[str, Any]]) -> list[dict[str, Any]]:
+    """`measure(name, argv, seconds_left)` for each row in turn while at least 30 s of `deadline_s` are left; the
+    rows after that are reported as skipped."""
+    started, results = time.monotonic(), []
+    for name, argv in rows:
+        left = deadline_s - (time.monotonic() - started)
+        if left < 30:
+            results.append({"name": name, "outcome": "skipped: the part's deadline", "command": shlex.join(argv)})
+        else:
+            results.append(measure(name, argv, left))
+    return results
+
+
 def write_report(out_dir: Path, part: str, rows: list[dict[str, Any]], columns: dict[str, str]) -> None:
     """OUT_DIR/part.json (every field) and OUT_DIR/part.md (a table of `columns`: key -> header)."""
     (out_dir / f"{part}.json").write_text(json.dumps(rows, indent=2))
@@ -144,15 +158,13 @@ def throughput(out_dir: str, before: str | None = None, deadline_s: float = 300,
     if before:  # the older script has no --device: its GPU is --local_rank 0
         rows.insert(2, ("before: train_bert.py rotary", [before, *common, "--local_rank=-1" if dry_run else
                                                          "--local_rank=0"]))
-    started, results = time.monotonic(), []
-    for name, argv in rows:
-        left = deadline_s - (time.monotonic() - started)
-        if left < 30:
-            results.append({"name": name, "outcome": "skipped: the part's deadline", "command": shlex.join(argv)})
-            continue
+
+    def measure(name: str, argv: list[str], left_s: float) -> dict[str, Any]:
         slug = name.split(":")[0].replace(" ", "_").replace(",", "").replace(".", "_")
-        result = run_row(slug, argv, work, out / f"throughput-{slug}.log", left, stop_after_step=steps)
-        results.append(steady_state({**result, "name": name}, warmup_steps))
+        result = run_row(slug, argv, work, out / f"throughput-{slug}.log", left_s, stop_after_step=steps)
+        return steady_state({**result, "name": name}, warmup_steps)
+
+    results = within_deadline(rows, deadline_s, measure)
     write_report(out, "throughput", results, {"tokens_per_s": "tokens/s", "mfu": "MFU", "step_ms": "step (ms)",
                                               "first_window_step_ms": "first window (ms/step)",
                                               "peak_memory_gib": "peak memory (GiB)"})
@@ -167,15 +179,12 @@ def budget(out_dir: str, time_budget: str = "90s", deadline_s: float = 250, data
               f"--tokenizer={tokenizer}", "--data_cache=/tmp/gpu_rows_stores", *(["--device=cpu"] if dry_run else [])]
     rows = [("defaults, --auto_size False (fixed 2 x 128, batch 16)", [*common, "--auto_size=False"]),
             ("defaults (auto-sized for the budget)", common)]
-    started, results = time.monotonic(), []
-    for name, argv in rows:
-        left = deadline_s - (time.monotonic() - started)
-        if left < 30:
-            results.append({"name": name, "outcome": "skipped: the part's deadline", "command": shlex.join(argv)})
-            continue
+
+    def measure(name: str, argv: list[str], left_s: float) -> dict[str, Any]:
         slug = "auto" if "--auto_size=False" not in argv else "fixed"
-        results.append(budget_summary({**run_row(slug, argv, work, out / f"budget-{slug}.log", left),
-                                       "name": name}))
+        return budget_summary({**run_row(slug, argv, work, out / f"budget-{slug}.log", left_s), "name": name})
+
+    results = within_deadline(rows, deadline_s, measure)
     write_report(out, "budget", results, {"shape": "model", "steps": "steps", "eval_loss": "validation loss",
                                           "test_loss": "test loss", "median_tokens_per_s": "tokens/s",
                                           "budget_spent_s": "budget spent (s)", "wall_s": "wall (s)"})
