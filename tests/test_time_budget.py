@@ -282,3 +282,14 @@ def test_a_budgeted_run_without_model_flags_sizes_its_model_and_records_it(tiny_
     assert chosen and (saved["num_heads"], saved["ff_dim"], saved["lr"]) == chosen[0][2:]
     fixed = Path(train_bert.train(checkpoint_dir=str(tmp_path / "fixed"), auto_size=False, **common))
     assert "auto size" not in (fixed / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_budget_the_compile_overruns_is_told_so_at_the_start_and_the_end(tiny_flags):
+    """With --compile on (the default) a 1 s budget cannot hold the first step's compile: the run warns when the
+    budget starts, trains, finishes its end phase, and its last line says what took the time and what to do."""
+    result = run_cli("train_bert.py", {**tiny_flags, "compile": True, "time_budget": "1s"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "with --compile True: the first step compiles the model" in result.stderr
+    last = [line for line in result.stderr.splitlines() if "time budget: " in line][-1]
+    assert "the first step alone took" in last and "of the 1 s budget" in last and "--compile False" in last, last
