@@ -917,8 +917,7 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
     if init_from is not None:
         model = AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,
                                                      attention_probs_dropout_prob=dropout)
-        if model.config.model_type == "roformer":  # from_pretrained makes its fixed sinusoid table trainable
-            model.base_model.encoder.embed_positions.requires_grad_(False)
+        freeze_sinusoid_positions(model)
         return model
     start_id, end_id = block_framing_ids(tokenizer)
     sizes = dict(vocab_size=len(tokenizer), hidden_size=h_dim, num_hidden_layers=num_layers,
@@ -934,6 +933,12 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
         with torch.no_grad():
             model.get_output_embeddings().bias.copy_(output_bias)  # tied to the head's own bias
     return model
+
+
+def freeze_sinusoid_positions(model: "transformers.PreTrainedModel") -> None:
+    """Keep RoFormer's sinusoid position table fixed: `from_pretrained` makes it trainable (a no-op for others)."""
+    if model.config.model_type == "roformer":
+        model.base_model.encoder.embed_positions.requires_grad_(False)
 
 
 def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
