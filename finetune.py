@@ -275,10 +275,16 @@ class SentenceClassifier(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            return self.head(hidden[:, 0])
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1))
+        return self.head(pool(hidden, attention_mask, self.pooling))
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per sequence from its last hidden states: the first token's ("cls") or the mean of the real
+    tokens' ("mean"; padding left out)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def load_encoder(model_dir: str, scratch: bool, dropout: float) -> "transformers.PreTrainedModel":

@@ -29,6 +29,7 @@ import finetune  # noqa: E402
 import train_bert  # noqa: E402
 
 DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "sst2")
+SIMILARITY_TEXTS = 256  # the first train texts of the task whose vectors are compared (their pairs: ~33,000)
 
 
 def pretrain(budget_s: float, recipes: Any, threads: int | None, work_dir: Path, dataset: str,
@@ -83,6 +84,24 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
+def vector_similarity(model_dir: str, scratch: bool, texts: list[tuple[str, ...]]) -> dict[str, float]:
+    """How alike the encoder's vectors of different texts are: the mean cosine similarity over all pairs of
+    `texts`, for the first token's vector and for the mean over tokens. Near 1, the vector is about the same for every
+    text and says little about any (the first token's, after masked language modelling alone)."""
+    torch.manual_seed(0)  # the random weights of a --scratch encoder
+    encoder = finetune.load_encoder(model_dir, scratch, dropout=0.0).eval()
+    tokenizer = finetune.load_tokenizer(model_dir)
+    input_ids, attention_mask = finetune.pad_batch(finetune.tokenize(tokenizer, texts, 64), tokenizer.pad_token_id)
+    with torch.no_grad():
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    similarity = {}
+    for pooling in finetune.POOLINGS:
+        vectors = torch.nn.functional.normalize(finetune.pool(hidden, attention_mask, pooling), dim=-1)
+        count = len(vectors)
+        similarity[pooling] = ((vectors @ vectors.T).sum().item() - count) / (count * (count - 1))
+    return similarity
+
+
 def fine_tune_all(encoders: list[dict[str, Any]], work_dir: Path, finetune_flags: dict[str, Any]
                   ) -> list[dict[str, Any]]:
     """Fine-tune each encoder and, once per architecture, its random-weights baseline; one row each."""
@@ -94,7 +113,11 @@ def fine_tune_all(encoders: list[dict[str, Any]], work_dir: Path, finetune_flags
                                "model_dir": encoder["model_dir"], "steps": 0, "val_loss": None, "val_accuracy": None}
             rows.append(baselines[kind])
         rows.append({**encoder, "scratch": False, "baseline": baselines[kind]["name"]})
+    name, task_rows, _ = finetune.load_task_rows(finetune_flags["task"], None, None, None)
+    columns = finetune.text_columns(list(task_rows["train"][0]), name)
+    texts = [tuple(row[column] for column in columns) for row in task_rows["train"][:SIMILARITY_TEXTS]]
     for row in rows:
+        row["similarity"] = vector_similarity(row["model_dir"], row["scratch"], texts)
         output = finetune.finetune(model_dir=row["model_dir"], output_dir=str(work_dir / "finetune" / slug(row["name"])),
                                    scratch=row["scratch"], **finetune_flags)
         row["finetune"] = json.loads(Path(output, "results.json").read_text())
@@ -106,15 +129,17 @@ def downstream_table(rows: list[dict[str, Any]]) -> str:
     metric = rows[0]["finetune"]["metric"]
     medians = {row["name"]: row["finetune"]["summary"][metric]["median"] for row in rows}
     split = rows[0]["finetune"]["eval_split"]
-    lines = [f"| encoder | pretraining steps | MLM val loss | masked-token accuracy | {split} {metric}: median "
-             "(min-max) | each seed | gain over random weights |", "|---|---:|---:|---:|---:|---|---:|"]
+    lines = [f"| encoder | pretraining steps | MLM val loss | masked-token accuracy | cosine between texts' vectors, "
+             f"<s> / mean | {split} {metric}: median (min-max) | each seed | gain over random weights |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         summary = row["finetune"]["summary"][metric]
         seeds = ", ".join(f"{100 * run[metric]:.1f}" for run in row["finetune"]["seeds"])
         gain = "-" if row["scratch"] else f"{100 * (summary['median'] - medians[row['baseline']]):+.1f} points"
         mlm = ("-", "-") if row["val_loss"] is None else (f"{row['val_loss']:.3f}", f"{100 * row['val_accuracy']:.2f}%")
         steps = "-" if row["steps"] is None else f"{row['steps']:,}"
-        lines.append(f"| {row['name']} | {steps} | {mlm[0]} | {mlm[1]} | {100 * summary['median']:.1f}% "
+        similarity = f"{row['similarity']['cls']:.2f} / {row['similarity']['mean']:.2f}"
+        lines.append(f"| {row['name']} | {steps} | {mlm[0]} | {mlm[1]} | {similarity} | {100 * summary['median']:.1f}% "
                      f"({100 * summary['min']:.1f}-{100 * summary['max']:.1f}) | {seeds} | {gain} |")
     return "\n".join(lines)
 

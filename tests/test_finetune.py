@@ -11,7 +11,7 @@ import torch
 
 import finetune
 import train_bert
-from conftest import TINY_MODEL_FLAGS, run_cli
+from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 # Two families of words from the tiny corpus: a text drawn from one family or the other is trivially classified.
 WEEKDAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
@@ -184,3 +184,27 @@ def test_help_lists_every_flag():
                             cwd=Path(finetune.__file__).parent, timeout=120)
     assert result.returncode == 0
     assert all(f"--{name} " in result.stdout for name in ("model_dir", "task", "scratch", "pooling", "seeds"))
+
+
+def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus, tmp_path):
+    """benchmarks/README.md's `python benchmarks/downstream.py` commands, on the tiny model, task and corpus: each
+    prints the table (with the random-weights row and the gain) and writes its JSON and picture."""
+    from test_readme import parse_flags
+
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python benchmarks/downstream.py ")]
+    assert commands, "benchmarks/README.md shows no downstream.py command"
+    for number, command in enumerate(commands):
+        flags = parse_flags(command)
+        assert "models" in flags, f"{command!r}: a README command fine-tunes saved encoders (--models)"
+        flags.update({"models": json.dumps({name: str(tiny_model) for name in json.loads(flags["models"])}),
+                      "task": str(task), "dataset": str(tiny_corpus), "dataset_config": "None", "epochs": "1",
+                      "max_length": "16", "work_dir": str(tmp_path / f"work{number}"),
+                      "json_path": str(tmp_path / f"{number}.json"), "png_path": str(tmp_path / f"{number}.png"),
+                      "markdown_path": str(tmp_path / f"{number}.md")})
+        result = run_cli("benchmarks/downstream.py", flags)
+        assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
+        assert "| random weights" in result.stdout and "points |" in result.stdout
+        report = json.loads((tmp_path / f"{number}.json").read_text())
+        assert report["rows"][0]["scratch"] and all(not row["scratch"] for row in report["rows"][1:])
+        assert (tmp_path / f"{number}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
