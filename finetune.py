@@ -360,7 +360,10 @@ def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[
     metrics, each epoch's, the mean training loss of the last epoch and the steps made.
     """
     autocast = make_autocast(device, flags["dtype"])
-    optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
+    # One AdamW per part, each with its own peak learning rate: the new head's, and the pretrained encoder's.
+    encoder_lr = flags["lr"] if flags["encoder_lr"] is None else flags["encoder_lr"]
+    optimizers = {create_optimizer(model.head, flags["lr"], flags["weight_decay"]): flags["lr"],
+                  create_optimizer(model.encoder, encoder_lr, flags["weight_decay"]): encoder_lr}
     generator = torch.Generator().manual_seed(seed)
     batch_size = flags["batch_size"]
     steps_per_epoch = math.ceil(len(train_ids) / batch_size)
@@ -377,17 +380,19 @@ def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[
             progress = max(step / total_steps, (time.perf_counter() - started) / budget_s)
             if progress >= 1:
                 break
-            for group in optimizer.param_groups:
-                group["lr"] = flags["lr"] * warmup_then_decay(progress, flags["warmup"])
+            for optimizer, peak_lr in optimizers.items():
+                for group in optimizer.param_groups:
+                    group["lr"] = peak_lr * warmup_then_decay(progress, flags["warmup"])
             input_ids, attention_mask = pad_batch([train_ids[index] for index in batch.tolist()], pad_id)
             with autocast():
                 outputs = model(input_ids.to(device), attention_mask.to(device)).float()
             targets = labels[batch].to(device)
             loss = F.mse_loss(outputs.squeeze(-1), targets) if task.regression else F.cross_entropy(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
             losses.append(loss.item())
             step += 1
             progress_bar.update()
@@ -431,6 +436,10 @@ def validate_flags(flags: dict[str, Any]) -> None:
             raise ConfigError(f"--{name} must be a number in [{low}, {high}]; got {value!r}")
     if flags["lr"] == 0:
         raise ConfigError("--lr must be > 0")
+    if flags["encoder_lr"] is not None and not (isinstance(flags["encoder_lr"], (int, float))
+                                                and not isinstance(flags["encoder_lr"], bool)
+                                                and 0 <= flags["encoder_lr"] <= 1):
+        raise ConfigError(f"--encoder_lr must be a number in [0, 1]; got {flags['encoder_lr']!r}")
     if flags["pooling"] not in POOLINGS:
         raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}; got {flags['pooling']!r}")
     if flags["time_budget"] is not None:
@@ -456,6 +465,7 @@ def finetune(
     scratch: bool = False,
     pooling: str = "mean",
     lr: float = 1e-4,
+    encoder_lr: float | None = None,
     epochs: int = 3,
     batch_size: int = 32,
     max_length: int = 64,
@@ -493,7 +503,10 @@ def finetune(
             tokens) or "cls" (the first token's, <s> or [CLS]). Mean by default: an encoder pretrained with masked
             language modelling alone was never trained to put anything about the sentence into <s>, and with
             "cls" a pretrained model did no better than random weights on SST-2 (benchmarks/README.md).
-        lr: Peak learning rate of AdamW (betas 0.9/0.98, weight decay on weight matrices only), for encoder and head.
+        lr: Peak learning rate of AdamW (betas 0.9/0.98, weight decay on weight matrices only) for the head, and for
+            the encoder unless --encoder_lr says otherwise.
+        encoder_lr: The encoder's peak learning rate, if it should differ from the head's --lr (0 freezes the
+            encoder's weights: a probe of what pretraining put into them). Default: --lr.
         epochs: Passes over the train split; the learning rate decays linearly to 0 at the end of the last.
         batch_size: Texts per step.
         max_length: Tokens per text (pair), <s> and </s> included; longer ones are cut. SST-2's sentences average

@@ -12,6 +12,7 @@ picture each seed's result.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -177,10 +178,11 @@ def downstream(
     task: str = DEFAULT_TASK,
     seeds: Any = (0, 1, 2),
     train_rows: int | None = 20000,
-    epochs: int = 3,
-    lr: float = 1e-3,
-    pooling: str = "mean",
-    max_length: int = 64,
+    epochs: int | None = None,
+    lr: float | None = None,
+    pooling: str | None = None,
+    dropout: float | None = None,
+    max_length: int | None = None,
     holdout: float = 0.0,
     threads: int | None = 1,
     dataset: str = benchmark.DEFAULT_DATASET,
@@ -201,10 +203,11 @@ def downstream(
         seeds: Fine-tuning seeds, each a run of its own; the table gives the median and the spread.
         train_rows: Fine-tune on the first this many rows of the task's train split (default 20,000 of SST-2's
             67,349: a run of 3 epochs takes minutes on one CPU thread).
-        epochs: finetune.py --epochs.
-        lr: finetune.py --lr.
-        pooling: finetune.py --pooling.
-        max_length: finetune.py --max_length.
+        epochs: finetune.py --epochs (default: finetune.py's).
+        lr: finetune.py --lr (default: finetune.py's).
+        pooling: finetune.py --pooling (default: finetune.py's).
+        dropout: finetune.py --dropout (default: finetune.py's).
+        max_length: finetune.py --max_length (default: finetune.py's).
         holdout: finetune.py --holdout: evaluate on the end of train instead of dev (to choose settings).
         threads: torch threads for fine-tuning and for each pretraining recipe.
         dataset: The pretraining corpus (and the MLM evaluation's validation split).
@@ -223,12 +226,14 @@ def downstream(
         encoders = evaluate_exports(models, dataset, dataset_config)
     else:
         encoders = pretrain(budget_s, recipes, threads, directory, dataset, dataset_config, tokenizer)
-    flags = {"task": task, "seeds": seeds, "train_rows": train_rows, "epochs": epochs, "lr": lr, "pooling": pooling,
-             "max_length": max_length, "holdout": holdout}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(finetune.finetune).parameters.items()}
+    chosen = {"epochs": epochs, "lr": lr, "pooling": pooling, "dropout": dropout, "max_length": max_length}
+    flags = {"task": task, "seeds": seeds, "train_rows": train_rows, "holdout": holdout,
+             **{name: defaults[name] if value is None else value for name, value in chosen.items()}}
     rows = fine_tune_all(encoders, directory, flags)
     header = (f"Machine: {benchmark.machine_description()}.\nCommand: `{benchmark.command_line()}`\n"
-              f"Fine-tuning: {Path(task).name}, {train_rows or 'all'} train rows, {epochs} epoch(s), lr {lr}, "
-              f"{pooling} pooling, max length {max_length}, seeds {finetune.parse_seeds(seeds)}.\n")
+              f"Fine-tuning: {Path(task).name}, {train_rows or 'all'} train rows, "
+              + ", ".join(f"{name} {flags[name]}" for name in chosen) + f", seeds {finetune.parse_seeds(seeds)}.\n")
     table = downstream_table(rows)
     print(header + "\n" + table)
     if markdown_path:
