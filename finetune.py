@@ -177,7 +177,8 @@ def prepare_task(rows: dict[str, list[dict[str, Any]]], sources: dict[str, str],
                               f" do not match those of {sources['train']} ({', '.join(label_names)}): "
                               f"{', '.join(unknown)} never occurs in train")
         if len(label_names) < 2:
-            raise ConfigError(f"{sources['train']} has a single label ({label_names[0]}); a classifier needs two or more")
+            raise ConfigError(f"{sources['train']} has a single label ({label_names[0]}); a classifier needs two or "
+                              "more")
     index = {label: position for position, label in enumerate(label_names)}
     encoded = {split: [float(label) if regression else index[label] for label in labels[split]] for split in rows}
     texts = {split: [tuple(str(row[column] or "") for column in columns["train"]) for row in rows[split]]
@@ -464,12 +465,12 @@ def finetune(
     dev_file: str | None = None,
     scratch: bool = False,
     pooling: str = "mean",
-    lr: float = 1e-4,
+    lr: float = 1e-3,
     encoder_lr: float | None = None,
     epochs: int = 3,
     batch_size: int = 32,
     max_length: int = 64,
-    dropout: float = 0.1,
+    dropout: float = 0.0,
     weight_decay: float = 0.01,
     warmup: float = 0.1,
     seeds: Any = 0,
@@ -494,31 +495,38 @@ def finetune(
         output_dir: Folder for hparams.json and results.json (created; files there are replaced).
         task: A GLUE-format folder holding train.tsv and dev.tsv (a header line; a `sentence` column, or
             `sentence1` and `sentence2`, and `label`), or a Hub dataset name (glue, with --task_config sst2) when
-            online. Its name picks the reported GLUE metric (cola: MCC, mrpc/qqp: F1, sts-b: Pearson).
+            online. Its name picks the reported GLUE metric (MCC for cola, F1 for mrpc and qqp, Pearson for sts-b).
         task_config: The Hub dataset's configuration (glue: sst2, cola, mrpc, ...).
         train_file: Instead of --task: the train split as a .tsv, .csv, .json (a list of objects) or .jsonl file.
         dev_file: Instead of --task: the dev split, in the same form.
         scratch: Train the same architecture from random weights: the no-pretraining baseline.
-        pooling: How the encoder's last hidden states become one vector per text: "mean" (the average over the real
-            tokens) or "cls" (the first token's, <s> or [CLS]). Mean by default: an encoder pretrained with masked
-            language modelling alone was never trained to put anything about the sentence into <s>, and with
-            "cls" a pretrained model did no better than random weights on SST-2 (benchmarks/README.md).
+        pooling: How the encoder's last hidden states become one vector per text, "mean" (the average over the real
+            tokens) or "cls" (the first token's, <s> or [CLS]). Mean by default. An encoder pretrained with masked
+            language modelling alone was never trained to put anything about the sentence into <s> (no loss is
+            ever computed there), and on a held-out 5% of SST-2 train mean pooling scored 83.7% against 82.1%
+            (benchmarks/README.md).
         lr: Peak learning rate of AdamW (betas 0.9/0.98, weight decay on weight matrices only) for the head, and for
-            the encoder unless --encoder_lr says otherwise.
+            the encoder unless --encoder_lr says otherwise. 1e-3 suits the small models train_bert.py makes, which
+            were pretrained at 2e-3. On a held-out 5% of SST-2 train (one seed), 1 epoch of 20,000 sentences
+            reached 83.7% at 1e-3 against 80.3% at 3e-4, 69.0% at 1e-4 and 72.4% at 3e-3. BERT-base-sized models
+            want ~2e-5 to 5e-5.
         encoder_lr: The encoder's peak learning rate, if it should differ from the head's --lr (0 freezes the
-            encoder's weights: a probe of what pretraining put into them). Default: --lr.
-        epochs: Passes over the train split; the learning rate decays linearly to 0 at the end of the last.
+            encoder's weights, a probe of what pretraining put into them). By default --lr.
+        epochs: Passes over the train split; the learning rate decays linearly to 0 at the end of the last. Three by
+            default, as on SST-2 (20,000 sentences) held-out accuracy (one seed, dropout 0.1) rose from 83.6%
+            after the first to 86.6% after the third.
         batch_size: Texts per step.
         max_length: Tokens per text (pair), <s> and </s> included; longer ones are cut. SST-2's sentences average
             ~13 words; 64 tokens keeps almost all of them whole.
         dropout: Dropout in the head and in the encoder's layers (on hidden states and attention probabilities).
+            0 by default, as the encoder was pretrained, which gave held-out accuracy 84.1% against 83.7% with 0.1.
         weight_decay: AdamW weight decay on weight matrices.
         warmup: Share of the run over which the learning rate rises linearly from 0 to --lr.
         seeds: One seed or several (0,1,2): each trains its own run (head initialisation, data order, dropout and,
             with --scratch, the encoder's weights); results give each and the median.
         train_rows: Train on the first this many rows of the train split only (default: all).
-        holdout: Evaluate on the last share of the train split (0.05: its last 5%) instead of dev, and train on the
-            rest: choose recipes on this, never on dev. 0 (the default) evaluates on dev.
+        holdout: Evaluate on the last share of the train split (0.05 is its last 5%) instead of dev, and train on
+            the rest. Choose recipes on this, never on dev. 0 (the default) evaluates on dev.
         time_budget: Stop each seed's training after this much wall-clock time (600, "10m"); the learning rate
             schedule then follows the share of the budget spent, reaching 0 when it ends.
         metric: The GLUE metric to report besides accuracy: auto (from the task's name), accuracy, mcc, f1 or pearson.
@@ -532,7 +540,8 @@ def finetune(
     metric_name = metric if metric != "auto" else "pearson" if data.regression else GLUE_METRICS.get(
         name.lower(), "accuracy")
     if data.regression != (metric_name == "pearson"):
-        raise ConfigError(f"--metric {metric_name} does not suit a {'regression' if data.regression else 'classification'} "
+        kind = "regression" if data.regression else "classification"
+        raise ConfigError(f"--metric {metric_name} does not suit a {kind} "
                           f"task (labels {'with fractions' if data.regression else ', '.join(data.label_names)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if flags["dtype"] not in ("auto", "fp32", "bf16"):

@@ -2715,7 +2715,8 @@ def help_text(function: Callable, program: str) -> str:
     for name, parameter in inspect.signature(function).parameters.items():
         # The annotation as written (a string under `from __future__ import annotations`), also for the flags
         # train_bert_ds.py inherits, whose annotations live in this module.
-        lines.append(f"  --{name} {parameter.annotation}  (default: {parameter.default!r})")
+        default = "required" if parameter.default is inspect.Parameter.empty else f"default: {parameter.default!r}"
+        lines.append(f"  --{name} {parameter.annotation}  ({default})")
         lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 

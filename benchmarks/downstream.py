@@ -60,7 +60,8 @@ def evaluate_exports(models: dict[str, str], dataset: str, dataset_config: str |
     encoders = []
     for name, model_dir in models.items():
         if not (Path(model_dir) / "config.json").is_file():
-            raise train_bert.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no config.json)")
+            raise train_bert.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no "
+                                         "config.json)")
         hparams = Path(model_dir).parent / "hparams.json"
         steps = json.loads(hparams.read_text()).get(train_bert.COMPLETED_KEY) if hparams.is_file() else None
         tokenizer = train_bert.load_tokenizer(model_dir)
@@ -119,8 +120,8 @@ def fine_tune_all(encoders: list[dict[str, Any]], work_dir: Path, finetune_flags
     texts = [tuple(row[column] for column in columns) for row in task_rows["train"][:SIMILARITY_TEXTS]]
     for row in rows:
         row["similarity"] = vector_similarity(row["model_dir"], row["scratch"], texts)
-        output = finetune.finetune(model_dir=row["model_dir"], output_dir=str(work_dir / "finetune" / slug(row["name"])),
-                                   scratch=row["scratch"], **finetune_flags)
+        output = finetune.finetune(model_dir=row["model_dir"], scratch=row["scratch"],
+                                   output_dir=str(work_dir / "finetune" / slug(row["name"])), **finetune_flags)
         row["finetune"] = json.loads(Path(output, "results.json").read_text())
     return rows
 

@@ -192,7 +192,8 @@ def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus,
     from test_readme import parse_flags
 
     text = (ROOT / "benchmarks" / "README.md").read_text()
-    commands = [line.strip() for line in text.splitlines() if line.strip().startswith("python benchmarks/downstream.py ")]
+    commands = [line.strip() for line in text.splitlines()
+                if line.strip().startswith("python benchmarks/downstream.py ")]
     assert commands, "benchmarks/README.md shows no downstream.py command"
     for number, command in enumerate(commands):
         flags = parse_flags(command)
