@@ -163,6 +163,7 @@ def bad_task_cases(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[dict, st
         "mismatched labels": ({"task": str(mismatched)}, "do not match"),
         "not a classifier": ({"model_dir": str(not_a_classifier)}, "'vit' model"),
         "not a model folder": ({"model_dir": str(tmp_path)}, "no config.json"),
+        "not a duration": ({"time_budget": "soon"}, "not a duration"),
     }
 
 
@@ -186,14 +187,31 @@ def test_help_lists_every_flag():
     assert all(f"--{name} " in result.stdout for name in ("model_dir", "task", "scratch", "pooling", "seeds"))
 
 
+def benchmark_readme_commands(script: str) -> list[str]:
+    """The lines of benchmarks/README.md that run `python <script>`."""
+    text = (ROOT / "benchmarks" / "README.md").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip().startswith(f"python {script} ")]
+
+
+def test_benchmark_readme_finetune_commands_run(tiny_model, task, tmp_path):
+    """benchmarks/README.md's `python finetune.py` commands (choosing the recipe on held-out data) run and exit 0."""
+    from test_readme import parse_flags
+
+    commands = benchmark_readme_commands("finetune.py")
+    assert commands, "benchmarks/README.md shows no finetune.py command"
+    for number, command in enumerate(commands):
+        flags = {**parse_flags(command), "model_dir": str(tiny_model), "task": str(task),
+                 "output_dir": str(tmp_path / f"out{number}"), "epochs": "1", "max_length": "16"}
+        result = run_cli("finetune.py", flags)
+        assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
+
+
 def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus, tmp_path):
     """benchmarks/README.md's `python benchmarks/downstream.py` commands, on the tiny model, task and corpus: each
     prints the table (with the random-weights row and the gain) and writes its JSON and picture."""
     from test_readme import parse_flags
 
-    text = (ROOT / "benchmarks" / "README.md").read_text()
-    commands = [line.strip() for line in text.splitlines()
-                if line.strip().startswith("python benchmarks/downstream.py ")]
+    commands = benchmark_readme_commands("benchmarks/downstream.py")
     assert commands, "benchmarks/README.md shows no downstream.py command"
     for number, command in enumerate(commands):
         flags = parse_flags(command)
