@@ -288,11 +288,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
-def load_encoder(model_dir: str, scratch: bool, dropout: float) -> "transformers.PreTrainedModel":
-    """The encoder of the model in `model_dir` (its MLM head, if any, is left out), with `dropout` in its layers;
-    with `scratch` the same architecture and sizes with fresh random weights (drawn from torch's seeded RNG)."""
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as transformers_logging
+def classifier_config(model_dir: str) -> "transformers.PretrainedConfig":
+    """The config of the model in `model_dir`, once it is known to be a model transformers can classify text with."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     if not (Path(model_dir) / "config.json").is_file():
@@ -303,6 +301,16 @@ def load_encoder(model_dir: str, scratch: bool, dropout: float) -> "transformers
         raise ConfigError(f"--model_dir {model_dir!r} holds a {config.model_type!r} model, which transformers "
                           "cannot use as a text classifier (it has no sequence-classification architecture); give a "
                           "text encoder such as the hf_model/ folder train_bert.py exports")
+    return config
+
+
+def load_encoder(model_dir: str, scratch: bool, dropout: float) -> "transformers.PreTrainedModel":
+    """The encoder of the model in `model_dir` (its MLM head, if any, is left out), with `dropout` in its layers;
+    with `scratch` the same architecture and sizes with fresh random weights (drawn from torch's seeded RNG)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    config = classifier_config(model_dir)
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         if hasattr(config, name):
             setattr(config, name, dropout)
@@ -547,7 +555,7 @@ def finetune(
     if flags["dtype"] not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--dtype must be auto, fp32 or bf16; got {flags['dtype']!r}")
     flags["dtype"] = resolve_dtype(flags["dtype"], device)
-    load_encoder(model_dir, scratch=True, dropout=dropout)  # checks the architecture before any tokenizing
+    classifier_config(model_dir)  # a bad model folder is reported before any tokenizing
     tokenizer = load_tokenizer(model_dir)
     length = usable_length(max_length, tokenizer)
     train_ids, eval_ids = tokenize(tokenizer, data.train_texts, length), tokenize(tokenizer, data.eval_texts, length)
