@@ -206,6 +206,7 @@ def test_benchmark_readme_finetune_commands_run(tiny_model, task, tmp_path):
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus, tmp_path):
     """benchmarks/README.md's `python benchmarks/downstream.py` commands, on the tiny model, task and corpus: each
     prints the table (with the random-weights row and the gain) and writes its JSON and picture."""
