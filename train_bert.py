@@ -912,9 +912,8 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
     if init_from is not None:
         model = AutoModelForMaskedLM.from_pretrained(init_from, hidden_dropout_prob=dropout,
                                                      attention_probs_dropout_prob=dropout)
-        if model.config.model_type == "roformer":  # from_pretrained makes its fixed sinusoid table trainable
-            model.base_model.encoder.embed_positions.requires_grad_(False)
-            use_fused_rotary_attention(model)
+        freeze_sinusoid_positions(model)
+        use_fused_rotary_attention(model)
         return model
     start_id, end_id = block_framing_ids(tokenizer)
     sizes = dict(vocab_size=len(tokenizer), hidden_size=h_dim, num_hidden_layers=num_layers,
@@ -961,6 +960,12 @@ def use_fused_rotary_attention(model: "transformers.PreTrainedModel") -> None:
     for module in model.modules():
         if isinstance(module, RoFormerSelfAttention):
             module.forward = rotary_sdpa_attention.__get__(module)
+
+
+def freeze_sinusoid_positions(model: "transformers.PreTrainedModel") -> None:
+    """Keep RoFormer's sinusoid position table fixed: `from_pretrained` makes it trainable (a no-op for others)."""
+    if model.config.model_type == "roformer":
+        model.base_model.encoder.embed_positions.requires_grad_(False)
 
 
 def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
@@ -3012,7 +3017,8 @@ def help_text(function: Callable, program: str) -> str:
     for name, parameter in inspect.signature(function).parameters.items():
         # The annotation as written (a string under `from __future__ import annotations`), also for the flags
         # train_bert_ds.py inherits, whose annotations live in this module.
-        lines.append(f"  --{name} {parameter.annotation}  (default: {parameter.default!r})")
+        default = "required" if parameter.default is inspect.Parameter.empty else f"default: {parameter.default!r}"
+        lines.append(f"  --{name} {parameter.annotation}  ({default})")
         lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 

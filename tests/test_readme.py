@@ -78,3 +78,21 @@ def test_every_readme_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
             assert Path(previous_experiment, "hf_model").is_dir()
         ran += 1
     assert ran >= 4
+
+
+def test_every_readme_finetune_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
+    """The README's `python finetune.py` commands, on a tiny exported model and a tiny task, each exit 0."""
+    import train_bert
+    from test_finetune import write_task
+
+    commands = readme_commands("finetune.py")
+    assert commands, "the README shows no finetune.py command"
+    experiment = train_bert.train(checkpoint_dir=str(tmp_path / "pretrain"), dataset=str(tiny_corpus),
+                                  tokenizer=str(tiny_tokenizer), num_iterations=3, **TINY_MODEL_FLAGS)
+    task = write_task(tmp_path / "task")
+    for number, command in enumerate(commands):
+        flags = {**parse_flags(command), "model_dir": str(Path(experiment, "hf_model")), "task": str(task),
+                 "output_dir": str(tmp_path / f"out{number}"), "epochs": "1", "max_length": "16"}
+        result = run_cli("finetune.py", flags)
+        assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
+        assert Path(tmp_path / f"out{number}", "results.json").is_file()
