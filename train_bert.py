@@ -2578,7 +2578,6 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         if auto_size_keeping is not None:
             chosen, auto_size_note = choose_shape_for_budget(flags, data.tokenizer, device, auto_size_keeping)
             flags.update(chosen)
-            logger.info(auto_size_note)
             check_memory(flags, device)
         new_model = saved_tokenizer_dir is None and not flags["init_from"]  # a resume loads its weights instead
         output_bias = unigram_output_bias(data.token_sample(), len(data.tokenizer)) if new_model else None
@@ -2614,7 +2613,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
         with experiment_logging(experiment_dir, start_step) as metrics:
             log_run_start(experiment_dir, start_step, count_parameters(model), data, flags, device)
             if auto_size_note:
-                logger.info(auto_size_note)  # again, now that train.log exists
+                logger.info(auto_size_note)  # here, so that train.log has it too
             progress.started = True
             training_loop(flags, device, model, optimizer, lr_scheduler, scaler, data, experiment_dir, metrics,
                           start_step, data_position, budget)
