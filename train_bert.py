@@ -1008,6 +1008,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def dense_parameters(layers: int, d: int, ff: int) -> int:
+    """Weights of the encoder's matrices, L·(4·d² + 2·d·f): attention projections and feed-forward layers (the
+    embeddings and the head are left out; most of their rows are not touched by a given token)."""
+    return layers * (4 * d * d + 2 * d * ff)
+
+
 def training_flops(config: "transformers.PretrainedConfig", tokens: int, predicted: int, seq_length: int) -> float:
     """FLOPs of one forward+backward pass, the usual 6·N·tokens estimate made specific to a sparse-head encoder.
 
@@ -1016,7 +1022,7 @@ def training_flops(config: "transformers.PretrainedConfig", tokens: int, predict
       + 6 · (d² + d·V) · predicted      the MLM head (transform + decoder), only at the predicted positions
     """
     layers, d, ff, vocab = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
-    dense = layers * (4 * d * d + 2 * d * ff)
+    dense = dense_parameters(layers, d, ff)
     return 6 * dense * tokens + 12 * layers * d * seq_length * tokens + 6 * (d * d + d * vocab) * predicted
 
 
@@ -1278,7 +1284,7 @@ def choose_shape_for_budget(flags: dict[str, Any], tokenizer: Any, device: torch
         if shape["h_dim"] % shape["num_heads"]:
             continue
         tokens_per_s = measure_tokens_per_s({**flags, **shape}, tokenizer, device)
-        parameters = shape["num_layers"] * (4 * shape["h_dim"] ** 2 + 2 * shape["h_dim"] * shape["ff_dim"])
+        parameters = dense_parameters(shape["num_layers"], shape["h_dim"], shape["ff_dim"])
         per_parameter = tokens_per_s * training_s / parameters
         logger.info(f"auto size: {shape['num_layers']} x {shape['h_dim']} (ff {shape['ff_dim']}), batch "
                     f"{batch_size}: {tokens_per_s:,.0f} tokens/s here, {per_parameter:.0f} tokens per parameter in "
