@@ -31,9 +31,20 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm.auto import tqdm
 
-from train_bert import (ConfigError, atomic_write, create_optimizer, freeze_sinusoid_positions, git_output,
-                        library_versions, make_autocast, main, offline_hint, parse_duration, resolve_dtype,
-                        use_fused_rotary_attention, warmup_then_decay)
+from pretraining.budget import parse_duration
+from pretraining.cli import main
+from pretraining.corpus import offline_hint
+from pretraining.errors import ConfigError
+from pretraining.flags import resolve_dtype
+from pretraining.logs import git_output, library_versions
+from pretraining.safeguards import atomic_write
+from train_bert import (
+    create_optimizer,
+    freeze_sinusoid_positions,
+    make_autocast,
+    use_fused_rotary_attention,
+    warmup_then_decay,
+)
 
 # The GLUE metric of each task, by the task's name (its folder's name or the Hub config); every other task reports
 # accuracy (classification) or Pearson's r (regression: numeric labels with fractions, as STS-B's).

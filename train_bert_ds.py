@@ -17,23 +17,14 @@ Run it:
 from __future__ import annotations
 
 import contextlib
-import copy
-import datetime
-import fcntl
-import inspect
 import json
 import math
 import os
 import random
-import re
 import shutil
-import signal
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -42,14 +33,61 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 import train_bert
-from train_bert import (COMPLETED_KEY, ConfigError, CheckpointError, LossWindow, MetricsLogger, PreparedData,
-                        RunProgress, StopSignal, atomic_write, check_memory, check_resumable, check_resume_target,
-                        check_sequence_limits, check_writable, compiled_mlm_loss, create_experiment, create_lr_scheduler,
-                        create_model, eval_batches, evaluate, experiment_lock, experiment_logging, export_and_demo,
-                        load_hparams, log_evaluation, log_run_start, log_test_evaluation, mark_completed, mlm_loss,
-                        nonfinite_error, parameter_groups, prepare_data, record_flag_changes, reported_stops,
-                        resolve_resume_flags, resume_command, rng_states, saved_step, set_rng_states, start_command,
-                        stop_outcome, to_device, train_batches, unigram_output_bias, validate_flags)
+from pretraining.cli import main
+from pretraining.deepspeed_config import resolve_ds_flags
+from pretraining.errors import CheckpointError, ConfigError
+from pretraining.flags import flag_defaults
+from pretraining.logs import LossWindow, MetricsLogger, experiment_logging
+from pretraining.ranks import (
+    COLLECTIVE_TIMEOUT,
+    QuietRank,
+    any_rank,
+    init_distributed,
+    nonfinite_over_ranks,
+    prepare_op_build,
+    raise_if_weights_nonfinite_on_any_rank,
+    reported_peer_failures,
+    run_on_rank0,
+    window_over_ranks,
+)
+from pretraining.safeguards import (
+    COMPLETED_KEY,
+    RunProgress,
+    StopSignal,
+    atomic_write,
+    check_memory,
+    check_resume_target,
+    experiment_lock,
+    load_hparams,
+    mark_completed,
+    record_flag_changes,
+    reported_stops,
+    saved_step,
+)
+from train_bert import (
+    PreparedData,
+    compiled_mlm_loss,
+    create_experiment,
+    create_lr_scheduler,
+    create_model,
+    eval_batches,
+    evaluate,
+    export_and_demo,
+    log_evaluation,
+    log_run_start,
+    log_test_evaluation,
+    mlm_loss,
+    parameter_groups,
+    prepare_data,
+    rng_states,
+    set_rng_states,
+    to_device,
+    train_batches,
+    unigram_output_bias,
+)
+
+if TYPE_CHECKING:
+    import transformers
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DS_CONFIG = HERE / "ds_config.json"
@@ -60,318 +98,9 @@ TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
 # Flags and ds_config.json: one source of truth per setting.
 # ----------------------------------------------------------------------------------------------------------------------
 
-# Settings that are both a flag and a field of ds_config.json (a path of keys). A flag the user passes wins and is
-# written into the config; a flag left out takes the config's value (or train_bert.py's default if the config has
-# none). `dtype` is one more, spread over fp16.enabled and bf16.enabled.
-CONFIG_FIELDS = {
-    "batch_size": ("train_micro_batch_size_per_gpu",),
-    "grad_accum_steps": ("gradient_accumulation_steps",),
-    "grad_clip": ("gradient_clipping",),
-    "lr": ("optimizer", "params", "lr"),
-    "weight_decay": ("optimizer", "params", "weight_decay"),
-    "zero_stage": ("zero_optimization", "stage"),
-    "offload_optimizer": ("zero_optimization", "offload_optimizer", "device"),
-    "offload_param": ("zero_optimization", "offload_param", "device"),
-}
-FLAGS_FROM_CONFIG = (*CONFIG_FIELDS, "dtype")
-OFFLOAD_DEVICES = ("none", "cpu")
-# A DeepSpeed checkpoint's layout depends on these, so a resume keeps them (besides train_bert.py's shape flags).
-DS_RUN_DEFINING_FLAGS = (*train_bert.RUN_DEFINING_FLAGS, "zero_stage", "dtype", "offload_optimizer", "offload_param")
-
-
-def load_ds_config(path: str) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config; a missing or malformed file is a one-line error."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise ConfigError(f"--ds_config {path!r} cannot be read ({error.strerror or error})") from error
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"--ds_config {path!r} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise ConfigError(f"--ds_config {path!r} must hold a JSON object, not {type(config).__name__}")
-    return config
-
-
-def effective_ds_config(flags: dict[str, Any], config: dict[str, Any], world_size: int
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Merge flags and config both ways; return (resolved flags, the config DeepSpeed runs with).
-
-    DeepSpeed checks train_batch_size == micro batch x accumulation steps x ranks; it is derived here, and a
-    config that states another number is an error rather than silently one or the other.
-    """
-    flags, config = dict(flags), copy.deepcopy(config)
-    fallback = {name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()}
-    fallback |= {"zero_stage": 0, "offload_optimizer": "none", "offload_param": "none"}
-    for flag, path in CONFIG_FIELDS.items():
-        *parents, key = path
-        section = config
-        for parent in parents:
-            section = section.setdefault(parent, {})
-        if flags[flag] is None:
-            flags[flag] = section.get(key, fallback[flag])
-        section[key] = flags[flag]
-    if flags["dtype"] is None:
-        enabled = [dtype for dtype in ("fp16", "bf16") if config.get(dtype, {}).get("enabled", False)]
-        if len(enabled) == 2:
-            raise ConfigError(f"--ds_config {flags['ds_config']!r} enables both fp16 and bf16; enable one")
-        flags["dtype"] = enabled[0] if enabled else "fp32"
-    for dtype in ("fp16", "bf16"):
-        config.setdefault(dtype, {})["enabled"] = flags["dtype"] == dtype
-    train_batch_size = flags["batch_size"] * flags["grad_accum_steps"] * world_size
-    if config.get("train_batch_size", "auto") not in ("auto", train_batch_size):
-        raise ConfigError(
-            f"--ds_config sets train_batch_size {config['train_batch_size']}, but --batch_size {flags['batch_size']} "
-            f"x --grad_accum_steps {flags['grad_accum_steps']} x {world_size} rank(s) = {train_batch_size}; "
-            "remove train_batch_size (it is derived) or make them agree")
-    config["train_batch_size"] = train_batch_size
-    return flags, config
-
-
-def fields_from_config(flags: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
-    """The flags left out (None) whose value the config sets: {flag: its field, e.g. "zero_optimization.stage"}."""
-    fields = {}
-    for flag, path in CONFIG_FIELDS.items():
-        section = config
-        for key in path:
-            section = section.get(key) if isinstance(section, dict) else None
-        if flags[flag] is None and section is not None:
-            fields[flag] = ".".join(path)
-    enabled = [dtype for dtype in ("fp16", "bf16")
-               if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")]
-    if flags["dtype"] is None and enabled:
-        fields["dtype"] = f"{enabled[0]}.enabled"
-    return fields
-
-
-@contextlib.contextmanager
-def errors_named_after_config(fields: dict[str, str], ds_config: str) -> Iterator[None]:
-    """Reword a bad-value error so it names the ds_config.json field the value came from, not a flag the user
-    never passed (`fields` from `fields_from_config`)."""
-    try:
-        yield
-    except ConfigError as error:
-        message = str(error)
-        for flag, field in fields.items():
-            message = re.sub(rf"--{flag}\b", f"{field} (in --ds_config {ds_config!r})", message, count=1)
-        raise ConfigError(message) from None
-
-
-def validate_ds_flags(flags: dict[str, Any]) -> None:
-    """Reject bad values of the DeepSpeed flags with one line each (train_bert.validate_flags checks the rest)."""
-    if flags["dtype"] not in train_bert.DTYPES:  # train_bert.py's "auto": here ds_config.json decides
-        raise ConfigError(f"--dtype must be one of {', '.join(train_bert.DTYPES)} here, or left out (ds_config.json's "
-                          f"fp16 / bf16 \"enabled\" decides); got {flags['dtype']!r}")
-    if flags["zero_stage"] not in (0, 1, 2, 3):
-        raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3; got {flags['zero_stage']!r}")
-    for name in ("offload_optimizer", "offload_param"):
-        if flags[name] not in OFFLOAD_DEVICES:
-            raise ConfigError(f"--{name} must be one of {', '.join(OFFLOAD_DEVICES)}; got {flags[name]!r}")
-    if flags["offload_optimizer"] != "none" and flags["zero_stage"] == 0:
-        raise ConfigError("--offload_optimizer cpu needs ZeRO (--zero_stage 1, 2 or 3): only a partitioned optimizer "
-                          "can live in CPU memory")
-    if flags["offload_param"] != "none" and flags["zero_stage"] != 3:
-        raise ConfigError(f"--offload_param cpu needs --zero_stage 3 (only stage 3 partitions the parameters); "
-                          f"got --zero_stage {flags['zero_stage']}")
-    if flags["compile"] and flags["zero_stage"] == 3:
-        raise ConfigError("--compile is not supported with --zero_stage 3 here (ZeRO-3 gathers parameters in "
-                          "module hooks that torch.compile would trace); use --zero_stage 0, 1 or 2")
-
-
-def check_dtype_supported(dtype: str) -> None:
-    """Fail at once, with the fix, where DeepSpeed's accelerator cannot train in `dtype`."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
-    if not supported[dtype]:
-        hint = "use --dtype bf16 or fp32" if supported["bf16"] else "use --dtype fp16 or fp32"
-        raise ConfigError(f"--dtype {dtype} is not supported by DeepSpeed's {accelerator.device_name()} accelerator "
-                          f"on this machine; {hint}")
-
-
-def inherit_flags(function: Callable, base: Callable, from_config: tuple[str, ...]) -> None:
-    """Give `function(**flags)` the signature and flag documentation of `base` plus its own keyword flags (an own
-    flag replaces the inherited one of its name).
-
-    fire reads both (`__signature__` and the docstring's Args), so `--help` lists every flag and unknown flags
-    are rejected, while the flags themselves stay defined once, in train_bert.train. Flags in `from_config`
-    default to None: "take the value from ds_config.json".
-    """
-    own = [parameter for parameter in inspect.signature(function).parameters.values()
-           if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
-    own_names = {parameter.name for parameter in own}
-    inherited = [parameter.replace(default=None) if parameter.name in from_config else parameter
-                 for parameter in inspect.signature(base).parameters.values() if parameter.name not in own_names]
-    keyword_only = [parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY) for parameter in inherited + own]
-    function.__signature__ = inspect.signature(function).replace(parameters=keyword_only)
-    head, own_args = function.__doc__.rstrip().split("Args:\n", 1)
-    docs = flag_docs(base.__doc__.split("Args:\n", 1)[1]) | flag_docs(own_args)  # our wording wins
-    names = [parameter.name for parameter in inherited + own]
-    function.__doc__ = head + "Args:\n" + "".join(docs[name] for name in names)
-
-
-def flag_docs(args_section: str) -> dict[str, str]:
-    """Split a docstring's Args section into {flag: its lines}."""
-    docs, name = {}, None
-    # Without the closing quotes' indentation, the last entry would run into the next one joined after it.
-    for line in args_section.rstrip().splitlines():
-        stripped = line.strip()
-        if stripped and not line.startswith(" " * 12) and ":" in stripped:
-            name = stripped.split(":", 1)[0]
-            docs[name] = ""
-        if name is not None:
-            docs[name] += line + "\n"
-    return docs
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Processes and ranks: every rank runs this script; rank 0 decides and writes, the others follow.
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for a process group of one."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-# How long a collective waits for a rank that neither answers nor disconnects (a hung process, a lost node). A rank
-# that dies closes its connections, and the others notice that at once. Rank 0 alone prepares a new run's data while
-# the others wait in a broadcast, so this must exceed the longest data preparation.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
-
-
-def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
-    """Join the launcher's process group (a group of one under plain `python`); return rank, world size, device.
-
-    deepspeed, torchrun and mpirun-style launchers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT.
-    Without them DeepSpeed would try MPI discovery (and fail without mpi4py), so a single process fills them in.
-    The accelerator is DeepSpeed's choice: CUDA where there is a GPU, else the CPU with the gloo backend
-    (DS_ACCELERATOR=cpu forces it).
-    """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" in os.environ:
-        stop_when_the_launcher_dies()
-    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
-    accelerator = get_accelerator()
-    if accelerator.device_name() != "cpu":
-        accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
-                               timeout=COLLECTIVE_TIMEOUT)
-    device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-LAUNCHER_NAMES = ("deepspeed", "torchrun", "torch.distributed.run")
-
-
-def stop_when_the_launcher_dies() -> None:
-    """SIGTERM this rank when the launcher that started it ends, so it saves a checkpoint and exits.
-
-    `docker stop`, schedulers and process managers signal the top process, the `deepspeed` runner, which dies
-    without passing the signal on (its child, the per-node launcher, survives it): the ranks would train on
-    unsupervised until something SIGKILLs them. A thread checks the launcher processes above this rank once a
-    second; when one is gone, the rank signals itself and stops exactly as after a SIGTERM (all ranks agree on
-    the step, save one checkpoint, exit 143).
-    """
-    import psutil
-
-    launchers = [process for process in psutil.Process().parents()
-                 if any(name in " ".join(process.cmdline()) for name in LAUNCHER_NAMES)]
-
-    def watch() -> None:
-        while all(process.is_running() for process in launchers):
-            time.sleep(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    if launchers:
-        threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
-
-
-def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
-    """Run `function` on rank 0 only and give every rank its (picklable) result.
-
-    If it fails, the other ranks stop with its message instead of waiting forever for a broadcast.
-    """
-    outcome = [None]
-    if rank == 0:
-        try:
-            outcome = [(True, function())]
-        except BaseException as error:  # a stop signal too: the other ranks must not wait for the broadcast
-            dist.broadcast_object_list([(False, f"{type(error).__name__}: {error}")], src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    succeeded, value = outcome[0]
-    if not succeeded:
-        raise ConfigError(f"rank 0 failed, so this rank stops too: {value}")
-    return value
-
-
-def is_peer_failure(error: BaseException) -> bool:
-    """A collective failed because another rank is gone (closed connection) or silent (timeout)."""
-    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and any(
-        sign in str(error) for sign in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")))
-
-
-@contextlib.contextmanager
-def reported_peer_failures(rank: int, progress: RunProgress) -> Iterator[None]:
-    """Turn a collective that failed because another rank died into one line instead of a traceback.
-
-    This rank cannot save a checkpoint alone (each rank holds its ZeRO partition), so it names the last complete
-    checkpoint, the one a resume will use, and stops (exit 1).
-    """
-    try:
-        yield
-    except RuntimeError as error:
-        if not is_peer_failure(error):
-            raise
-        for signum in (signal.SIGTERM, signal.SIGINT):  # the launcher now stops the other ranks: nothing to save
-            signal.signal(signum, signal.SIG_IGN)
-        detail = re.sub(r"\[[^\]]*\.\w+:\d+\] ", "", str(error).strip().splitlines()[0]).split(". ")[0][:160]
-        experiment_dir = progress.experiment_dir
-        if experiment_dir is not None and (experiment_dir / LATEST_POINTER).is_file():
-            outcome = (f"a resume uses the last complete checkpoint, {(experiment_dir / LATEST_POINTER).read_text()} "
-                       f"in {experiment_dir}: {resume_command(experiment_dir)}")
-        elif rank == 0 or experiment_dir is None:
-            outcome = stop_outcome(experiment_dir, progress.created)
-        else:
-            outcome = f"no checkpoint had been saved yet. Start again with: {start_command()}"
-        raise CheckpointError(f"rank {rank}: another rank stopped ({detail}); a DeepSpeed checkpoint needs every "
-                              f"rank, so this one cannot save alone and stops; {outcome}") from None
-
-
-def any_rank(value: int, group: Any) -> int:
-    """The largest of `value` over all ranks, via a CPU (gloo) group so no accelerator work waits on it."""
-    flag = torch.tensor([value])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return int(flag)
-
-
-def window_over_ranks(window: LossWindow, world_size: int) -> None:
-    """Turn each rank's log window into the whole run's: mean loss over ranks, predicted tokens summed."""
-    dist.all_reduce(window.loss)
-    window.loss /= world_size
-    dist.all_reduce(window.predicted)
-
-
-def nonfinite_over_ranks(window: LossWindow) -> None:
-    """Make every rank see a non-finite loss any rank saw, so they all stop together instead of one hanging."""
-    dist.all_reduce(window.first_nonfinite_step, op=dist.ReduceOp.MAX)
-
-
-def raise_if_weights_nonfinite_on_any_rank(engine: Any, step: int, experiment_dir: Path, control_group: Any) -> None:
-    """train_bert.py's check before a save, on the weights each rank holds (under ZeRO-3 only its partition,
-    `ds_tensor`), decided by all ranks together."""
-    held = [getattr(parameter, "ds_tensor", parameter) for parameter in engine.module.parameters()]
-    finite = all(bool(torch.isfinite(tensor).all()) for tensor in held)
-    if any_rank(int(not finite), control_group):
-        raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,25 +224,20 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
 
 
 def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
-          offload_param: str | None = None, compile: bool | None = None, **flags: Any) -> str | None:
+          offload_param: str | None = None, compile: bool | None = None, batch_size: int | None = None,
+          grad_accum_steps: int | None = None, lr: float | None = None, weight_decay: float | None = None,
+          grad_clip: float | None = None, dtype: str | None = None, device: str = "auto",
+          time_budget: str | None = None, init_from: str | None = None, **flags: Any) -> str | None:
     """Pretrain a RoBERTa encoder with masked language modelling using DeepSpeed; return the experiment directory.
 
     Start:  deepspeed train_bert_ds.py --checkpoint_dir ./experiments [flags]   (or torchrun, or plain python)
     Resume: deepspeed train_bert_ds.py --load_checkpoint_dir ./experiments/bert_pretrain.YYYY... (same rank count)
 
-    Every flag of train_bert.py works here too. Those that ds_config.json also sets (--batch_size,
-    --grad_accum_steps, --lr, --weight_decay, --grad_clip, --dtype and the ZeRO flags) take the config's value when
-    not given, and override it when given. Each rank trains on its own batches: the effective batch is
-    batch_size x grad_accum_steps x ranks. The device is DeepSpeed's accelerator: CUDA where there is a GPU, else
-    the CPU (--device cpu, or DS_ACCELERATOR=cpu, chooses it on a GPU machine).
+    Every flag of train_bert.py works here too, with the same meaning and default, except those listed first:
+    the flags that ds_config.json also sets take the config's value when not given and override it when given.
+    Each rank trains on its own batches: the effective batch is batch_size x grad_accum_steps x ranks.
 
     Args:
-        batch_size: Blocks per micro-batch on each rank (ds_config: train_micro_batch_size_per_gpu).
-        dtype: fp32, bf16 or fp16 (DeepSpeed mixed precision: the model computes in 16 bits, the optimizer keeps
-            fp32 master weights; fp16 adds dynamic loss scaling); the config's fp16 / bf16 "enabled" when not given.
-        device: auto (each rank on the GPU its launcher gives it, or the CPU without CUDA) or cpu (DeepSpeed's CPU
-            accelerator, as DS_ACCELERATOR=cpu).
-        local_rank: This process's GPU on its machine; the deepspeed launcher passes it (torchrun sets LOCAL_RANK).
         ds_config: DeepSpeed JSON config (precision, ZeRO, optimizer, clipping). The merged, effective config is
             saved as ds_config.json in the experiment directory; a resume starts from that one unless given.
         zero_stage: ZeRO stage 0 (plain data parallelism), 1 (partition the optimizer states), 2 (and the
@@ -522,55 +246,30 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         offload_param: none or cpu: keep the parameters in CPU memory between uses (ZeRO-3 only).
         compile: Compile the loss (encoder, sparse head, cross-entropy) with torch.compile, as train_bert.py does;
             on by default for ZeRO stages 0-2, off for stage 3 (whose parameter hooks torch.compile cannot trace).
+        batch_size: Blocks per micro-batch on each rank (ds_config: train_micro_batch_size_per_gpu).
+        grad_accum_steps: Micro-batches per optimizer step (ds_config: gradient_accumulation_steps).
+        lr: Peak learning rate (ds_config: optimizer.params.lr).
+        weight_decay: AdamW weight decay on weight matrices (ds_config: optimizer.params.weight_decay).
+        grad_clip: Clip the global gradient norm to this, 0 disables (ds_config: gradient_clipping).
+        dtype: fp32, bf16 or fp16 (DeepSpeed mixed precision: the model computes in 16 bits, the optimizer keeps
+            fp32 master weights; fp16 adds dynamic loss scaling); the config's fp16 / bf16 "enabled" when not given.
+        device: auto (each rank on the GPU its launcher gives it, or the CPU without CUDA) or cpu (DeepSpeed's CPU
+            accelerator, as DS_ACCELERATOR=cpu).
+        time_budget: Not available here: every rank would have to agree on the step to stop at; use train_bert.py.
+        init_from: Not available here yet: continue a Hugging Face checkpoint with train_bert.py.
     """
     if os.environ.get("RANK", "0") != "0":  # under a launcher: rank 0 alone says what every rank would say
         logger.remove()
         logger.add(sys.stderr, level="ERROR")
-    all_flags = inspect.signature(train).bind(ds_config=ds_config, zero_stage=zero_stage,
-                                              offload_optimizer=offload_optimizer, offload_param=offload_param,
-                                              compile=compile, **flags)
-    all_flags.apply_defaults()
-    flags = dict(all_flags.arguments)
-    defaults = {name: parameter.default for name, parameter in inspect.signature(train).parameters.items()}
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    resuming = flags["load_checkpoint_dir"] is not None and flags["checkpoint_dir"] is None
-    if resuming:
-        experiment_dir = Path(flags["load_checkpoint_dir"])
-        hparams = load_hparams(experiment_dir)
-        if not (experiment_dir / LATEST_POINTER).is_file():
-            raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no DeepSpeed checkpoint (no "
-                              f"'{LATEST_POINTER}' file)")
-        check_writable(flags["load_checkpoint_dir"], "--load_checkpoint_dir")
-        check_resumable(experiment_dir)
-        config_given = flags["ds_config"] != defaults["ds_config"]
-        flags = resolve_resume_flags(flags, hparams["flags"], defaults, DS_RUN_DEFINING_FLAGS)
-        if not config_given:
-            flags["ds_config"] = str(experiment_dir / "ds_config.json")
-        if hparams["world_size"] != world_size:
-            raise ConfigError(
-                f"the checkpoint in {experiment_dir} was saved by {hparams['world_size']} rank(s), this run has "
-                f"{world_size}: ZeRO partitions the optimizer state per rank, so resume with {hparams['world_size']} "
-                f"process(es); to change the rank count, convert the checkpoint to fp32 weights with "
-                f"python {experiment_dir / 'zero_to_fp32.py'} {experiment_dir} OUTPUT_DIR and start a new run")
-    config = load_ds_config(flags["ds_config"])
-    with errors_named_after_config(fields_from_config(flags, config), flags["ds_config"]):
-        flags, config = effective_ds_config(flags, config, world_size)
-        if flags["compile"] is None:
-            flags["compile"] = flags["zero_stage"] != 3
-        validate_flags(flags)
-        validate_ds_flags(flags)
-        if flags["device"] not in ("auto", "cpu"):
-            raise ConfigError(f"--device {flags['device']!r}: train_bert_ds.py puts each rank on the GPU its launcher "
-                              "gives it (LOCAL_RANK); --device takes auto (that GPU, or the CPU without CUDA) or cpu")
-        if flags["device"] == "cpu":  # read when deepspeed is first imported (in init_distributed)
-            os.environ["DS_ACCELERATOR"] = "cpu"
-        for name in ("time_budget", "init_from"):  # train_bert.py's loop and model have them; this script not yet
-            if flags[name] is not None:
-                raise ConfigError(f"--{name} is not supported by train_bert_ds.py yet; use train_bert.py for it")
-        check_dtype_supported(flags["dtype"])
-    if not resuming:
-        check_writable(flags["checkpoint_dir"])
-        check_sequence_limits(flags)
+    for name, value in (("time_budget", time_budget), ("init_from", init_from)):
+        if value is not None:
+            raise ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
+    shared_defaults = flag_defaults(train_bert.train)
+    if set(flags) - set(shared_defaults):
+        raise ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
+    given = {name: value for name, value in locals().items() if name in flag_defaults(train)}
+    flags = {**shared_defaults, **flags, **given}
+    flags, config = resolve_ds_flags(flags, {**shared_defaults, **flag_defaults(train)}, shared_defaults)
     prepare_op_build()
     rank, world_size, device = init_distributed(flags["local_rank"])
     check_memory(flags, device)
@@ -578,7 +277,6 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
     return str(experiment_dir) if rank == 0 else None  # fire prints what train returns: once, not once per rank
 
 
-inherit_flags(train, train_bert.train, FLAGS_FROM_CONFIG)
 
 
 def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
@@ -663,22 +361,6 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     return experiment_dir
 
 
-class QuietRank:
-    """The logging of ranks other than 0: errors only, no metrics (rank 0 alone writes logs, TensorBoard and
-    metrics.jsonl)."""
-
-    def __enter__(self) -> "QuietRank":
-        logger.remove()
-        logger.add(sys.stderr, level="ERROR")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def log(self, record: dict[str, Any]) -> None:
-        pass
-
-
 def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
                       ) -> torch.Tensor:
     """Each rank evaluates its share of `batches`; the [loss sum, count] totals add up over ranks.
@@ -752,75 +434,9 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
 # Hardening: DeepSpeed's start-up never waits silently on the build of its op.
 # ----------------------------------------------------------------------------------------------------------------------
 
-# How long a start waits for another live process to finish building DeepSpeed's op (it takes about a minute).
-OP_BUILD_WAIT = datetime.timedelta(minutes=10)
-
-
-def op_build_directory() -> Path | None:
-    """Where torch JIT-builds the op DeepSpeed's CPU collectives use (`deepspeed_shm_comm`, on first start), or None
-    where there is nothing to build: another accelerator, an incompatible CPU, or an op installed prebuilt."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils.cpp_extension import _get_build_directory
-
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME) or installed_ops.get(builder.name):
-        return None
-    return Path(_get_build_directory(builder.name, verbose=False))  # $TORCH_EXTENSIONS_DIR/<op>, or torch's default
-
-
-def processes_holding(path: Path) -> list[int]:
-    """The pids of this machine's processes that have `path` open, read from /proc."""
-    pids = []
-    for descriptors in Path("/proc").glob("[0-9]*/fd"):
-        with contextlib.suppress(OSError):  # a process that ended meanwhile
-            if any(os.readlink(descriptor) == str(path) for descriptor in descriptors.iterdir()):
-                pids.append(int(descriptors.parent.name))
-    return pids
-
-
-def prepare_op_build() -> None:
-    """Before `deepspeed.init_distributed` builds its op: clear a stale build lock, say what a wait or a build is.
-
-    torch builds an extension under a lock, `<build folder>/lock`, a plain file it creates (O_EXCL) and keeps open
-    until it deletes it; any other process waits, silently, for as long as the file exists. A start killed while
-    building (the first start takes about a minute) leaves the file behind, and every later start waited forever.
-    A lock that no process holds open is stale, and is deleted (the checks and the deletion under an OS lock, so two
-    starts cannot delete a lock the first of them just took); a live build is waited for, at most OP_BUILD_WAIT.
-    """
-    build_directory = op_build_directory()
-    if build_directory is None or not Path("/proc/self/fd").is_dir():  # nothing to build, or no /proc to look in
-        return
-    lock, deadline, waiting_for = build_directory / "lock", time.monotonic() + OP_BUILD_WAIT.total_seconds(), None
-    while lock.exists():
-        with open(build_directory / "lock.check", "w") as check:
-            fcntl.flock(check, fcntl.LOCK_EX)
-            holders = processes_holding(lock)
-            if not holders and lock.exists():
-                lock.unlink()
-                logger.warning(f"removed the stale build lock {lock}: no process holds it (a start was killed while "
-                               "it built DeepSpeed's op)")
-        if not holders:  # gone, or removed: look again (another start may have taken it since)
-            continue
-        if holders != waiting_for:
-            waiting_for = holders
-            logger.info(f"waiting for process {', '.join(map(str, holders))}, which is building DeepSpeed's op in "
-                        f"{build_directory} (about a minute)")
-        if time.monotonic() > deadline:
-            raise ConfigError(f"DeepSpeed's op in {build_directory} has been building for over "
-                              f"{OP_BUILD_WAIT.total_seconds() / 60:.0f} minutes (process "
-                              f"{', '.join(map(str, holders))}); stop that process, or delete {build_directory}, "
-                              "then start again")
-        time.sleep(1)
-    if not list(build_directory.glob("*.so")):
-        logger.info(f"building DeepSpeed's {build_directory.name} op in {build_directory}, about a minute the first "
-                    "time (later starts reuse it)")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    train_bert.main(train)
+    main(train, shared=train_bert.train)

@@ -51,6 +51,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_bert  # noqa: E402
+from pretraining import errors, safeguards, token_store
+from pretraining.corpus import load_text_dataset, train_bpe_tokenizer
+from pretraining.logs import MetricsLogger, peak_memory_mib, training_flops
 
 DEFAULT_DATASET = str(ROOT.parent / "shared" / "data" / "wikitext")
 DEFAULT_TOKENIZER = str(ROOT.parent / "shared" / "data" / "roberta-base")
@@ -168,7 +171,7 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
         ],
     }
     if name not in suites:
-        raise train_bert.ConfigError(f"--suite must be one of {', '.join(suites)}; got {name!r}")
+        raise errors.ConfigError(f"--suite must be one of {', '.join(suites)}; got {name!r}")
     return suites[name]
 
 
@@ -183,7 +186,7 @@ def prepare_corpus(dataset: str, dataset_config: str | None, directory: Path, va
     The benchmark's measurements and evaluations use their own data; this keeps each run's own final evaluation
     (which every run does) from costing minutes. Returns `directory`.
     """
-    raw = train_bert.load_text_dataset(dataset, dataset_config)
+    raw = load_text_dataset(dataset, dataset_config)
     directory.mkdir(parents=True, exist_ok=True)
     for split, limit in (("train", None), ("validation", validation_lines)):
         lines = [text.rstrip("\n") for text in raw[split]["text"]]
@@ -213,7 +216,7 @@ def bpe_tokenizer_folder(corpus: Path, directory: Path, vocab_size: int) -> Path
     import datasets
 
     texts = datasets.load_dataset("text", data_files={"train": str(corpus / "train.txt")})["train"]
-    train_bert.train_bpe_tokenizer(texts, vocab_size).save_pretrained(directory)
+    train_bpe_tokenizer(texts, vocab_size).save_pretrained(directory)
     return directory
 
 
@@ -242,9 +245,9 @@ def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path)
     windows = data["windows"]
     records: list[dict[str, Any]] = []
     cpu_seconds: list[float] = []  # the process's CPU time (all threads) at each log line
-    original_log = train_bert.MetricsLogger.log
+    original_log = MetricsLogger.log
 
-    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+    def log(self: MetricsLogger, record: dict[str, Any]) -> None:
         if "tokens_per_sec" in record:
             cpu_seconds.append(time.process_time())
         original_log(self, record)
@@ -253,7 +256,7 @@ def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path)
             if len(records) == windows + 1:
                 raise MeasurementDone
 
-    train_bert.MetricsLogger.log = log
+    MetricsLogger.log = log
     flags = script_flags(config, data, work_dir)
     module = train_bert if config["kind"] == "plain" else importlib.import_module("train_bert_ds")
     with contextlib.suppress(MeasurementDone):
@@ -281,7 +284,7 @@ def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_di
     flags = config["flags"]
     device = torch.device("cpu") if flags.get("local_rank", -1) < 0 else torch.device("cuda", flags["local_rank"])
     tokenizer = train_bert.load_tokenizer(data["tokenizer"])
-    texts = [text for text in train_bert.load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
+    texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
     model = upstream_style.upstream_style_model(
         tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags.get("dropout", 0.1),
@@ -309,7 +312,7 @@ def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_di
         "cpu_ms_per_step": 1000 * cpu / len(measured),
         "real_tokens_per_cpu_second": sum(r for _, r, _, _ in measured) / cpu,
         "mfu": None,
-        "peak_memory_mib": train_bert.peak_memory_mib(device),
+        "peak_memory_mib": peak_memory_mib(device),
         "loss": measured[-1][3],
     }
 
@@ -374,7 +377,7 @@ def measure_upstream_script(config: dict[str, Any], data: dict[str, Any], work_d
         "cpu_ms_per_step": 1000 * cpu / len(measured),
         "real_tokens_per_cpu_second": sum(r for _, r, _ in measured) / cpu,
         "mfu": None,
-        "peak_memory_mib": train_bert.peak_memory_mib(torch.device("cpu")),
+        "peak_memory_mib": peak_memory_mib(torch.device("cpu")),
         "loss": None,
     }
 
@@ -518,9 +521,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {ratio} | {result['computed_tokens_per_sec']:,.0f} | {result['step_time_ms']:,.0f} |{cpu} {mfu} "
             f"| {result['peak_memory_mib']:,.0f} |")
     if any(result.get("mfu") is not None for result in rows):
-        lines.append("\nMFU = model FLOPs per step / step time / the GPU's dense peak for the dtype (train_bert.PEAK_FLOPS); "
+        lines.append("\nMFU = model FLOPs per step / step time / the GPU's dense peak for the dtype (PEAK_FLOPS); "
                      "FLOPs per step = 6·N_dense·tokens + 12·L·d·T·tokens + 6·(d² + d·V)·predicted tokens, "
-                     "N_dense = L·(4·d² + 2·d·ff) (train_bert.training_flops).")
+                     "N_dense = L·(4·d² + 2·d·ff) (training_flops).")
     return "\n".join(lines)
 
 
@@ -710,15 +713,15 @@ def profile(
     dims = {"default": {}, "upstream": UPSTREAM_DIMS, "bert-base": BERT_BASE_DIMS,
             "bert-base-rotary": {**BERT_BASE_DIMS, "positions": "rotary"}}.get(model)
     if dims is None:
-        raise train_bert.ConfigError(f"--model must be default, upstream, bert-base or bert-base-rotary; got {model!r}")
+        raise errors.ConfigError(f"--model must be default, upstream, bert-base or bert-base-rotary; got {model!r}")
     if threads:
         torch.set_num_threads(threads)
     on_gpu = local_rank >= 0
     profiler = torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])])
-    original_log = train_bert.MetricsLogger.log
+    original_log = MetricsLogger.log
     logged = []
 
-    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+    def log(self: MetricsLogger, record: dict[str, Any]) -> None:
         original_log(self, record)
         if "tokens_per_sec" in record:
             logged.append(record)
@@ -728,7 +731,7 @@ def profile(
                 profiler.stop()
                 raise MeasurementDone
 
-    train_bert.MetricsLogger.log = log
+    MetricsLogger.log = log
     with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
         data = data_settings(dataset, dataset_config, tokenizer, directory)
         train_bert.train(checkpoint_dir=str(directory), dataset=data["dataset"],
@@ -747,7 +750,7 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
     """The fastest a training step could be here: large-matmul FLOP/s per dtype against the model's FLOPs per token.
 
     Prints the best of 5 [size x size] @ [size x size] products in fp32 and bf16 with `threads` threads, the
-    training FLOPs per token of upstream's model on packed blocks (train_bert.training_flops, 15% of the
+    training FLOPs per token of upstream's model on packed blocks (training_flops, 15% of the
     non-special tokens predicted), and the tokens/s that would take at 100% of each ceiling: no real step can
     beat that, since everything besides the matrix products only adds time.
 
@@ -766,7 +769,7 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
                            num_attention_heads=UPSTREAM_DIMS["num_heads"])
     tokens = batch_size * max_seq_length
     predicted = 0.15 * batch_size * (max_seq_length - 2)
-    per_token = train_bert.training_flops(config, tokens, predicted, max_seq_length) / tokens
+    per_token = training_flops(config, tokens, predicted, max_seq_length) / tokens
     print(f"{machine_description()}; {threads} thread(s)")
     print(f"training FLOPs per token, {describe(row('', '', **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))}"
           f", vocab {vocab_size}: {per_token / 1e6:.1f} MFLOP")
@@ -813,16 +816,16 @@ def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train
 
     train_bert.PREDICTION_BUCKET = prediction_bucket
     process, rows = psutil.Process(), []
-    original_log = train_bert.MetricsLogger.log
+    original_log = MetricsLogger.log
 
-    def log(self: train_bert.MetricsLogger, record: dict[str, Any]) -> None:
+    def log(self: MetricsLogger, record: dict[str, Any]) -> None:
         original_log(self, record)
         if "tokens_per_sec" in record:
             rows.append((record["step"], process.memory_info().rss / 2**20, record["peak_memory_mib"]))
             if record["step"] == steps:
                 raise MeasurementDone  # skip the final evaluation and export: not what is measured
 
-    train_bert.MetricsLogger.log = log
+    MetricsLogger.log = log
     with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
         train_bert.train(checkpoint_dir=str(directory), dataset=dataset, dataset_config=dataset_config,
                          tokenizer=tokenizer, num_layers=num_layers, h_dim=h_dim, ff_dim=ff_dim, num_heads=num_heads,
@@ -871,7 +874,7 @@ def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
         flags = {key: value for key, value in spec.items() if key not in ("name", "kind")}
         name = spec.get("name") or ("train_bert.py " + " ".join(f"--{k} {v}" for k, v in flags.items()))
         return row(name, spec.get("kind", "plain"), **flags)
-    raise train_bert.ConfigError(f"a recipe is 'default', 'upstream', 'run_mlm' or a dict of flags; got {spec!r}")
+    raise errors.ConfigError(f"a recipe is 'default', 'upstream', 'run_mlm' or a dict of flags; got {spec!r}")
 
 
 def ttq_one(job: str) -> None:
@@ -922,7 +925,7 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     module.training_loop = budgeted_loop
     try:
         module.train(**flags)
-    except train_bert.TrainingInterrupted:  # it leaves SIGTERM ignored, expecting the process to exit; this goes on
+    except errors.TrainingInterrupted:  # it leaves SIGTERM ignored, expecting the process to exit; this goes on
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     experiment_dir = next((work_dir / "experiments").glob("bert_pretrain.*"))
     hparams = json.loads((experiment_dir / "hparams.json").read_text())
@@ -931,12 +934,12 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     if config["kind"] == "ds":
         # A DeepSpeed checkpoint is DeepSpeed's own format; the run's export at its end is the model to evaluate.
         # Its step count was fitted to end inside the budget, so only a much slower run than calibrated lacks it.
-        if train_bert.COMPLETED_KEY not in hparams:
+        if safeguards.COMPLETED_KEY not in hparams:
             raise RuntimeError(f"{experiment_dir} has no hf_model/: the run was stopped before its end")
         from transformers import AutoModelForMaskedLM
 
         model = AutoModelForMaskedLM.from_pretrained(experiment_dir / "hf_model")
-        steps = hparams[train_bert.COMPLETED_KEY]
+        steps = hparams[safeguards.COMPLETED_KEY]
     else:
         checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
         model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
@@ -956,7 +959,7 @@ def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any]
 
     flags = config["flags"]
     tokenizer = train_bert.load_tokenizer(data["tokenizer"])
-    texts = [text for text in train_bert.load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
+    texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
     model = upstream_style.upstream_style_model(tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"],
                                                 flags["h_dim"], flags.get("dropout", 0.1), flags["max_seq_length"])
@@ -1058,12 +1061,12 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     import upstream_style
 
     model.eval()
-    validation = train_bert.load_text_dataset(data["original_dataset"], data.get("original_dataset_config"))["validation"]
+    validation = load_text_dataset(data["original_dataset"], data.get("original_dataset_config"))["validation"]
     if data.get("validation_lines"):
         validation = validation.select(range(min(data["validation_lines"], len(validation))))
     masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
     seq_length = data["eval_seq_length"]
-    tokens = np.concatenate(train_bert.tokenize_lines(validation, tokenizer)["input_ids"]).astype(np.int64)
+    tokens = np.concatenate(token_store.tokenize_lines(validation, tokenizer)["input_ids"]).astype(np.int64)
     blocks = train_bert.pack_blocks(tokens, tokenizer, seq_length)
     batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
     packed = torch.zeros(2, dtype=torch.float64)
@@ -1150,12 +1153,12 @@ def ttq(
     """
     rows = [recipe(spec) for spec in ([recipes] if isinstance(recipes, (str, dict)) else recipes)]
     if any(config["kind"] == "run_mlm" for config in rows) and not (run_mlm_script and Path(run_mlm_script).is_file()):
-        raise train_bert.ConfigError(f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
+        raise errors.ConfigError(f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
                                      f"Face's run_mlm.py); got {run_mlm_script!r}")
     previous = [previous_json] if isinstance(previous_json, str) else list(previous_json)
     missing = [path for path in previous if not Path(path).is_file()]
     if missing:
-        raise train_bert.ConfigError(f"--previous_json: no such file(s) {missing}")
+        raise errors.ConfigError(f"--previous_json: no such file(s) {missing}")
     stop_children_on_exit()
     threads = threads or (max(1, (os.cpu_count() or 1) // len(rows)) if side_by_side else None)
     with working_directory(work_dir) as directory:
@@ -1196,7 +1199,7 @@ def evaluate(*model_dirs: str, dataset: str = DEFAULT_DATASET, dataset_config: s
             "validation_lines": validation_lines, "eval_seq_length": eval_seq_length}
     for model_dir in model_dirs:
         if not (Path(model_dir) / "config.json").is_file():
-            raise train_bert.ConfigError(f"{model_dir!r} is not a saved model folder (no config.json)")
+            raise errors.ConfigError(f"{model_dir!r} is not a saved model folder (no config.json)")
         model = AutoModelForMaskedLM.from_pretrained(model_dir)
         print(json.dumps({"model": model_dir, **validation_losses(model, train_bert.load_tokenizer(model_dir), data)}))
 

@@ -10,7 +10,7 @@ repetition). Every measurement runs in a fresh process, one at a time, and its p
 (`wait4`'s ru_maxrss: resident pages, memory-mapped file pages included).
 
 For each size:
-- tokenization, cold: build the token store (`train_bert.open_token_store`) with --num_proc 1 and with every core,
+- tokenization, cold: build the token store (`token_store.open_token_store`) with --num_proc 1 and with every core,
   each into an empty folder, the text already converted to Arrow by `datasets` (that conversion, done once per
   corpus, is timed on its own);
 - the training run, warm: `train_bert.py` on the prepared store, tiny model, 20 steps, 3 times; time from process
@@ -121,19 +121,21 @@ def folder_mib(path: Path) -> float:
 
 def child_load(corpus: str) -> None:
     """Convert the text to Arrow once (the datasets cache), as every later run finds it."""
-    import train_bert
+    from pretraining.corpus import load_text_dataset
 
-    train_bert.load_text_dataset(corpus, None)
+    load_text_dataset(corpus, None)
 
 
 def child_tokenize(corpus: str, store: str, num_proc: int) -> None:
     """Build the token store from scratch in `store`; print the seconds it took."""
     import train_bert
+    from pretraining import token_store
+    from pretraining.corpus import load_text_dataset
 
-    raw = train_bert.load_text_dataset(corpus, None)
+    raw = load_text_dataset(corpus, None)
     tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
     start, cpu_start = time.perf_counter(), os.times()
-    tokens, _ = train_bert.open_token_store(corpus, None, tokenizer, store, num_proc, raw)
+    tokens, _ = token_store.open_token_store(corpus, None, tokenizer, store, num_proc, raw)
     cpu = os.times()
     cpu_seconds = sum(getattr(cpu, name) - getattr(cpu_start, name)
                       for name in ("user", "system", "children_user", "children_system"))
@@ -254,12 +256,13 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
     import numpy as np
 
     import train_bert
+    from pretraining import token_store
 
     corpus = make_corpus(work / f"corpus_{size_mb}mb", size_mb)
     source_root = work / f"store_{source_mb}mb_{os.cpu_count()}proc"
     [source] = [path for path in source_root.iterdir() if path.is_dir()]
     tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
-    store = train_bert.token_store_dir(train_bert.corpus_sources(str(corpus), None)[0], tokenizer,
+    store = token_store.token_store_dir(token_store.corpus_sources(str(corpus), None)[0], tokenizer,
                                        str(work / f"store_{size_mb}mb_tiled"))
     shutil.rmtree(store.parent, ignore_errors=True)
     store.mkdir(parents=True)
@@ -268,7 +271,7 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
         tokens = np.load(source / f"{split}.tokens.npy", mmap_mode="r")
         target = int(len(tokens) * folder_mib(corpus) / folder_mib(work / f"corpus_{source_mb}mb"))
         repeats = -(-target // len(tokens))
-        train_bert.write_npy(store / f"{split}.tokens.npy", tokens.dtype, target,
+        token_store.write_npy(store / f"{split}.tokens.npy", tokens.dtype, target,
                              (np.asarray(tokens[: min(len(tokens), target - i * len(tokens))]) for i in range(repeats)))
         np.save(store / f"{split}.line_ends.npy", np.zeros(0, dtype=np.int64))  # not read by training
         info.update(tokens=target)

@@ -26,8 +26,10 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import benchmark  # noqa: E402  (sets the offline environment and sys.path for the project)
+
 import finetune  # noqa: E402
 import train_bert  # noqa: E402
+from pretraining import cli, errors, safeguards
 
 DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "sst2")
 SIMILARITY_TEXTS = 256  # the first train texts of the task whose vectors are compared (their pairs: ~33,000)
@@ -60,10 +62,10 @@ def evaluate_exports(models: dict[str, str], dataset: str, dataset_config: str |
     encoders = []
     for name, model_dir in models.items():
         if not (Path(model_dir) / "config.json").is_file():
-            raise train_bert.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no "
+            raise errors.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no "
                                          "config.json)")
         hparams = Path(model_dir).parent / "hparams.json"
-        steps = json.loads(hparams.read_text()).get(train_bert.COMPLETED_KEY) if hparams.is_file() else None
+        steps = json.loads(hparams.read_text()).get(safeguards.COMPLETED_KEY) if hparams.is_file() else None
         tokenizer = train_bert.load_tokenizer(model_dir)
         # ttq's 128-token blocks, or the model's own length if shorter (the export records it)
         data = {"original_dataset": dataset, "original_dataset_config": dataset_config,
@@ -248,4 +250,4 @@ def downstream(
 
 
 if __name__ == "__main__":
-    train_bert.main(downstream)
+    cli.main(downstream)

@@ -1,7 +1,7 @@
 """Shared fixtures: a tiny corpus and a tiny tokenizer made on the spot, so tests never need the network or ../shared."""
 
-import os
 import contextlib
+import os
 import random
 import shutil
 import signal
@@ -68,10 +68,10 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (RoBERTa's special tokens) trained on the tiny corpus, saved as a folder."""
     import datasets
 
-    import train_bert
+    from pretraining import corpus
 
     texts = datasets.load_dataset("text", data_files={"train": str(tiny_corpus / "train.txt")})["train"]
-    tokenizer = train_bert.train_bpe_tokenizer(texts, vocab_size=400)
+    tokenizer = corpus.train_bpe_tokenizer(texts, vocab_size=400)
     path = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(path)
     return path

@@ -12,7 +12,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, TINY_MODEL_FLAGS
 
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
+from conftest import small_disk as conftest_small_disk
 
 import train_bert
-from conftest import small_disk as conftest_small_disk
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
+from pretraining import errors, logs, safeguards, streaming, token_store
+from pretraining.corpus import load_text_dataset, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,17 +56,17 @@ def reference_blocks(stream: np.ndarray, tokenizer, max_seq_length: int) -> torc
 
 
 class CallCounter:
-    """Counts the calls of a function of train_bert."""
+    """Counts the calls of a function of `module`, made from within that module."""
 
-    def __init__(self, monkeypatch, name: str):
+    def __init__(self, monkeypatch, module, name: str):
         self.calls = 0
-        original = getattr(train_bert, name)
+        original = getattr(module, name)
 
         def counting(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(train_bert, name, counting)
+        monkeypatch.setattr(module, name, counting)
 
 
 def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
@@ -82,7 +84,7 @@ def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
 def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, tokenizer, tmp_path, monkeypatch):
     """The first run tokenizes its 3 splits; later runs, at another --max_seq_length too, tokenize nothing and do
     not even load the text."""
-    counter, loads = CallCounter(monkeypatch, "tokenize_lines"), CallCounter(monkeypatch, "load_text_dataset")
+    counter, loads = CallCounter(monkeypatch, token_store, "tokenize_lines"), CallCounter(monkeypatch, token_store, "load_text_dataset")
     first = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, max_seq_length=32))
     assert counter.calls == 3 and loads.calls == 1
     stores = [path for path in (tmp_path / "stores").iterdir() if path.is_dir()]
@@ -91,7 +93,7 @@ def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, toke
     assert counter.calls == 3 and loads.calls == 1, "a prepared corpus must not be loaded or tokenized again"
     assert [path for path in (tmp_path / "stores").iterdir() if path.is_dir()] == stores
 
-    raw = train_bert.load_text_dataset(tiny_flags["dataset"], None)
+    raw = load_text_dataset(tiny_flags["dataset"], None)
     stream = reference_stream(raw["train"]["text"], tokenizer)
     for data, length in ((first, 32), (second, 64)):
         assert isinstance(data.train_blocks.tokens, np.memmap) and data.train_blocks.tokens.dtype == np.uint16
@@ -101,9 +103,9 @@ def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, toke
 def test_store_keeps_every_token_and_line_boundary_with_any_number_of_processes(big_corpus, tokenizer, tmp_path):
     """1 or 2 tokenizing processes write byte-identical files: the reference stream, no token lost or added,
     every line's end recorded; blocks lose only the final partial one."""
-    raw = train_bert.load_text_dataset(str(big_corpus), None)
-    train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "one"), num_proc=1)
-    train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "two"), num_proc=2)
+    raw = load_text_dataset(str(big_corpus), None)
+    token_store.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "one"), num_proc=1)
+    token_store.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path / "two"), num_proc=2)
     [one], [two] = ([path for path in (tmp_path / name).iterdir() if path.is_dir()] for name in ("one", "two"))
     for file in ("train.tokens.npy", "train.line_ends.npy", "validation.tokens.npy", "test.line_ends.npy"):
         assert (one / file).read_bytes() == (two / file).read_bytes(), file
@@ -134,15 +136,15 @@ def test_store_follows_the_data_and_the_tokenizer(tiny_corpus, tokenizer, tiny_t
     shutil.copytree(tiny_corpus, corpus)
 
     def store_of(dataset, tokenizer):
-        return train_bert.token_store_dir(train_bert.corpus_sources(str(dataset), None)[0], tokenizer, str(tmp_path))
+        return token_store.token_store_dir(token_store.corpus_sources(str(dataset), None)[0], tokenizer, str(tmp_path))
 
     store = store_of(corpus, tokenizer)
     tokenizer.save_pretrained(tmp_path / "saved")
     assert store_of(corpus, AutoTokenizer.from_pretrained(tmp_path / "saved")) == store
     assert store_of(corpus, tokenizer) == store
 
-    raw = train_bert.load_text_dataset(str(corpus), None)
-    assert store_of(corpus, train_bert.train_bpe_tokenizer(raw["train"], vocab_size=300)) != store
+    raw = load_text_dataset(str(corpus), None)
+    assert store_of(corpus, train_bpe_tokenizer(raw["train"], vocab_size=300)) != store
     assert store_of(corpus / "train.txt", tokenizer) != store, "one file is split otherwise: another corpus"
     lines = (corpus / "train.txt").read_text().splitlines()
     (corpus / "train.txt").write_text("\n".join(lines[:-2] + [lines[-1], lines[-2]]) + "\n")  # same size, new order
@@ -151,9 +153,9 @@ def test_store_follows_the_data_and_the_tokenizer(tiny_corpus, tokenizer, tiny_t
 
 def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp_path):
     """SIGKILL while the store is being written: no store appears; the next run cleans up and builds a correct one."""
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import train_bert\n"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pretraining import token_store\n"
               f"from transformers import AutoTokenizer\n"
-              f"train_bert.open_token_store({str(big_corpus)!r}, None, "
+              f"token_store.open_token_store({str(big_corpus)!r}, None, "
               f"AutoTokenizer.from_pretrained({str(tiny_tokenizer)!r}), {str(tmp_path)!r}, 1)\n")
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -166,8 +168,8 @@ def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp
     process.stderr.close()
     assert [path.name for path in tmp_path.iterdir() if path.is_dir() and ".tmp." not in path.name] == []
 
-    raw = train_bert.load_text_dataset(str(big_corpus), None)
-    tokens, _ = train_bert.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path), 1)
+    raw = load_text_dataset(str(big_corpus), None)
+    tokens, _ = token_store.open_token_store(str(big_corpus), None, tokenizer, str(tmp_path), 1)
     assert not list(tmp_path.glob("*.tmp.*")), "the killed writer's leftovers are removed"
     assert np.array_equal(tokens["train"], reference_stream(raw["train"]["text"], tokenizer))
 
@@ -304,12 +306,12 @@ def interrupted_copy(experiment: Path, step: int, destination: Path) -> Path:
     """The experiment as it stood after `step`: later checkpoints, the export and later metrics removed."""
     copy = destination / experiment.name
     shutil.copytree(experiment, copy)
-    for path in copy.glob(train_bert.CHECKPOINT_PATTERN):
+    for path in copy.glob(safeguards.CHECKPOINT_PATTERN):
         if int(path.stem.split("-")[1]) > step:
             path.unlink()
     shutil.rmtree(copy / "hf_model", ignore_errors=True)
     (copy / "latest").write_text(train_bert.checkpoint_path(copy, step).name)
-    train_bert.drop_lines_after_step(copy / "metrics.jsonl", step)
+    logs.drop_lines_after_step(copy / "metrics.jsonl", step)
     return copy
 
 
@@ -351,9 +353,9 @@ def test_eval_blocks_is_a_fixed_seeded_subset(tiny_flags, tmp_path):
 def test_a_stream_packs_like_the_store_and_resumes_exactly_where_it_stopped(tiny_corpus, tokenizer, tmp_path):
     """Streamed blocks equal the store's, in order; from any saved position the stream goes on with the very blocks
     that followed it, across the end of the file (the next epoch starts over)."""
-    raw = train_bert.load_text_dataset(str(tiny_corpus), None, streaming=True)
-    stream = train_bert.BlockStream(raw["train"], tokenizer, 32)
-    tokens, _ = train_bert.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), 1)
+    raw = load_text_dataset(str(tiny_corpus), None, streaming=True)
+    stream = streaming.BlockStream(raw["train"], tokenizer, 32)
+    tokens, _ = token_store.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), 1)
     stored = train_bert.pack_blocks(tokens["train"], tokenizer, 32)
     blocks = stream.blocks(stream.first_position)
     walked = [next(blocks) for _ in range(len(stored) + 20)]  # past the end of the file
@@ -387,7 +389,7 @@ def test_streaming_run_resumes_exactly(tiny_flags, tmp_path):
     ({"eval_blocks": 0}, "--eval_blocks 0 (the whole validation split) cannot be used with --streaming"),
 ])
 def test_streaming_refuses_what_a_stream_cannot_do(tiny_flags, tmp_path, changes, message):
-    with pytest.raises(train_bert.ConfigError, match=re.escape(message)):
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
         train_bert.train(**{**tiny_flags, "streaming": True, **changes})
     assert not (tmp_path / "experiments").exists()
 

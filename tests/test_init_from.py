@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import train_bert
 from conftest import run_cli
 
+import train_bert
+from pretraining import flags as flag_rules
 
-@pytest.fixture(scope="module", params=train_bert.POSITIONS)
+
+@pytest.fixture(scope="module", params=flag_rules.POSITIONS)
 def exported_model(request, tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """The hf_model/ folder of a 4-step tiny run (shape 2 layers x 32, 2 heads, ff 64, dropout 0.1), once with each
     kind of position embedding (RoFormer and RoBERTa models)."""
@@ -31,7 +32,7 @@ def test_init_from_starts_from_the_source_weights(exported_model):
     from transformers import AutoModelForMaskedLM
 
     defaults = {name: p.default for name, p in train_bert.inspect.signature(train_bert.train).parameters.items()}
-    flags = train_bert.resolve_init_from({**defaults, "init_from": str(exported_model), "max_seq_length": 32}, defaults)
+    flags = flag_rules.resolve_init_from({**defaults, "init_from": str(exported_model), "max_seq_length": 32}, defaults)
     assert (flags["num_layers"], flags["h_dim"], flags["num_heads"], flags["ff_dim"]) == (2, 32, 2, 64)
     assert flags["tokenizer"] == str(exported_model) and flags["dropout"] == 0.1
     assert flags["positions"] == positions_of(exported_model)

@@ -10,7 +10,6 @@ import shlex
 from pathlib import Path
 
 import torch
-
 from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 
@@ -82,8 +81,9 @@ def test_every_readme_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
 
 def test_every_readme_finetune_command_runs(tiny_corpus, tiny_tokenizer, tmp_path):
     """The README's `python finetune.py` commands, on a tiny exported model and a tiny task, each exit 0."""
-    import train_bert
     from test_finetune import write_task
+
+    import train_bert
 
     commands = readme_commands("finetune.py")
     assert commands, "the README shows no finetune.py command"

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
+from conftest import small_disk as conftest_small_disk
 
 import train_bert
-from conftest import small_disk as conftest_small_disk
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
+from pretraining import errors, safeguards
 
 # Short runs: checkpoints only where a test asks for them, evaluation only at the end.
 QUIET = {"eval_every": 1000, "checkpoint_every": 1000, "log_every": 5}
@@ -51,7 +52,7 @@ def only_experiment(checkpoint_dir: Path) -> Path:
 
 def checkpoint_steps(experiment: Path) -> list[int]:
     """Steps of the complete checkpoint files, oldest first."""
-    return sorted(int(path.stem.split("-")[1]) for path in experiment.glob(train_bert.CHECKPOINT_PATTERN))
+    return sorted(int(path.stem.split("-")[1]) for path in experiment.glob(safeguards.CHECKPOINT_PATTERN))
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -190,7 +191,7 @@ def test_keep_last_deletes_old_checkpoints_only_after_a_newer_one_is_complete(tm
     assert seen_while_writing == {1: [], 2: [1], 3: [1, 2], 4: [2, 3]}
     assert checkpoint_steps(tmp_path) == [3, 4]
 
-    with pytest.raises(train_bert.CheckpointError, match="No space left on device"):
+    with pytest.raises(errors.CheckpointError, match="No space left on device"):
         train_bert.save_checkpoint(tmp_path, {**state, "step": 5}, keep_last=2)
     assert checkpoint_steps(tmp_path) == [3, 4]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-00000004.pt"
@@ -347,7 +348,7 @@ def test_a_failed_save_is_an_error_that_keeps_the_previous_checkpoint(experiment
     """Step 6's checkpoint goes to /dev/full, where every write fails with ENOSPC (a real 'disk full')."""
     (experiment / f".checkpoint-00000006.pt.{os.getpid()}.tmp").symlink_to("/dev/full")
     before = snapshot(experiment)
-    with pytest.raises(train_bert.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(errors.CheckpointError, match="No space left on device.*previous checkpoint is intact"):
         train_bert.train(load_checkpoint_dir=str(experiment), num_iterations=8, checkpoint_every=2)
     assert checkpoint_steps(experiment) == [2, 4]
     assert all(snapshot(experiment)[name] == before[name] for name in before if name.startswith("checkpoint"))
@@ -485,10 +486,10 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(run_flags, bad_in
                         if name not in overridden})
     paths = {**bad_inputs, "tmp": tmp_path, "EXP": experiment}
     if "DELETE_CHECKPOINTS" in args:
-        for path in experiment.glob(train_bert.CHECKPOINT_PATTERN):
+        for path in experiment.glob(safeguards.CHECKPOINT_PATTERN):
             path.unlink()
     if "CORRUPT_CHECKPOINTS" in args:
-        for path in experiment.glob(train_bert.CHECKPOINT_PATTERN):
+        for path in experiment.glob(safeguards.CHECKPOINT_PATTERN):
             path.write_bytes(path.read_bytes()[:100])
     argv = []
     for arg in args:

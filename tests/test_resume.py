@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import train_bert
 from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 from test_reliability import assert_one_line_error, checkpoint_steps, only_experiment, snapshot, wait_until
+
+from pretraining import safeguards
 
 # One thread per training process (see test_reliability.py), and `python` on PATH is this interpreter, so a printed
 # command pasted into a shell runs the same Python.
@@ -540,7 +540,7 @@ def test_the_printed_multi_rank_resume_command_works_as_printed(launcher_stopped
 @needs_deepspeed_launcher
 def test_every_rank_refuses_a_busy_experiment_and_one_line_says_why(launcher_stopped_run, tmp_path):
     experiment = launcher_stopped_run["experiment"]
-    with train_bert.experiment_lock(experiment):  # this test process is the run that holds it
+    with safeguards.experiment_lock(experiment):  # this test process is the run that holds it
         runner = start_deepspeed(["--load_checkpoint_dir", str(experiment), "--num_iterations=400"],
                                  tmp_path / "busy.log")
         try:

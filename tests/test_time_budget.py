@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, cli_args, run_cli
 
 import train_bert
-from conftest import ROOT, cli_args, run_cli
+from pretraining import budget as time_budget
 
 
 def metric_records(experiment_dir: Path, key: str) -> list[dict]:
@@ -54,7 +55,7 @@ def test_warmup_as_a_share_of_the_run(warmup, num_iterations, warmup_steps):
         assert max(used) == pytest.approx(1.0) and used.index(max(used)) == warmup_steps
 
 
-class FakeBudget(train_bert.TimeBudget):
+class FakeBudget(time_budget.TimeBudget):
     """A budget whose clock is set by the test."""
 
     now = 0.0
@@ -67,7 +68,7 @@ def test_budget_schedule_follows_the_share_of_the_budget_spent():
     """Warmup over the first 10% of the training time, then linear decay reaching 0 exactly when training stops."""
     budget = FakeBudget(100.0)
     budget.evaluation_batch_s, budget.validation_batches, budget.checkpoint_s = 0.5, 10, 1.0
-    training_s = 100.0 - (0.5 * 10 + 2 * 1.0 + train_bert.TimeBudget.END_MARGIN_S)
+    training_s = 100.0 - (0.5 * 10 + 2 * 1.0 + time_budget.TimeBudget.END_MARGIN_S)
     assert budget.training_s() == pytest.approx(training_s)
     optimizer = sgd(2.0)
     scheduler = train_bert.create_lr_scheduler(optimizer, 0.1, 10**9, budget)
@@ -84,7 +85,7 @@ def test_budget_schedule_follows_the_share_of_the_budget_spent():
 @pytest.mark.parametrize("text, seconds", [("600", 600), (600, 600), ("10m", 600), ("2h30m", 9000), ("1d", 86400),
                                            ("90s", 90), ("1.5h", 5400), ("1h2m3s", 3723)])
 def test_durations(text, seconds):
-    assert train_bert.parse_duration(text) == seconds
+    assert time_budget.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -132,7 +133,9 @@ def test_time_budget_ends_the_run_on_time(tiny_flags, monkeypatch):
     """A 10 s budget: the run stops by itself, its LR has decayed to (nearly) 0, it ends with the final evaluation,
     checkpoint, test evaluation and export, and all of that took the budget: training stopped early enough for the
     end, and not much earlier. The clock is virtual (`VirtualClock`), so the figures do not depend on the machine."""
-    monkeypatch.setattr(train_bert, "time", VirtualClock(tick=0.005))
+    clock = VirtualClock(tick=0.005)
+    monkeypatch.setattr(train_bert, "time", clock)
+    monkeypatch.setattr(time_budget, "time", clock)
     flags = {**tiny_flags, "time_budget": f"{BUDGET_S}s", "log_every": 25, "lr": 1e-3}
     experiment = Path(train_bert.train(**flags))
 
@@ -146,7 +149,7 @@ def test_time_budget_ends_the_run_on_time(tiny_flags, monkeypatch):
     assert (experiment / "hf_model" / "config.json").is_file()
     spent, total = budget_line(experiment)
     # The margin kept for the fill-mask demo (untimed ahead) costs no virtual time: the run ends that much early.
-    assert total == BUDGET_S and 0.9 * (BUDGET_S - train_bert.TimeBudget.END_MARGIN_S) <= spent <= BUDGET_S, spent
+    assert total == BUDGET_S and 0.9 * (BUDGET_S - time_budget.TimeBudget.END_MARGIN_S) <= spent <= BUDGET_S, spent
     assert logged[-1]["budget_spent_s"] >= 0.5 * BUDGET_S
 
 
@@ -211,7 +214,7 @@ def test_a_slow_first_step_and_a_slow_start_up_evaluation_do_not_end_a_budgeted_
     monkeypatch.setattr(train_bert, "time_evaluation_batch", busy_start_up)
     experiment = Path(train_bert.train(**{**tiny_flags, "time_budget": f"{budget_s}s", "log_every": 5}))
     steps = [record["step"] for record in metric_records(experiment, "loss")]
-    assert steps[-1] > train_bert.TimeBudget.WARMUP_STEPS + 10, steps
+    assert steps[-1] > time_budget.TimeBudget.WARMUP_STEPS + 10, steps
     spent, total = budget_line(experiment)
     assert spent >= first_step_delay_s + 0.3 * (budget_s - first_step_delay_s), spent
     assert "the first step alone took" not in (experiment / "train.log").read_text()
@@ -236,11 +239,11 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
     flags the user gave are kept; a GPU gets a larger batch."""
     flags = {**{name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()},
              "time_budget": "100s"}
-    training_s = (1 - train_bert.TimeBudget.END_SHARE) * 100
+    training_s = (1 - time_budget.TimeBudget.END_SHARE) * 100
     measured = []
 
     def speed_for(per_parameter: dict[int, float]):
-        def measure(shape_flags, tokenizer, device):
+        def measure(shape_flags):
             measured.append((shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["batch_size"]))
             layers, width, ff = shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["ff_dim"]
             return per_parameter[width] * layers * (4 * width**2 + 2 * width * ff) / training_s
@@ -248,24 +251,24 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
 
     # Tokens per parameter each shape would see: 4 x 256 is the last with >= 20; 8 x 512 (more than 20) is never
     # reached, because the search stops at 6 x 384.
-    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 500, 256: 21, 384: 19, 512: 25, 768: 1}))
-    chosen, why = train_bert.choose_shape_for_budget(flags, None, torch.device("cpu"), set())
+    measure = speed_for({128: 500, 256: 21, 384: 19, 512: 25, 768: 1})
+    chosen, why = time_budget.choose_shape_for_budget(flags, torch.device("cpu"), set(), measure)
     assert why.startswith("auto size: 4 layers x 256 (ff 1024, 4 heads), batch 16, lr 0.0015")
     assert (chosen["num_layers"], chosen["h_dim"], chosen["num_heads"], chosen["ff_dim"]) == (4, 256, 4, 1024)
     assert chosen["lr"] == 1.5e-3 and chosen["batch_size"] == flags["batch_size"]
     assert [shape[:2] for shape in measured] == [(2, 128), (4, 256), (6, 384)]
 
     measured.clear()  # nothing reaches 20: the smallest (the defaults); on a GPU, GPU_BATCH_SIZE
-    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 3, 256: 1, 384: 1, 512: 1, 768: 1}))
-    chosen, why = train_bert.choose_shape_for_budget(flags, None, torch.device("cuda"), set())
+    measure = speed_for({128: 3, 256: 1, 384: 1, 512: 1, 768: 1})
+    chosen, why = time_budget.choose_shape_for_budget(flags, torch.device("cuda"), set(), measure)
     assert "(the defaults)" not in why  # the batch changed
-    assert (chosen["num_layers"], chosen["h_dim"], chosen["batch_size"]) == (2, 128, train_bert.GPU_BATCH_SIZE)
-    assert measured == [(2, 128, train_bert.GPU_BATCH_SIZE), (4, 256, train_bert.GPU_BATCH_SIZE)]
+    assert (chosen["num_layers"], chosen["h_dim"], chosen["batch_size"]) == (2, 128, time_budget.GPU_BATCH_SIZE)
+    assert measured == [(2, 128, time_budget.GPU_BATCH_SIZE), (4, 256, time_budget.GPU_BATCH_SIZE)]
 
-    monkeypatch.setattr(train_bert, "measure_tokens_per_s", speed_for({128: 500, 256: 500, 384: 500, 512: 500,
-                                                                        768: 500}))
-    chosen, _ = train_bert.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8}, None,
-                                                torch.device("cuda"), {"num_layers", "lr", "batch_size"})
+    measure = speed_for({128: 500, 256: 500, 384: 500, 512: 500,
+                                                                        768: 500})
+    chosen, _ = time_budget.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8}, torch.device("cuda"),
+                                           {"num_layers", "lr", "batch_size"}, measure)
     assert (chosen["num_layers"], chosen["h_dim"], chosen["lr"], chosen["batch_size"]) == (3, 768, 1e-4, 8)
 
 
@@ -278,7 +281,7 @@ def test_a_budgeted_run_without_model_flags_sizes_its_model_and_records_it(tiny_
     log = (experiment / "train.log").read_text()
     assert "auto size: " in log and "tokens per parameter in this budget on cpu" in log
     saved = json.loads((experiment / "hparams.json").read_text())["flags"]
-    chosen = [shape for shape in train_bert.AUTO_SHAPES if shape[:2] == (saved["num_layers"], saved["h_dim"])]
+    chosen = [shape for shape in time_budget.AUTO_SHAPES if shape[:2] == (saved["num_layers"], saved["h_dim"])]
     assert chosen and (saved["num_heads"], saved["ff_dim"], saved["lr"]) == chosen[0][2:]
     fixed = Path(train_bert.train(checkpoint_dir=str(tmp_path / "fixed"), auto_size=False, **common))
     assert "auto size" not in (fixed / "train.log").read_text()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 import train_bert
-from conftest import run_cli
+from pretraining import corpus, errors, flags, token_store
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,8 @@ def test_masking_edge_probabilities(tokenizer, random_prob, unmask_prob, expect)
 
 def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
     """Blocks are full <s> ... </s> frames, no padding, empty lines dropped, only the split's final partial block lost."""
-    split = train_bert.load_text_dataset(str(tiny_corpus), None)["train"]
-    lines = train_bert.tokenize_lines(split, tokenizer)
+    split = corpus.load_text_dataset(str(tiny_corpus), None)["train"]
+    lines = token_store.tokenize_lines(split, tokenizer)
     non_empty = sum(1 for text in split["text"] if text.strip())
     assert len(lines) == non_empty, "empty lines must not become rows"
     stream = torch.tensor([token for row in lines["input_ids"] for token in row])
@@ -150,7 +151,7 @@ def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
 
 def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpus, tokenizer, tmp_path):
     """Batch (epoch, i) is the same however it is reached; two ranks get disjoint blocks and different masks."""
-    tokens = train_bert.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), num_proc=1)[0]["train"]
+    tokens = token_store.open_token_store(str(tiny_corpus), None, tokenizer, str(tmp_path), num_proc=1)[0]["train"]
     blocks = train_bert.pack_blocks(tokens, tokenizer, 32)  # memory-mapped: the DataLoader workers below reopen it
     masking = train_bert.MaskingConfig(tokenizer, 0.15, 0.1, 0.1)
     from_start = train_bert.train_batches(blocks, 4, 0, masking, (0, 0), num_workers=0, pin_memory=False)
@@ -229,21 +230,21 @@ def test_device_auto_is_the_launchers_gpu_where_cuda_is_available_else_the_cpu(m
     otherwise; cpu and cuda:N choose; a GPU asked for where there is none is one clear error."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train_bert.resolve_device("auto", -1, "fp32") == torch.device("cpu")
-    with pytest.raises(train_bert.ConfigError, match="no CUDA GPU"):
-        train_bert.resolve_device("cuda", -1, "fp32")
+    assert flags.resolve_device("auto", -1, "fp32") == torch.device("cpu")
+    with pytest.raises(errors.ConfigError, match="no CUDA GPU"):
+        flags.resolve_device("cuda", -1, "fp32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert train_bert.resolve_device("auto", -1, "bf16") == torch.device("cuda", 0)
+    assert flags.resolve_device("auto", -1, "bf16") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert train_bert.resolve_device("auto", -1, "bf16") == torch.device("cuda", 1)
-    assert train_bert.resolve_device("auto", 0, "bf16") == torch.device("cuda", 0)  # a launcher's --local_rank
-    assert train_bert.resolve_device("cuda:1", -1, "bf16") == torch.device("cuda", 1)
-    assert train_bert.resolve_device("cpu", 1, "bf16") == torch.device("cpu")
-    with pytest.raises(train_bert.ConfigError, match="only 2"):
-        train_bert.resolve_device("cuda:2", -1, "bf16")
+    assert flags.resolve_device("auto", -1, "bf16") == torch.device("cuda", 1)
+    assert flags.resolve_device("auto", 0, "bf16") == torch.device("cuda", 0)  # a launcher's --local_rank
+    assert flags.resolve_device("cuda:1", -1, "bf16") == torch.device("cuda", 1)
+    assert flags.resolve_device("cpu", 1, "bf16") == torch.device("cpu")
+    with pytest.raises(errors.ConfigError, match="only 2"):
+        flags.resolve_device("cuda:2", -1, "bf16")
 
 
 @pytest.mark.slow
@@ -279,8 +280,8 @@ def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experimen
     cpu = torch.device("cpu")
     for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
         cpu_with(amx, avx512_bf16)
-        assert train_bert.resolve_dtype("auto", cpu) == expected
-        assert train_bert.resolve_dtype("fp16", cpu) == "fp16"
+        assert flags.resolve_dtype("auto", cpu) == expected
+        assert flags.resolve_dtype("fp16", cpu) == "fp16"
     experiment = train_bert.train(**{**tiny_flags, "num_iterations": 2})  # no bf16 units: fp32
     cpu_with(True, True)
     train_bert.train(load_checkpoint_dir=experiment, num_iterations=4)
@@ -288,7 +289,7 @@ def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experimen
     assert torch.load(Path(experiment) / "checkpoint-00000004.pt", weights_only=True)["step"] == 4
 
 
-@pytest.mark.parametrize("positions", train_bert.POSITIONS)
+@pytest.mark.parametrize("positions", flags.POSITIONS)
 def test_output_bias_is_the_log_unigram_distribution(tokenizer, positions):
     """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's output layer starts there."""
     sample = torch.tensor([5, 5, 5, 7, len(tokenizer) - 1]).numpy()
@@ -374,7 +375,7 @@ def test_resume_can_train_further_and_rejects_shape_changes(tiny_flags):
     train_bert.train(load_checkpoint_dir=experiment, num_iterations=10)
     assert [record["step"] for record in metric_records(experiment, "loss")] == [2, 4, 6, 8, 10]
     assert torch.load(Path(experiment) / "checkpoint-00000010.pt", weights_only=True)["step"] == 10
-    with pytest.raises(train_bert.ConfigError, match="h_dim"):
+    with pytest.raises(errors.ConfigError, match="h_dim"):
         train_bert.train(load_checkpoint_dir=experiment, h_dim=64)
 
 
@@ -497,16 +498,21 @@ def test_one_letter_abbreviations_are_refused(tiny_flags):
 def test_cli_help_documents_every_flag(script):
     """--help is a manual: every flag of train() appears with its type as written, its default and its whole
     docstring entry (fire's docstring parser cuts an entry short at a continuation line it mistakes for a new
-    "name: text" entry); train_bert_ds.py's inherited flags too."""
-    train = importlib.import_module(script).train
+    "name: text" entry); for train_bert_ds.py, whose train() takes train_bert.py's flags as **flags, those too, in
+    train_bert.py's words where train_bert_ds.py does not document them itself."""
+    functions = [importlib.import_module(script).train] + ([train_bert.train] if script == "train_bert_ds" else [])
     result = subprocess.run([sys.executable, f"{script}.py", "--help"], capture_output=True, text=True, timeout=120,
                             cwd=Path(train_bert.__file__).parent)
     assert result.returncode == 0, result.stderr
     shown = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join((result.stdout + result.stderr).split()))  # undo wrapping
-    args = train.__doc__.split("Args:\n", 1)[1]
-    entries = re.findall(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", args, flags=re.M | re.S)
-    parameters = inspect.signature(train).parameters
-    assert [name for name, _ in entries] == list(parameters)
-    for name, text in entries:
-        assert f"--{name} {parameters[name].annotation} (default: {parameters[name].default!r})" in shown, name
+    documented = {}
+    for train in reversed(functions):  # the script's own entries last: they win
+        args = train.__doc__.split("Args:\n", 1)[1]
+        entries = re.findall(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", args, flags=re.M | re.S)
+        parameters = {name: parameter for name, parameter in inspect.signature(train).parameters.items()
+                      if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+        assert [name for name, _ in entries] == list(parameters)
+        documented |= {name: (parameters[name], text) for name, text in entries}
+    for name, (parameter, text) in documented.items():
+        assert f"--{name} {parameter.annotation} (default: {parameter.default!r})" in shown, name
         assert " ".join(text.split()) in shown, name

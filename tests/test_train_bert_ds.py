@@ -6,6 +6,7 @@ also under ZeRO-Offload. Two-process runs use torchrun; they are shared between 
 """
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
 
 import train_bert
 import train_bert_ds
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
+from pretraining import cli, deepspeed_config, errors, ranks
 
 # Eight steps, a checkpoint after four, a log line and a loss every step; no dropout so a forward is deterministic.
 RUN_FLAGS = {**TINY_MODEL_FLAGS, "num_iterations": 8, "checkpoint_every": 4, "eval_every": 4, "log_every": 1,
@@ -126,9 +128,9 @@ def test_ds_config_json_is_complete():
 
 def test_every_flag_override_lands_in_the_effective_config():
     """Flags left out take the config's values; flags given replace them; train_batch_size is reconciled."""
-    config = train_bert_ds.load_ds_config(str(ROOT / "ds_config.json"))
-    unset = {name: None for name in train_bert_ds.FLAGS_FROM_CONFIG} | {"ds_config": "ds_config.json"}
-    flags, effective = train_bert_ds.effective_ds_config(unset, config, world_size=1)
+    config = deepspeed_config.load_ds_config(str(ROOT / "ds_config.json"))
+    unset = {name: None for name in deepspeed_config.FLAGS_FROM_CONFIG} | {"ds_config": "ds_config.json"}
+    flags, effective = deepspeed_config.effective_ds_config(unset, config, world_size=1)
     assert (flags["batch_size"], flags["lr"], flags["dtype"], flags["zero_stage"]) == (
         config["train_micro_batch_size_per_gpu"], config["optimizer"]["params"]["lr"], "bf16",
         config["zero_optimization"]["stage"])
@@ -137,7 +139,7 @@ def test_every_flag_override_lands_in_the_effective_config():
     overrides = {"batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.25, "lr": 3e-4, "weight_decay": 0.2,
                  "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "dtype": "fp16",
                  "ds_config": "ds_config.json"}
-    flags, effective = train_bert_ds.effective_ds_config(overrides, config, world_size=4)
+    flags, effective = deepspeed_config.effective_ds_config(overrides, config, world_size=4)
     assert flags == overrides
     assert effective["train_micro_batch_size_per_gpu"] == 3 and effective["gradient_accumulation_steps"] == 5
     assert effective["train_batch_size"] == 3 * 5 * 4
@@ -170,7 +172,7 @@ def test_bad_flags_fail_before_anything_starts(flags, message, tiny_flags, tmp_p
     if flags.get("ds_config") in configs:
         (tmp_path / "ds.json").write_text(configs[flags["ds_config"]])
         flags = {**flags, "ds_config": str(tmp_path / "ds.json")}
-    with pytest.raises(train_bert.ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
         train_bert_ds.train(**{**tiny_flags, **flags})
     assert not (tmp_path / "experiments").exists()
 
@@ -208,7 +210,7 @@ def test_zero0_fp32_matches_train_bert(grad_clip, tolerance, tiny_flags, tmp_pat
 
 def test_dtype_auto_is_refused_here_with_what_to_give_instead(tiny_flags):
     """train_bert.py's --dtype auto is not a DeepSpeed precision: one error naming the choices, nothing created."""
-    with pytest.raises(train_bert.ConfigError, match=r"--dtype must be one of fp32, bf16, fp16 here.*'auto'"):
+    with pytest.raises(errors.ConfigError, match=r"--dtype must be one of fp32, bf16, fp16 here.*'auto'"):
         train_bert_ds.train(**tiny_flags, dtype="auto")
     assert not Path(tiny_flags["checkpoint_dir"]).exists()
 
@@ -242,7 +244,7 @@ def test_nonfinite_loss_stops_without_saving(tiny_flags):
 
     flags = {**tiny_flags, **RUN_FLAGS, "lr": 1e6, "grad_clip": 0.0, "warmup_steps": 0, "checkpoint_every": 1,
              "dtype": "fp32", "zero_stage": 2}
-    with pytest.raises(train_bert.NonFiniteLossError, match="non-finite") as error:
+    with pytest.raises(errors.NonFiniteLossError, match="non-finite") as error:
         train_bert_ds.train(**flags)
     bad_step = int(re.search(r"(?:at|by) step (\d+)", str(error.value)).group(1))
     experiment = only_experiment(tiny_flags["checkpoint_dir"])
@@ -319,13 +321,13 @@ def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkey
     holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
                                                      "time.sleep(600)"])
     try:
-        while not train_bert_ds.processes_holding(lock):
+        while not ranks.processes_holding(lock):
             assert holder.poll() is None
             time.sleep(0.05)
-        monkeypatch.setattr(train_bert_ds, "op_build_directory", lambda: lock.parent)
-        monkeypatch.setattr(train_bert_ds, "OP_BUILD_WAIT", train_bert_ds.datetime.timedelta(seconds=2))
-        with pytest.raises(train_bert.ConfigError, match=f"process {holder.pid}.*delete {lock.parent}"):
-            train_bert_ds.prepare_op_build()
+        monkeypatch.setattr(ranks, "op_build_directory", lambda: lock.parent)
+        monkeypatch.setattr(ranks, "OP_BUILD_WAIT", datetime.timedelta(seconds=2))
+        with pytest.raises(errors.ConfigError, match=f"process {holder.pid}.*delete {lock.parent}"):
+            ranks.prepare_op_build()
         assert lock.exists(), "a live build's lock is never removed"
     finally:
         holder.kill()
@@ -476,4 +478,4 @@ def test_readme_part2_commands_use_real_flags():
     assert len(lines) >= 8, lines
     for line in lines:
         words = shlex.split(line)
-        train_bert.check_command_line(words[words.index("train_bert_ds.py") + 1:], train_bert_ds.train)
+        cli.check_command_line(words[words.index("train_bert_ds.py") + 1:], train_bert_ds.train, train_bert.train)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_bert
+from pretraining import corpus
 
 Z = 5.0
 
@@ -41,7 +42,7 @@ def wordpiece_tokenizer(tiny_corpus):
 def packed_rows(tokenizer, tiny_corpus, rows: int, length: int) -> torch.Tensor:
     """The corpus packed like train_bert.pack_blocks: lines end with the end token, rows are cut anywhere (so a row
     may begin in the middle of a word), each row framed start ... end."""
-    start_id, end_id = train_bert.block_framing_ids(tokenizer)
+    start_id, end_id = corpus.block_framing_ids(tokenizer)
     stream = []
     for line in (tiny_corpus / "train.txt").read_text().splitlines():
         if line.strip():

@@ -1,0 +1,471 @@
+"""Safeguards: stop signals, the experiment lock, resume checks, memory/disk checks, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+from loguru import logger
+
+from pretraining.errors import ConfigError, NonFiniteLossError, OutOfMemory, StoppedAtOnce, TrainingInterrupted
+from pretraining.flags import PER_PROCESS_FLAGS
+from pretraining.token_store import end_forked_helper
+
+if TYPE_CHECKING:
+    from pretraining.budget import TimeBudget
+    pass
+
+
+def ignore_stop_signals_in_worker(_: int) -> None:
+    """Ctrl-C (and SIGTERM from a scheduler such as SLURM) reaches the whole process group; only the main process
+    should react (it finishes the step, saves and exits). A worker killed by the signal would instead crash the
+    main process mid-step; ignoring it, the worker exits when the main process closes the DataLoader."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write a file so that `path` is either its old version or the complete new one, never half of it.
+
+    Write to a temporary file in the same directory, flush and fsync it, `os.replace` it over `path` (atomic on
+    POSIX), then fsync the directory so the rename itself survives a power cut. On any failure the temporary file
+    is removed and `path` is untouched.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, mode) as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step, so the step in flight completes.
+
+    With `at_once`, for the stretches outside the training steps (loading, the test evaluation, the export), where
+    there is no step to finish and nothing to save, the signal raises `StoppedAtOnce` right away instead.
+    """
+
+    def __init__(self, at_once: bool = False):
+        self.signum: int | None = None
+        self.at_once = at_once
+        self.previous = {}
+        self.pid = os.getpid()
+
+    def __enter__(self) -> "StopSignal":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.request_stop)
+        return self
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        if os.getpid() != self.pid:
+            end_forked_helper(signum)
+        if self.signum is not None:  # the stop is under way
+            if signum == signal.SIGINT and not self.at_once:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+            return
+        self.signum = signum
+        if self.at_once:
+            raise StoppedAtOnce(f"stopped by {signal.Signals(signum).name}", signum)
+        # A raw write, not the logger: the signal may have interrupted a log call, and loguru is not re-entrant.
+        os.write(sys.stderr.fileno(),
+                 f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint\n".encode())
+
+    def __exit__(self, _type: Any, error: BaseException | None, _traceback: Any) -> None:
+        # A stopping run has saved what it can and only has to say so and exit; a launcher stopping the other ranks
+        # SIGTERMs this one again, which must not cut that message short: SIGTERM stays ignored from here on.
+        stopping = isinstance(error, TrainingInterrupted) or (self.at_once and self.signum is not None)
+        for signum, handler in self.previous.items():
+            signal.signal(signum, signal.SIG_IGN if stopping and signum == signal.SIGTERM else handler)
+
+    def interruption(self, step: int, experiment_dir: Path) -> TrainingInterrupted:
+        """The error that ends the run once the checkpoint of `step` is saved; it says how to resume."""
+        logger.warning(f"received {signal.Signals(self.signum).name}: stopping after the checkpoint of step {step}")
+        return TrainingInterrupted(
+            f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved. Resume with: "
+            f"{resume_command(experiment_dir)}", self.signum)
+
+
+LOCK_FILE = "experiment.lock"
+
+
+COMPLETED_KEY = "completed_step"  # in hparams.json: the step whose test evaluation and hf_model/ export are done
+
+
+def launch_command() -> list[str]:
+    """How to start this script again as it was started: `python SCRIPT`, or under a launcher with several ranks the
+    launcher with as many processes (a DeepSpeed checkpoint must be resumed by as many ranks as saved it).
+
+    The script is named as the user gave it, shortened to its file name when it is in the current directory.
+    """
+    script = sys.argv[0]
+    if Path(script).resolve().parent == Path.cwd().resolve():
+        script = Path(script).name
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return ["python", script]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+    nodes = world_size // per_node
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
+        return ["torchrun", f"--nnodes={nodes}" if nodes > 1 else "--standalone", f"--nproc_per_node={per_node}",
+                script]
+    return ["deepspeed", *([f"--num_nodes={nodes}"] if nodes > 1 else []), f"--num_gpus={per_node}", script]
+
+
+def start_command() -> str:
+    """The command line of this run, shell-quoted, to start it again (less the --local_rank a launcher adds)."""
+    return shlex.join(launch_command() + [arg for arg in sys.argv[1:] if not arg.startswith("--local_rank=")])
+
+
+def resume_command(experiment_dir: Path) -> str:
+    """The shell-quoted command that resumes `experiment_dir` (its flags come from its hparams.json)."""
+    return shlex.join(launch_command() + ["--load_checkpoint_dir", str(experiment_dir)])
+
+
+@contextlib.contextmanager
+def experiment_lock(experiment_dir: Path) -> Iterator[None]:
+    """Hold the experiment's lock for the `with` block: one writer per experiment directory.
+
+    An OS lock (`flock`) on `experiment.lock`: the kernel drops it when its holder exits, however it exits (SIGKILL
+    included), so it is never stale. Its holder's pid and host are written inside for the refusal message, and
+    cleared when it is released.
+    """
+    path = experiment_dir / LOCK_FILE
+    try:
+        lock = open(path, "a+")
+    except OSError as error:
+        raise ConfigError(f"cannot open the lock file {path} ({error.strerror}); the experiment directory must be "
+                          "writable") from error
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to "
+                              "an experiment: wait for it to end or stop it (it saves a checkpoint), then resume"
+                              ) from None
+        try:
+            lock.truncate(0)
+            lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+            lock.flush()
+            yield
+        finally:
+            lock.truncate(0)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def saved_step(experiment_dir: Path) -> int | None:
+    """The step of the checkpoint a resume starts from, read from the name `latest` holds (checkpoint-00000010.pt
+    here, global_step10 for DeepSpeed), else from the newest checkpoint file; None if there is none."""
+    pointer = experiment_dir / LATEST_POINTER
+    names = [pointer.read_text().strip()] if pointer.is_file() else sorted(
+        path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))
+    digits = "".join(character for character in (names or [""])[-1] if character.isdigit())
+    return int(digits) if digits else None
+
+
+def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
+                        ) -> bool:
+    """Whether the resume has anything to do: False if the run is finished (said in one line), an error if
+    --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test evaluation and
+    export that a stop interrupted)."""
+    if step is None:
+        return True  # load_latest_checkpoint explains what is missing
+    if flags["time_budget"] is not None:  # a budgeted run ends when its time is spent, at whatever step
+        if completed_step == step:
+            print(f"experiment {experiment_dir} is finished: trained for its --time_budget {flags['time_budget']} "
+                  f"to step {step}, evaluated and exported to {experiment_dir / 'hf_model'}. To train further, start "
+                  f"a new run with --init_from {experiment_dir / 'hf_model'}", file=sys.stderr)
+            return False
+        return True
+    if flags["num_iterations"] < step:
+        raise ConfigError(f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
+                          f"{experiment_dir} has reached; give --num_iterations {step} or more")
+    if step == flags["num_iterations"] and completed_step == step:
+        print(f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
+              f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
+              f"{resume_command(experiment_dir)} --num_iterations N (N > {step})", file=sys.stderr)
+        return False
+    return True
+
+
+def record_flag_changes(experiment_dir: Path, flags: dict[str, Any], step: int) -> None:
+    """Make hparams.json's flags the ones this resume runs with, keeping the old values in its `flag_history`.
+
+    A plain `--load_checkpoint_dir DIR` then continues with the latest values (a run extended to 40 steps and then
+    stopped continues to 40), and the history says which values trained which steps.
+    """
+    hparams = load_hparams(experiment_dir)
+    changed = {name: {"from": hparams["flags"][name], "to": value} for name, value in flags.items()
+               if name in hparams["flags"] and name not in PER_PROCESS_FLAGS and hparams["flags"][name] != value}
+    if changed:
+        hparams.setdefault("flag_history", []).append(
+            {"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "changed": changed})
+        hparams["flags"] |= {name: change["to"] for name, change in changed.items()}
+        atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
+
+
+def mark_completed(experiment_dir: Path, step: int) -> None:
+    """Record in hparams.json that the end phase (test evaluation, export) of `step` is done: a resume then says
+    the run is finished instead of evaluating and exporting again."""
+    hparams = load_hparams(experiment_dir)
+    hparams[COMPLETED_KEY] = step
+    atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
+
+
+def stop_outcome(experiment_dir: Path | None, created_here: bool) -> str:
+    """What a stop outside the training steps leaves, and the command to go on.
+
+    An experiment directory this run created holds nothing a resume could use until its first checkpoint, so it is
+    removed (every experiment directory that exists can be resumed) and the command to start again is given.
+    """
+    if experiment_dir is not None and (experiment_dir / LATEST_POINTER).is_file():
+        return f"the last checkpoint in {experiment_dir} is intact. Resume with: {resume_command(experiment_dir)}"
+    if experiment_dir is not None and not created_here:
+        return f"{experiment_dir} is unchanged. Resume with: {resume_command(experiment_dir)}"
+    if experiment_dir is not None:
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        return (f"nothing had been trained, so the new experiment directory {experiment_dir} was removed. Start "
+                f"again with: {start_command()}")
+    return f"nothing was created. Start again with: {start_command()}"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), or the CPU allocator's failure (a RuntimeError), or Python's MemoryError."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def out_of_memory(error: BaseException, flags: dict[str, Any], phase: str, outcome: str) -> OutOfMemory:
+    """The one-line error for an allocation that failed: where, which flags to lower, what was kept."""
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return OutOfMemory(
+        f"out of memory {phase} ({detail}); lower --batch_size (now {flags['batch_size']}; --grad_accum_steps keeps "
+        f"the effective batch) or --max_seq_length (now {flags['max_seq_length']}), or make the model smaller "
+        f"(--num_layers, --h_dim, --ff_dim); {outcome}")
+
+
+def estimate_step_memory(flags: dict[str, Any], attention_matrices: bool) -> tuple[int, int]:
+    """A rough estimate, in bytes, of (the memory of one training step, its attention matrices' part).
+
+    Parameters, gradients and AdamW's two moments take 16 bytes per parameter (fp32), the parameters counted
+    without the vocabulary-sized embedding and head, which the estimate leaves out (so it errs low). Activations kept
+    for the backward pass, per layer and token: about 10 x h_dim (attention inputs and outputs, residuals, layer
+    norms) + 3 x ff_dim (the feed-forward block) numbers, plus, where the attention kernel materializes them
+    (`attention_matrices`: PyTorch's CPU training path does; CUDA's flash / memory-efficient kernels do not),
+    2 x num_heads x max_seq_length for the scores and probabilities, the part that grows with the square of the length:
+
+        activations ~ batch_size x max_seq_length x num_layers x (10 h_dim + 3 ff_dim + 2 heads x max_seq_length)
+
+    at 4 bytes a number (2 in bf16 / fp16). It is meant to catch a step that cannot fit, not to predict the peak.
+    """
+    h, ff, seq = flags["h_dim"], flags["ff_dim"], flags["max_seq_length"]
+    parameters = flags["num_layers"] * (4 * h * h + 2 * h * ff) + (seq + 2) * h
+    number_bytes = 4 if flags["dtype"] == "fp32" else 2
+    tokens = flags["batch_size"] * seq * flags["num_layers"]
+    attention = tokens * 2 * flags["num_heads"] * seq * number_bytes if attention_matrices else 0
+    return 16 * parameters + tokens * (10 * h + 3 * ff) * number_bytes + attention, attention
+
+
+def check_memory(flags: dict[str, Any], device: torch.device) -> None:
+    """Fail before loading data or creating anything if one step clearly cannot fit (see `estimate_step_memory`):
+    compared with the memory available now (RAM for the CPU, free memory for a GPU)."""
+    import psutil
+
+    needed, attention = estimate_step_memory(flags, attention_matrices=device.type == "cpu")
+    available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
+    if needed > available:
+        attention_part = (f" ({attention / 2**30:.1f} GiB of it attention matrices of --max_seq_length "
+                          f"{flags['max_seq_length']} squared, per layer and head)" if attention else "")
+        raise ConfigError(
+            f"one training step needs about {needed / 2**30:.1f} GiB{attention_part}, more than the "
+            f"{available / 2**30:.1f} GiB available on {device}; lower --max_seq_length or --batch_size (now "
+            f"{flags['batch_size']}; --grad_accum_steps keeps the effective batch)")
+
+
+def check_sequence_limits(flags: dict[str, Any]) -> None:
+    """Fail before loading anything if --max_seq_length exceeds the positions of the model a tokenizer folder
+    comes with (its config.json), which the tokenizer itself may not declare (roberta-base's tokenizer.json alone
+    has no limit). The tokenizer's own model_max_length is checked once it is loaded (`prepare_data`)."""
+    model_config = Path(flags["tokenizer"]) / "config.json"
+    try:
+        config = json.loads(model_config.read_text())
+        positions = int(config["max_position_embeddings"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return  # no folder, no config, or a config without a position limit
+    # RoBERTa-style models number positions from pad_token_id + 1: two of their positions are never used.
+    limit = positions - (config.get("pad_token_id", 1) + 1 if "roberta" in config.get("model_type", "") else 0)
+    if flags["max_seq_length"] > limit:
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} positions of the "
+                          f"model that comes with --tokenizer {flags['tokenizer']!r} (max_position_embeddings "
+                          f"{positions} in {model_config}); give --max_seq_length {limit} or less")
+
+
+def check_resumable(experiment_dir: Path) -> None:
+    """Fail before loading anything if this user cannot write what a resume appends to or replaces (e.g. the
+    files belong to another user): the logs, metrics, pointer and the directories new files go into."""
+    for name in (".", "tb_dir", "train.log", "metrics.jsonl", "hparams.json", LATEST_POINTER, LOCK_FILE):
+        path = experiment_dir / name
+        if path.exists() and not os.access(path, os.W_OK):
+            info = path.stat()
+            raise ConfigError(
+                f"--load_checkpoint_dir {str(experiment_dir)!r} cannot be resumed by this user (uid {os.getuid()}): "
+                f"{path} is not writable (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o}); run as its owner "
+                "or give this user write access to the experiment directory")
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else its closest existing parent (where a missing directory would be created)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_disk_space(directory: Path, num_parameters: int) -> None:
+    """Fail before training (and before creating anything) if the disk cannot hold two checkpoints (model + 2 AdamW
+    moments, fp32): a new checkpoint is written in full before the previous one is deleted."""
+    needed = 2 * 3 * 4 * num_parameters
+    free = shutil.disk_usage(nearest_existing(directory)).free
+    if free < needed:
+        raise ConfigError(f"{directory} has {free / 2**20:.0f} MiB free; checkpoints of this model need about "
+                          f"{needed / 2**20:.0f} MiB. Free space or choose another --checkpoint_dir")
+
+
+def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
+    """Fail before loading anything if `directory` (or the parent it would be created in) is not writable.
+
+    It tries to create (and at once deletes) a file there: `os.access` is not enough, since root passes it on a
+    read-only mount or a virtual file system such as /proc.
+    """
+    for part in (Path(directory).absolute(), *Path(directory).absolute().parents):
+        if part.is_symlink() and not part.exists():  # mkdir would fail on it after all the data loading
+            raise ConfigError(f"{flag} {directory!r}: {part} is a symbolic link to {os.readlink(part)!r}, which does "
+                              "not exist; create its target or choose another directory")
+    path = nearest_existing(Path(directory))
+    try:
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(f"{flag} {directory!r} is not writable: {path} cannot hold new files ({error.strerror}); "
+                          "choose a writable directory") from error
+
+
+def load_hparams(experiment_dir: Path) -> dict[str, Any]:
+    """An experiment's hparams.json (its resolved flags first); an error if the folder is not an experiment."""
+    hparams_path = experiment_dir / "hparams.json"
+    if not experiment_dir.is_dir():
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} does not exist; give a bert_pretrain.* "
+                          "folder made by --checkpoint_dir")
+    if not hparams_path.is_file():
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} is not an experiment directory "
+                          "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
+    try:
+        hparams = json.loads(hparams_path.read_text())
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ConfigError(f"{hparams_path} cannot be read as JSON ({error}); it is written by --checkpoint_dir runs: "
+                          "restore it from a backup or start a new experiment") from error
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("flags"), dict):
+        raise ConfigError(f"{hparams_path} has no \"flags\" object (it holds {json.dumps(hparams)[:100]}); it is "
+                          "written by --checkpoint_dir runs: restore it from a backup or start a new experiment")
+    return hparams
+
+
+@dataclasses.dataclass
+class RunProgress:
+    """How far a run got, for the message of a stop outside the training steps (see `reported_stops`)."""
+
+    experiment_dir: Path | None  # None until a new experiment's directory exists
+    created: bool = False  # this run created experiment_dir
+    started: bool = False  # the training loop was entered
+    budget: TimeBudget | None = None  # a --time_budget run's budget: it knows when training has ended
+
+
+@contextlib.contextmanager
+def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[None]:
+    """Report every stop of the `with` block like the training loop's: one message, the last checkpoint kept.
+
+    SIGTERM/SIGINT outside the training steps (loading data, the test evaluation, the export) stop at once (the
+    training loop's own handler finishes its step and saves instead). Running out of memory anywhere becomes one
+    line naming the flags to lower. Either way a new experiment directory without a checkpoint is removed (see
+    `stop_outcome`).
+    """
+    stop = StopSignal(at_once=True)
+    try:
+        with stop:
+            yield
+    except BaseException as error:
+        if stop.signum is not None:  # StoppedAtOnce, or what a library's cleanup raised over it (see end_forked_helper)
+            phase = run_phase(flags, progress)
+            raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} {phase}; "
+                                      f"{stop_outcome(progress.experiment_dir, progress.created)}", stop.signum) from None
+        if not isinstance(error, (RuntimeError, MemoryError)) or not is_out_of_memory(error):
+            raise
+        phase = run_phase(flags, progress)
+        raise out_of_memory(error, flags, phase, stop_outcome(progress.experiment_dir, progress.created)) from None
+
+
+def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
+    """Where the run was, in words: before training, during it, or in the end phase after the last step."""
+    if not progress.started:
+        return "before the first step" if progress.created or progress.experiment_dir is None else \
+            "before training resumed"
+    if progress.budget is not None:  # a budgeted run ends at whatever step its time runs out
+        training_ended = progress.budget.training_ended
+    else:
+        training_ended = (progress.experiment_dir / LATEST_POINTER).is_file() and \
+            saved_step(progress.experiment_dir) == flags["num_iterations"]
+    if training_ended:
+        return ("after the last step, during the test evaluation or the hf_model export (a resume does only "
+                "those)")
+    return "during training"
+
+
+def nonfinite_error(what: str, experiment_dir: Path) -> NonFiniteLossError:
+    """The error for a NaN/inf: what happened, that the last good checkpoint is kept, and how to go on from it."""
+    if (experiment_dir / LATEST_POINTER).is_file():
+        kept = f"the last good checkpoint in {experiment_dir} is intact"
+        go_on = f"then resume with --load_checkpoint_dir {experiment_dir}"
+    else:
+        kept, go_on = "no checkpoint had been saved yet", "then start again"
+    return NonFiniteLossError(f"{what}; stopped without saving: {kept}. Lower --lr, raise --warmup_steps, keep "
+                              f"--grad_clip on or use --dtype fp32, {go_on}")
+
+
+def raise_if_weights_nonfinite(model: torch.nn.Module, step: int, experiment_dir: Path) -> None:
+    """Refuse to save NaN/inf weights. A finite loss at a step does not prove them finite: the update that follows
+    it can still overflow (a huge lr) or spread an inf gradient. One device->host sync, at checkpoint steps only."""
+    if not bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all()):
+        raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
+
+
+CHECKPOINT_PATTERN = "checkpoint-*.pt"
+
+
+LATEST_POINTER = "latest"
