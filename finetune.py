@@ -31,20 +31,15 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm.auto import tqdm
 
-from pretraining.budget import parse_duration
 from pretraining.cli import main
 from pretraining.corpus import offline_hint
 from pretraining.errors import ConfigError
-from pretraining.flags import resolve_dtype
+from pretraining.flag_rules import resolve_dtype
 from pretraining.logs import git_output, library_versions
+from pretraining.rotary import freeze_sinusoid_positions, use_fused_rotary_attention
 from pretraining.safeguards import atomic_write
-from train_bert import (
-    create_optimizer,
-    freeze_sinusoid_positions,
-    make_autocast,
-    use_fused_rotary_attention,
-    warmup_then_decay,
-)
+from pretraining.time_budget import parse_duration
+from train_bert import create_optimizer, make_autocast, warmup_then_decay
 
 # The GLUE metric of each task, by the task's name (its folder's name or the Hub config); every other task reports
 # accuracy (classification) or Pearson's r (regression: numeric labels with fractions, as STS-B's).

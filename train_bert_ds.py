@@ -33,37 +33,8 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 import train_bert
-from pretraining.cli import main
-from pretraining.deepspeed_config import resolve_ds_flags
-from pretraining.errors import CheckpointError, ConfigError
-from pretraining.flags import flag_defaults
-from pretraining.logs import LossWindow, MetricsLogger, experiment_logging
-from pretraining.ranks import (
-    COLLECTIVE_TIMEOUT,
-    QuietRank,
-    any_rank,
-    init_distributed,
-    nonfinite_over_ranks,
-    prepare_op_build,
-    raise_if_weights_nonfinite_on_any_rank,
-    reported_peer_failures,
-    run_on_rank0,
-    window_over_ranks,
-)
-from pretraining.safeguards import (
-    COMPLETED_KEY,
-    RunProgress,
-    StopSignal,
-    atomic_write,
-    check_memory,
-    check_resume_target,
-    experiment_lock,
-    load_hparams,
-    mark_completed,
-    record_flag_changes,
-    reported_stops,
-    saved_step,
-)
+from pretraining import cli, deepspeed_config, errors, flag_rules, logs, ranks, safeguards
+from pretraining.safeguards import LATEST_POINTER  # the file that names the newest checkpoint
 from train_bert import (
     PreparedData,
     compiled_mlm_loss,
@@ -89,9 +60,7 @@ from train_bert import (
 if TYPE_CHECKING:
     import transformers
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DS_CONFIG = HERE / "ds_config.json"
-LATEST_POINTER = "latest"  # the file DeepSpeed's load_checkpoint and zero_to_fp32.py read the newest tag from
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_config.json"
 TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,11 +141,11 @@ def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_positi
     try:
         engine.save_checkpoint(str(experiment_dir), tag=tag, client_state=client_state, save_latest=False)
         if dist.get_rank() == 0:
-            atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(tag), mode="w")
+            safeguards.atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(tag), mode="w")
             for old in checkpoint_tags(experiment_dir)[:-flags["keep_last"]]:
                 shutil.rmtree(experiment_dir / old)
     except OSError as error:
-        raise CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
+        raise errors.CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
                               "at the previous one. Free disk space, then resume with --load_checkpoint_dir") from error
     dist.barrier(group=control_group)
     return tag
@@ -186,7 +155,7 @@ def load_ds_checkpoint(engine: Any, experiment_dir: Path) -> tuple[int, tuple[in
     """Load the checkpoint `latest` names into the engine and this rank's RNGs; return (step, data position)."""
     path, client_state = engine.load_checkpoint(str(experiment_dir))
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint that {experiment_dir / LATEST_POINTER} names")
+        raise errors.CheckpointError(f"DeepSpeed could not load the checkpoint that {experiment_dir / LATEST_POINTER} names")
     set_rng_states(client_state["rng"][dist.get_rank()])
     return client_state["step"], tuple(client_state["data_position"])
 
@@ -263,16 +232,16 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         logger.add(sys.stderr, level="ERROR")
     for name, value in (("time_budget", time_budget), ("init_from", init_from)):
         if value is not None:
-            raise ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
-    shared_defaults = flag_defaults(train_bert.train)
+            raise errors.ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
+    shared_defaults = flag_rules.flag_defaults(train_bert.train)
     if set(flags) - set(shared_defaults):
-        raise ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
-    given = {name: value for name, value in locals().items() if name in flag_defaults(train)}
+        raise errors.ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
+    given = {name: value for name, value in locals().items() if name in flag_rules.flag_defaults(train)}
     flags = {**shared_defaults, **flags, **given}
-    flags, config = resolve_ds_flags(flags, {**shared_defaults, **flag_defaults(train)}, shared_defaults)
-    prepare_op_build()
-    rank, world_size, device = init_distributed(flags["local_rank"])
-    check_memory(flags, device)
+    flags, config = deepspeed_config.resolve_ds_flags(flags, {**shared_defaults, **flag_rules.flag_defaults(train)}, shared_defaults)
+    ranks.prepare_op_build()
+    rank, world_size, device = ranks.init_distributed(flags["local_rank"])
+    safeguards.check_memory(flags, device)
     experiment_dir = run_training(flags, config, rank, world_size, device)
     return str(experiment_dir) if rank == 0 else None  # fire prints what train returns: once, not once per rank
 
@@ -298,16 +267,16 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         return data, model
 
     resuming = flags["checkpoint_dir"] is None
-    progress = RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
-    with contextlib.ExitStack() as lock, reported_peer_failures(rank, progress), reported_stops(flags, progress):
+    progress = safeguards.RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
+    with contextlib.ExitStack() as lock, ranks.reported_peer_failures(rank, progress), safeguards.reported_stops(flags, progress):
         if resuming:
             def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
-                lock.enter_context(experiment_lock(progress.experiment_dir))
-                completed_step = load_hparams(progress.experiment_dir).get(COMPLETED_KEY)
-                return check_resume_target(flags, saved_step(progress.experiment_dir), progress.experiment_dir,
+                lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))
+                completed_step = safeguards.load_hparams(progress.experiment_dir).get(safeguards.COMPLETED_KEY)
+                return safeguards.check_resume_target(flags, safeguards.saved_step(progress.experiment_dir), progress.experiment_dir,
                                            completed_step)
 
-            if not run_on_rank0(claim_experiment, rank):
+            if not ranks.run_on_rank0(claim_experiment, rank):
                 return progress.experiment_dir
             data, model = prepare(progress.experiment_dir / "tokenizer")
         else:  # rank 0 creates the directory once its inputs are loaded; the rest follow
@@ -323,10 +292,10 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
                     prepared["data"], prepared["model"] = prepare(None)
                 experiment_dir = create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
                                                    deepspeed_version=deepspeed.__version__)
-                lock.enter_context(experiment_lock(experiment_dir))  # nobody else knows its name yet
+                lock.enter_context(safeguards.experiment_lock(experiment_dir))  # nobody else knows its name yet
                 return str(experiment_dir)
 
-            progress.experiment_dir, progress.created = Path(run_on_rank0(start_experiment, rank)), rank == 0
+            progress.experiment_dir, progress.created = Path(ranks.run_on_rank0(start_experiment, rank)), rank == 0
             data, model = (prepared["data"], prepared["model"]) if prepared else prepare(
                 progress.experiment_dir / "tokenizer")
         experiment_dir = progress.experiment_dir
@@ -334,16 +303,16 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
         num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
         engine = create_engine(model, flags, config)
-        control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+        control_group = dist.new_group(backend="gloo", timeout=ranks.COLLECTIVE_TIMEOUT)
         start_step, data_position = 0, (0, 0)
         if resuming:
             start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
             if rank == 0:
-                record_flag_changes(experiment_dir, flags, start_step)
+                flag_rules.record_flag_changes(experiment_dir, flags, start_step, (*flag_rules.PER_PROCESS_FLAGS, "ds_config"))
 
-        with experiment_logging(experiment_dir, start_step) if rank == 0 else QuietRank() as metrics:
+        with logs.experiment_logging(experiment_dir, start_step) if rank == 0 else ranks.QuietRank() as metrics:
             if rank == 0:
-                atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2),
+                safeguards.atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2),
                              mode="w")
                 log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
                 logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
@@ -356,7 +325,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             if rank == 0:
                 exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
                 export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"), flags["max_seq_length"])
-                mark_completed(experiment_dir, flags["num_iterations"])
+                safeguards.mark_completed(experiment_dir, flags["num_iterations"])
         dist.barrier(group=control_group)
     return experiment_dir
 
@@ -378,19 +347,19 @@ def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank:
 
 
 def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experiment_dir: Path,
-                  metrics: MetricsLogger | QuietRank, start_step: int, data_position: tuple[int, int], rank: int,
+                  metrics: logs.MetricsLogger | ranks.QuietRank, start_step: int, data_position: tuple[int, int], rank: int,
                   world_size: int, control_group: Any) -> None:
     """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
     device = engine.device
     validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
                             flags["num_workers"], pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
-    window = LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
+    window = logs.LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
 
     engine.train()
     progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step",
                     disable=None if rank == 0 else True)
-    with StopSignal() as stop, progress:  # the progress bar closes however the loop ends
+    with safeguards.StopSignal() as stop, progress:  # the progress bar closes however the loop ends
         for step in range(start_step + 1, flags["num_iterations"] + 1):
             for _ in range(flags["grad_accum_steps"]):
                 data_position, batch = next(batches)
@@ -403,11 +372,11 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
                 window.add(step, loss, batch["masked_labels"])
             progress.update()
             # A signal may reach the ranks at different steps; they must agree, or one would wait in a collective.
-            stop.signum = any_rank(stop.signum or 0, control_group) or None
+            stop.signum = ranks.any_rank(stop.signum or 0, control_group) or None
 
             if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
-                window_over_ranks(window, world_size)
-                nonfinite_over_ranks(window)
+                ranks.window_over_ranks(window, world_size)
+                ranks.nonfinite_over_ranks(window)
                 window.raise_if_nonfinite(experiment_dir)
                 grad_norm = engine.get_global_grad_norm()
                 record = window.record(step, engine.get_lr()[0], None if grad_norm is None else float(grad_norm),
@@ -420,9 +389,9 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
             if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
                 log_evaluation(metrics, step, "eval", evaluate_on_ranks(engine, validation, rank, world_size))
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
-                nonfinite_over_ranks(window)
+                ranks.nonfinite_over_ranks(window)
                 window.raise_if_nonfinite(experiment_dir)
-                raise_if_weights_nonfinite_on_any_rank(engine, step, experiment_dir, control_group)
+                ranks.raise_if_weights_nonfinite_on_any_rank(engine, step, experiment_dir, control_group)
                 tag = save_ds_checkpoint(engine, experiment_dir, step, data_position, flags, control_group)
                 logger.info(f"saved checkpoint {tag}")
             if stop.signum is not None:
@@ -439,4 +408,4 @@ def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experi
 # ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    main(train, shared=train_bert.train)
+    cli.main(train, shared=train_bert.train)

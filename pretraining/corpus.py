@@ -6,6 +6,8 @@ import codecs
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from pretraining.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -185,3 +187,26 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
         splits = list(raw.keys()) if isinstance(raw, datasets.DatasetDict) else []
         raise ConfigError(f"--dataset {dataset!r} must have 'train' and 'validation' splits; it has {splits}")
     return datasets.DatasetDict({split: with_text_column(raw[split], dataset) for split in raw})
+
+
+def word_start_table(tokenizer: "transformers.PreTrainedTokenizerBase") -> torch.Tensor:
+    """A bool tensor over the vocabulary: True where the token id begins a word. Computed once per tokenizer.
+
+    WordPiece (BERT) marks the pieces that continue a word with "##"; byte-level BPE (RoBERTa, GPT-2) marks the
+    pieces that begin one with "Ġ" (an encoded space), SentencePiece with "▁". Special tokens count as word starts.
+    """
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    continues = [piece.startswith("##") for piece in pieces]
+    begins = [piece.startswith(("Ġ", "▁")) for piece in pieces]
+    # A BPE vocabulary may hold a few pieces that happen to start with "##" (and a WordPiece one no "Ġ"): the
+    # marker that most of the vocabulary carries tells the scheme.
+    if sum(continues) > sum(begins):
+        starts = [not piece_continues for piece_continues in continues]
+    elif any(begins):
+        starts = begins
+    else:
+        raise ConfigError("--whole_word_mask needs a tokenizer that marks word boundaries (WordPiece '##' pieces, "
+                          "byte-level BPE 'Ġ' or SentencePiece '▁'); this tokenizer has none")
+    table = torch.tensor(starts, dtype=torch.bool)
+    table[sorted(set(tokenizer.all_special_ids))] = True
+    return table

@@ -8,15 +8,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from pretraining.errors import ConfigError
-from pretraining.flags import DTYPES, RUN_DEFINING_FLAGS, resolve_resume_flags, validate_flags
+from pretraining.flag_rules import DTYPES, RUN_DEFINING_FLAGS, resolve_resume_flags, validate_flags
 from pretraining.safeguards import LATEST_POINTER, check_resumable, check_sequence_limits, check_writable, load_hparams
-
-if TYPE_CHECKING:
-    pass
-
 
 # Settings that are both a flag and a field of ds_config.json (a path of keys). A flag the user passes wins and is
 # written into the config; a flag left out takes the config's value (or train_bert.py's default if the config has
@@ -164,12 +160,8 @@ def resolve_ds_flags(flags: dict[str, Any], defaults: dict[str, Any], plain_defa
     resuming = flags["load_checkpoint_dir"] is not None and flags["checkpoint_dir"] is None
     if resuming:
         experiment_dir = Path(flags["load_checkpoint_dir"])
+        check_resumable(experiment_dir, LATEST_POINTER)
         hparams = load_hparams(experiment_dir)
-        if not (experiment_dir / LATEST_POINTER).is_file():
-            raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no DeepSpeed checkpoint (no "
-                              f"'{LATEST_POINTER}' file)")
-        check_writable(flags["load_checkpoint_dir"], "--load_checkpoint_dir")
-        check_resumable(experiment_dir)
         config_given = flags["ds_config"] != defaults["ds_config"]
         flags = resolve_resume_flags(flags, hparams["flags"], defaults, DS_RUN_DEFINING_FLAGS)
         if not config_given:

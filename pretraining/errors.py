@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 class ConfigError(ValueError):
     """A bad flag or input: reported as one line, exit code 2, nothing written."""

@@ -17,8 +17,8 @@ import torch
 from loguru import logger
 from tqdm.auto import tqdm
 
-from pretraining.budget import dense_parameters
 from pretraining.safeguards import atomic_write, nonfinite_error
+from pretraining.time_budget import dense_parameters
 
 if TYPE_CHECKING:
     import transformers

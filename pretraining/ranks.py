@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,9 +30,6 @@ from pretraining.safeguards import (
     start_command,
     stop_outcome,
 )
-
-if TYPE_CHECKING:
-    pass
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import errno
 import fcntl
 import json
@@ -22,12 +21,15 @@ import torch
 from loguru import logger
 
 from pretraining.errors import ConfigError, NonFiniteLossError, OutOfMemory, StoppedAtOnce, TrainingInterrupted
-from pretraining.flags import PER_PROCESS_FLAGS
 from pretraining.token_store import end_forked_helper
 
 if TYPE_CHECKING:
-    from pretraining.budget import TimeBudget
+    from pretraining.time_budget import StepLimit, TimeBudget
     pass
+
+# An experiment folder's checkpoint files, and the file that names the newest checkpoint.
+CHECKPOINT_PATTERN = "checkpoint-*.pt"
+LATEST_POINTER = "latest"
 
 
 def ignore_stop_signals_in_worker(_: int) -> None:
@@ -213,22 +215,6 @@ def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir:
     return True
 
 
-def record_flag_changes(experiment_dir: Path, flags: dict[str, Any], step: int) -> None:
-    """Make hparams.json's flags the ones this resume runs with, keeping the old values in its `flag_history`.
-
-    A plain `--load_checkpoint_dir DIR` then continues with the latest values (a run extended to 40 steps and then
-    stopped continues to 40), and the history says which values trained which steps.
-    """
-    hparams = load_hparams(experiment_dir)
-    changed = {name: {"from": hparams["flags"][name], "to": value} for name, value in flags.items()
-               if name in hparams["flags"] and name not in PER_PROCESS_FLAGS and hparams["flags"][name] != value}
-    if changed:
-        hparams.setdefault("flag_history", []).append(
-            {"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "changed": changed})
-        hparams["flags"] |= {name: change["to"] for name, change in changed.items()}
-        atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
-
-
 def mark_completed(experiment_dir: Path, step: int) -> None:
     """Record in hparams.json that the end phase (test evaluation, export) of `step` is done: a resume then says
     the run is finished instead of evaluating and exporting again."""
@@ -325,9 +311,14 @@ def check_sequence_limits(flags: dict[str, Any]) -> None:
                           f"{positions} in {model_config}); give --max_seq_length {limit} or less")
 
 
-def check_resumable(experiment_dir: Path) -> None:
-    """Fail before loading anything if this user cannot write what a resume appends to or replaces (e.g. the
-    files belong to another user): the logs, metrics, pointer and the directories new files go into."""
+def check_resumable(experiment_dir: Path, checkpoints: str = CHECKPOINT_PATTERN) -> None:
+    """Fail before loading anything unless `experiment_dir` is an experiment with a checkpoint (a file matching
+    `checkpoints`) that this user can resume: write what a resume appends to or replaces (the logs, metrics, pointer
+    and the directories new files go into; they may belong to another user)."""
+    load_hparams(experiment_dir)
+    if not any(experiment_dir.glob(checkpoints)):
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({checkpoints})")
+    check_writable(str(experiment_dir), "--load_checkpoint_dir")  # the resumed run saves its checkpoints there
     for name in (".", "tb_dir", "train.log", "metrics.jsonl", "hparams.json", LATEST_POINTER, LOCK_FILE):
         path = experiment_dir / name
         if path.exists() and not os.access(path, os.W_OK):
@@ -404,7 +395,7 @@ class RunProgress:
     experiment_dir: Path | None  # None until a new experiment's directory exists
     created: bool = False  # this run created experiment_dir
     started: bool = False  # the training loop was entered
-    budget: TimeBudget | None = None  # a --time_budget run's budget: it knows when training has ended
+    end: StepLimit | TimeBudget | None = None  # what ends the run (train_bert.py's): it knows when training has ended
 
 
 @contextlib.contextmanager
@@ -436,8 +427,8 @@ def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
     if not progress.started:
         return "before the first step" if progress.created or progress.experiment_dir is None else \
             "before training resumed"
-    if progress.budget is not None:  # a budgeted run ends at whatever step its time runs out
-        training_ended = progress.budget.training_ended
+    if progress.end is not None:
+        training_ended = progress.end.training_ended
     else:
         training_ended = (progress.experiment_dir / LATEST_POINTER).is_file() and \
             saved_step(progress.experiment_dir) == flags["num_iterations"]
@@ -464,8 +455,3 @@ def raise_if_weights_nonfinite(model: torch.nn.Module, step: int, experiment_dir
     if not bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all()):
         raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
 
-
-CHECKPOINT_PATTERN = "checkpoint-*.pt"
-
-
-LATEST_POINTER = "latest"

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
+from loguru import logger
 
 from pretraining.corpus import block_framing_ids
 from pretraining.errors import ConfigError
@@ -81,3 +82,37 @@ class BlockStream:
         return torch.stack(blocks), position
 
 
+def open_streams(raw: "datasets.IterableDatasetDict", tokenizer: Any, flags: dict[str, Any]
+                 ) -> tuple[BlockStream, torch.Tensor, torch.Tensor | None]:
+    """Streams instead of a token store: (the train stream, the validation blocks, the test blocks or None).
+    Validation and test are their splits' first --eval_blocks blocks, read now; a corpus without a validation
+    split gives up the first --eval_blocks blocks of its train stream instead."""
+    streams = {split: BlockStream(raw[split], tokenizer, flags["max_seq_length"])
+               for split in raw if split in ("train", "validation", "test")}
+    held_out = "validation" if "validation" in streams else "train"
+    validation, after = streams[held_out].take(flags["eval_blocks"], streams[held_out].first_position)
+    if held_out == "train":
+        streams["train"].first_position = after
+        logger.info(f"streaming: no validation split; the first {flags['eval_blocks']} train blocks validate")
+    test = streams["test"].take(flags["eval_blocks"], streams["test"].first_position)[0] if "test" in streams else None
+    return streams["train"], validation, test
+
+
+def stream_batches(stream: BlockStream, batch_size: int, start: tuple, rank: int, world_size: int,
+                   mask: Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
+                   ) -> Iterator[tuple[tuple, dict[str, torch.Tensor]]]:
+    """Yield `(next_position, batch)` forever from a stream; a position is (batch index, *stream position).
+
+    Every rank reads the same stream and takes its own `batch_size` of each `batch_size x world_size` consecutive
+    blocks (global batch index x world_size + rank, as in train_bert.TrainBatches): the ranks see disjoint blocks,
+    and after each step they stand at the same position, so one position resumes them all. `mask(rows, global batch
+    index)` makes the batch. `start` (0, 0) is a new run: the stream's first position.
+    """
+    index, *position = (0, *stream.first_position) if tuple(start) == (0, 0) else start
+    blocks = stream.blocks(tuple(position))
+    while True:
+        step_blocks = [next(blocks) for _ in range(batch_size * world_size)]
+        rows = torch.stack([block for block, _ in step_blocks[rank * batch_size : (rank + 1) * batch_size]])
+        global_index = index * world_size + rank
+        index += 1
+        yield (index, *step_blocks[-1][1]), mask(rows, global_index)

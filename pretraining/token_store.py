@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import torch
 from loguru import logger
 
 from pretraining.corpus import block_framing_ids, datasets_splits, load_text_dataset, text_files
@@ -295,3 +296,62 @@ def damaged_store_error(store: Path, damage: str, unwritable: OSError) -> Config
     """The error for a damaged store that cannot be rebuilt where it is."""
     return ConfigError(f"token store {store} is damaged ({damage}) and cannot be rebuilt there ({unwritable.strerror}); "
                        f"delete that folder where it is writable, or choose a writable folder with --data_cache DIR")
+
+
+class PackedBlocks:
+    """Blocks of `max_seq_length` tokens cut from a flat token array when asked for: `<s>`, the next
+    `max_seq_length - 2` tokens of the split, `</s>`.
+
+    Concatenating the whole split (not each `map` batch, as HF's `group_texts` does) loses only the final partial
+    block, fewer than `max_seq_length - 2` tokens, and no block needs padding, so every token trains. Nothing is
+    materialised: `blocks[rows]` reads just those rows from the store file (or the array) and returns an int32
+    tensor [len(rows), max_seq_length], so any --max_seq_length reuses the same store. `rows` selects a subset.
+    """
+
+    def __init__(self, tokens: np.ndarray, start_id: int, end_id: int, max_seq_length: int,
+                 rows: np.ndarray | None = None):
+        self.tokens, self.start_id, self.end_id, self.max_seq_length = tokens, start_id, end_id, max_seq_length
+        self.body_length = max_seq_length - 2
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.tokens) // self.body_length
+
+    def __getitem__(self, index: slice | Any) -> torch.Tensor:
+        blocks = np.arange(*index.indices(len(self))) if isinstance(index, slice) else np.asarray(index, dtype=np.int64)
+        if self.rows is not None:
+            blocks = self.rows[blocks]
+        if isinstance(self.tokens, np.memmap):
+            body = np.stack([self.read_file(block * self.body_length, self.body_length) for block in blocks.tolist()])
+        else:
+            body = self.tokens[blocks[:, None] * self.body_length + np.arange(self.body_length)]
+        body = torch.from_numpy(body.astype(np.int32).reshape(len(blocks), self.body_length))
+        column = lambda token_id: torch.full((len(blocks), 1), token_id, dtype=torch.int32)  # noqa: E731
+        return torch.cat([column(self.start_id), body, column(self.end_id)], dim=1)
+
+    def read_file(self, start: int, count: int) -> np.ndarray:
+        """Tokens start..start+count of a store file, read with pread rather than through the memory map: a page
+        fault maps a whole readahead window (megabytes on many systems) into the process, so RSS would grow with
+        every block touched; pread copies just the block out of the page cache (still one copy per machine)."""
+        if getattr(self, "file", None) is None:
+            self.file = os.open(self.tokens.filename, os.O_RDONLY)
+        itemsize = self.tokens.dtype.itemsize
+        data = os.pread(self.file, count * itemsize, self.tokens.offset + start * itemsize)
+        return np.frombuffer(data, dtype=self.tokens.dtype)
+
+    def select(self, rows: np.ndarray) -> "PackedBlocks":
+        """The blocks `rows` (indices into this one) as a new PackedBlocks."""
+        return PackedBlocks(self.tokens, self.start_id, self.end_id, self.max_seq_length,
+                            rows if self.rows is None else self.rows[rows])
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a DataLoader worker) as the file's name, not its contents."""
+        state = {**self.__dict__, "file": None}  # a worker opens the file itself
+        if isinstance(self.tokens, np.memmap):
+            state["tokens"] = str(self.tokens.filename)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.tokens, str):
+            self.tokens = np.load(self.tokens, mmap_mode="r")

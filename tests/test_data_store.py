@@ -4,6 +4,7 @@ and the errors a bad corpus gets.
 Run: python -m pytest -q tests/test_data_store.py
 """
 
+import inspect
 import json
 import os
 import re
@@ -71,7 +72,7 @@ class CallCounter:
 
 def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
     """The flags prepare_data reads, for the tiny corpus, with the store under tmp_path."""
-    defaults = {name: parameter.default for name, parameter in train_bert.inspect.signature(train_bert.train)
+    defaults = {name: parameter.default for name, parameter in inspect.signature(train_bert.train)
                 .parameters.items()}
     return {**defaults, **tiny_flags, "dataset_config": None, "data_cache": str(tmp_path / "stores"), **changes}
 

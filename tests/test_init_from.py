@@ -1,5 +1,6 @@
 """--init_from: continued pretraining of a Hugging Face masked-LM checkpoint (here an hf_model/ a tiny run exported)."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from conftest import run_cli
 
 import train_bert
-from pretraining import flags as flag_rules
+from pretraining import flag_rules
 
 
 @pytest.fixture(scope="module", params=flag_rules.POSITIONS)
@@ -31,7 +32,7 @@ def test_init_from_starts_from_the_source_weights(exported_model):
     """The flags resolve to the source's shape and tokenizer, and the model built from them is the source, exactly."""
     from transformers import AutoModelForMaskedLM
 
-    defaults = {name: p.default for name, p in train_bert.inspect.signature(train_bert.train).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(train_bert.train).parameters.items()}
     flags = flag_rules.resolve_init_from({**defaults, "init_from": str(exported_model), "max_seq_length": 32}, defaults)
     assert (flags["num_layers"], flags["h_dim"], flags["num_heads"], flags["ff_dim"]) == (2, 32, 2, 64)
     assert flags["tokenizer"] == str(exported_model) and flags["dropout"] == 0.1

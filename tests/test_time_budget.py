@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, cli_args, run_cli
 
 import train_bert
-from pretraining import budget as time_budget
+from pretraining import time_budget
 
 
 def metric_records(experiment_dir: Path, key: str) -> list[dict]:

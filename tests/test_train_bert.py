@@ -16,7 +16,7 @@ import torch
 from conftest import run_cli
 
 import train_bert
-from pretraining import corpus, errors, flags, token_store
+from pretraining import corpus, errors, flag_rules, token_store
 
 
 @pytest.fixture(scope="module")
@@ -230,21 +230,21 @@ def test_device_auto_is_the_launchers_gpu_where_cuda_is_available_else_the_cpu(m
     otherwise; cpu and cuda:N choose; a GPU asked for where there is none is one clear error."""
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert flags.resolve_device("auto", -1, "fp32") == torch.device("cpu")
+    assert flag_rules.resolve_device("auto", -1, "fp32") == torch.device("cpu")
     with pytest.raises(errors.ConfigError, match="no CUDA GPU"):
-        flags.resolve_device("cuda", -1, "fp32")
+        flag_rules.resolve_device("cuda", -1, "fp32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test GPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert flags.resolve_device("auto", -1, "bf16") == torch.device("cuda", 0)
+    assert flag_rules.resolve_device("auto", -1, "bf16") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert flags.resolve_device("auto", -1, "bf16") == torch.device("cuda", 1)
-    assert flags.resolve_device("auto", 0, "bf16") == torch.device("cuda", 0)  # a launcher's --local_rank
-    assert flags.resolve_device("cuda:1", -1, "bf16") == torch.device("cuda", 1)
-    assert flags.resolve_device("cpu", 1, "bf16") == torch.device("cpu")
+    assert flag_rules.resolve_device("auto", -1, "bf16") == torch.device("cuda", 1)
+    assert flag_rules.resolve_device("auto", 0, "bf16") == torch.device("cuda", 0)  # a launcher's --local_rank
+    assert flag_rules.resolve_device("cuda:1", -1, "bf16") == torch.device("cuda", 1)
+    assert flag_rules.resolve_device("cpu", 1, "bf16") == torch.device("cpu")
     with pytest.raises(errors.ConfigError, match="only 2"):
-        flags.resolve_device("cuda:2", -1, "bf16")
+        flag_rules.resolve_device("cuda:2", -1, "bf16")
 
 
 @pytest.mark.slow
@@ -280,8 +280,8 @@ def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experimen
     cpu = torch.device("cpu")
     for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
         cpu_with(amx, avx512_bf16)
-        assert flags.resolve_dtype("auto", cpu) == expected
-        assert flags.resolve_dtype("fp16", cpu) == "fp16"
+        assert flag_rules.resolve_dtype("auto", cpu) == expected
+        assert flag_rules.resolve_dtype("fp16", cpu) == "fp16"
     experiment = train_bert.train(**{**tiny_flags, "num_iterations": 2})  # no bf16 units: fp32
     cpu_with(True, True)
     train_bert.train(load_checkpoint_dir=experiment, num_iterations=4)
@@ -289,7 +289,7 @@ def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experimen
     assert torch.load(Path(experiment) / "checkpoint-00000004.pt", weights_only=True)["step"] == 4
 
 
-@pytest.mark.parametrize("positions", flags.POSITIONS)
+@pytest.mark.parametrize("positions", flag_rules.POSITIONS)
 def test_output_bias_is_the_log_unigram_distribution(tokenizer, positions):
     """exp(bias) is each token's add-one-smoothed share of the sample, and a new model's output layer starts there."""
     sample = torch.tensor([5, 5, 5, 7, len(tokenizer) - 1]).numpy()
@@ -434,7 +434,7 @@ def test_cli_end_to_end(tiny_flags):
 
     hparams = json.loads((experiment / "hparams.json").read_text())
     assert hparams["flags"]["num_iterations"] == 12 and hparams["flags"]["mask_prob"] == 0.15
-    assert set(hparams["flags"]) == set(train_bert.inspect.signature(train_bert.train).parameters)
+    assert set(hparams["flags"]) == set(inspect.signature(train_bert.train).parameters)
     assert hparams["versions"]["torch"] == torch.__version__ and hparams["vocab_size"] > 0
     assert (experiment / "githash.log").read_text().strip()
     assert (experiment / "gitdiff.log").exists() and (experiment / "train.log").read_text()

@@ -80,7 +80,7 @@ def test_whole_word_masking_stats(kind, bpe_tokenizer, wordpiece_tokenizer, tiny
     tokenizer = bpe_tokenizer if kind == "bpe" else wordpiece_tokenizer
     mask_prob, random_prob, unmask_prob = 0.15, 0.1, 0.1
     input_ids = packed_rows(tokenizer, tiny_corpus, rows=400, length=64)
-    table = train_bert.word_start_table(tokenizer)
+    table = corpus.word_start_table(tokenizer)
     masked, labels = train_bert.masking_function(input_ids, tokenizer, mask_prob, random_prob, unmask_prob,
                                                  torch.Generator().manual_seed(7), word_starts=table)
     selected = labels != train_bert.IGNORE_INDEX
@@ -120,7 +120,7 @@ def test_a_word_cut_at_the_block_start_is_a_word_there(bpe_tokenizer):
     row = torch.tensor([[continuation, continuation, begins, continuation, tokenizer.eos_token_id, continuation,
                          continuation]])
     special = torch.isin(row, torch.tensor(tokenizer.all_special_ids))
-    starts = train_bert.word_start_positions(row, special, train_bert.word_start_table(tokenizer))
+    starts = train_bert.word_start_positions(row, special, corpus.word_start_table(tokenizer))
     assert starts.tolist() == [[0, 0, 2, 2, 4, 5, 5]]
 
 
@@ -130,7 +130,7 @@ def test_whole_word_masking_keeps_the_generator_stream_and_the_default_is_token_
     plain, whole = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     train_bert.masking_function(input_ids, bpe_tokenizer, generator=plain)
     train_bert.masking_function(input_ids, bpe_tokenizer, generator=whole,
-                                word_starts=train_bert.word_start_table(bpe_tokenizer))
+                                word_starts=corpus.word_start_table(bpe_tokenizer))
     assert torch.equal(plain.get_state(), whole.get_state())
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1).word_starts is None
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1, whole_word_mask=True).word_starts is not None

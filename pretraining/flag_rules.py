@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 import inspect
+import json
 import math
 import os
 import re
-from typing import TYPE_CHECKING, Any, Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from loguru import logger
 
-from pretraining.budget import parse_duration
 from pretraining.corpus import offline_hint
 from pretraining.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
+from pretraining.safeguards import atomic_write, check_memory, check_sequence_limits, check_writable, load_hparams
+from pretraining.time_budget import AUTO_SIZED_FLAGS, parse_duration
 
 # Flags that fix the model's or the data's shape: a resume must use the values the checkpoint was trained with.
 RUN_DEFINING_FLAGS = ("dataset", "dataset_config", "tokenizer", "bpe_vocab_size", "max_seq_length", "num_layers",
@@ -32,7 +32,7 @@ MAX_SEED = 2**32 - 1  # np.random.seed's limit (torch's is 2**64 - 1)
 
 
 # Flags that describe this process, not the experiment: never recorded as a change of the experiment's flags.
-PER_PROCESS_FLAGS = ("checkpoint_dir", "load_checkpoint_dir", "device", "local_rank", "ds_config")
+PER_PROCESS_FLAGS = ("checkpoint_dir", "load_checkpoint_dir", "device", "local_rank")
 
 
 def validate_flags(flags: dict[str, Any]) -> None:
@@ -232,3 +232,55 @@ def flag_defaults(function: Callable) -> dict[str, Any]:
     """{flag: default} of a script's `train` (its keyword parameters)."""
     return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()
             if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def record_flag_changes(experiment_dir: Path, flags: dict[str, Any], step: int,
+                        per_process: tuple[str, ...] = PER_PROCESS_FLAGS) -> None:
+    """Make hparams.json's flags the ones this resume runs with, keeping the old values in its `flag_history`
+    (except the `per_process` ones, which belong to a process rather than to the run).
+
+    A plain `--load_checkpoint_dir DIR` then continues with the latest values (a run extended to 40 steps and then
+    stopped continues to 40), and the history says which values trained which steps.
+    """
+    hparams = load_hparams(experiment_dir)
+    changed = {name: {"from": hparams["flags"][name], "to": value} for name, value in flags.items()
+               if name in hparams["flags"] and name not in per_process and hparams["flags"][name] != value}
+    if changed:
+        hparams.setdefault("flag_history", []).append(
+            {"from_step": step, "time": f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}", "changed": changed})
+        hparams["flags"] |= {name: change["to"] for name, change in changed.items()}
+        atomic_write(experiment_dir / "hparams.json", lambda file: json.dump(hparams, file, indent=2), mode="w")
+
+
+def check_given_flags(flags: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The flags as given, before anything else: each value valid, and no two that contradict each other."""
+    validate_flags(flags)
+    if flags["time_budget"] is not None and flags["num_iterations"] != defaults["num_iterations"]:
+        raise ConfigError(f"give either --num_iterations ({flags['num_iterations']} steps) or --time_budget "
+                          f"({flags['time_budget']!r}), not both: a budgeted run trains until its time is spent")
+
+
+def resolve_new_run(flags: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], torch.device, set | None]:
+    """A new experiment's flags resolved and checked before anything is created: --init_from's shape, the device,
+    the precision, that the checkpoint folder is writable and the model fits. Returns (flags, device, the flags to
+    keep when auto-sizing for a time budget, or None for no auto-sizing)."""
+    if flags["init_from"] is not None:
+        flags = resolve_init_from(flags, defaults)
+    check_writable(flags["checkpoint_dir"])
+    check_sequence_limits(flags)
+    device = resolve_device(flags["device"], flags["local_rank"], flags["dtype"])
+    flags["dtype"] = resolve_dtype(flags["dtype"], device)
+    check_memory(flags, device)
+    given = {name for name in AUTO_SIZED_FLAGS if flags[name] != defaults[name]}
+    auto_size = flags["auto_size"] and flags["time_budget"] is not None and flags["init_from"] is None and not (
+        {"num_layers", "h_dim", "num_heads", "ff_dim"} <= given)
+    return flags, device, given if auto_size else None
+
+
+def resolve_resumed_run(flags: dict[str, Any], defaults: dict[str, Any]) -> tuple[dict[str, Any], torch.device]:
+    """A resume's flags: the experiment's saved ones, with the changes a resume may make (checked), and the device.
+    Call with the experiment's lock held: the last run may have updated its hparams.json."""
+    experiment_dir = Path(flags["load_checkpoint_dir"])
+    flags = resolve_resume_flags(flags, load_hparams(experiment_dir)["flags"], defaults)
+    validate_flags(flags)
+    return flags, resolve_device(flags["device"], flags["local_rank"], flags["dtype"])

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
+import itertools
 import math
 import re
 import statistics
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from loguru import logger
 
 from pretraining.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 def parse_duration(value: str | int | float, flag: str = "--time_budget") -> float:
@@ -33,6 +32,38 @@ def parse_duration(value: str | int | float, flag: str = "--time_budget") -> flo
     if not (math.isfinite(seconds) and seconds > 0):
         raise ConfigError(f"{flag} {value!r} must be a positive duration (600, 10m, 2h30m, 1d)")
     return seconds
+
+
+class StepLimit:
+    """A run that ends after --num_iterations steps. It answers the training loop's questions the way TimeBudget does
+    for a --time_budget run (which steps, is this the last, what to log, how many test blocks), so the loop asks
+    whichever the run has, in one call each."""
+
+    def __init__(self, num_iterations: int):
+        self.num_iterations = num_iterations
+        self.training_ended = False  # set at the last step: a stop from then on is in the end phase
+
+    def steps(self, start_step: int) -> Iterable[int]:
+        """The steps left to train after `start_step`."""
+        return range(start_step + 1, self.num_iterations + 1)
+
+    def step_done(self, step: int, seconds: float, evaluate_now: bool, checkpoint_now: bool) -> bool:
+        """Count a finished step; True if it is the last."""
+        self.training_ended = step == self.num_iterations
+        return self.training_ended
+
+    def log_fields(self) -> dict[str, float]:
+        """Fields for the step's log line."""
+        return {}
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Time an evaluation or a checkpoint (a TimeBudget plans the end of the run with it)."""
+        yield
+
+    def test_blocks(self, batch_size: int) -> int | None:
+        """How many test blocks the end of the run evaluates (None: all)."""
+        return None
 
 
 class TimeBudget:
@@ -63,7 +94,8 @@ class TimeBudget:
         self.validation_batches = self.all_test_batches = self.test_batches = 0
         self.step_times: collections.deque[float] = collections.deque(maxlen=self.STEP_WINDOW)
         self.steps_seen, self.first_step_s = 0, 0.0
-        self.training_ended = False  # set after the last step: a stop from then on is in the end phase
+        self.training_ended = False  # set at the last step: a stop from then on is in the end phase
+        self.time_evaluation_batch: Callable[[], float] = lambda: 0.0  # set by measure_end_of_run
 
     def retime_due(self) -> bool:
         """Whether the evaluation batch should be timed again: after each warm-up step and the first step after
@@ -123,6 +155,41 @@ class TimeBudget:
             return ""
         return (f"; the first step alone took {self.first_step_s:.0f} s of the {self.total_s:.0f} s budget (compiling "
                 "the model): raise --time_budget or pass --compile False")
+
+    # The training loop's questions, as StepLimit answers them for a step count.
+
+    def steps(self, start_step: int) -> Iterable[int]:
+        """Steps from `start_step` on, until `step_done` says the time is spent (none if it is already)."""
+        return [] if self.exhausted(0) else itertools.count(start_step + 1)
+
+    def step_done(self, step: int, seconds: float, evaluate_now: bool, checkpoint_now: bool) -> bool:
+        """Count a step that took `seconds`; True (the last step) if another one, and the evaluation and checkpoint
+        due now, would eat into the end's reserve. The reserve follows the machine's current speed: an evaluation
+        batch is timed again when `retime_due`."""
+        self.record_step(seconds)
+        if self.retime_due():
+            self.set_evaluation_batch_s(self.time_evaluation_batch())
+        self.training_ended = self.exhausted(self.step_estimate_s() + checkpoint_now * self.checkpoint_s +
+                                             evaluate_now * self.evaluation_batch_s * self.validation_batches)
+        return self.training_ended
+
+    def log_fields(self) -> dict[str, float]:
+        """The budget spent and the time left, for the step's log line."""
+        return {"budget_spent_s": self.spent(), "eta_s": max(0.0, self.total_s - self.spent())}
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Time a real "evaluation" (of the validation batches) or "checkpoint": the end's reserve uses it."""
+        start = time.perf_counter()
+        yield
+        if part == "evaluation":
+            self.set_evaluation_batch_s((time.perf_counter() - start) / self.validation_batches)
+        else:
+            self.checkpoint_s = time.perf_counter() - start
+
+    def test_blocks(self, batch_size: int) -> int | None:
+        """The test blocks the end has room for (see `set_evaluation_batch_s`)."""
+        return self.test_batches * batch_size
 
 
 # Model shapes a --time_budget run chooses from (layers, width, heads, feed-forward, peak lr): BERT's family at a head
@@ -191,6 +258,7 @@ def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: l
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     torch.save({"model": state, "moments": [state, state]}, io.BytesIO())
     budget.checkpoint_s = time.perf_counter() - start
+    budget.time_evaluation_batch = time_evaluation
     budget.set_evaluation_batch_s(time_evaluation())
     budget.start()
     logger.info(f"time budget {budget.total_s:.0f} s ({budget.spent_before_s:.0f} s spent before): training stops "
