@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from pretraining.rotary import freeze_sinusoid_positions, use_fused_rotary_atten
 from pretraining.safeguards import atomic_write
 from pretraining.time_budget import parse_duration
 from train_bert import create_optimizer, make_autocast, warmup_then_decay
+
+if TYPE_CHECKING:
+    import transformers
 
 # The GLUE metric of each task, by the task's name (its folder's name or the Hub config); every other task reports
 # accuracy (classification) or Pearson's r (regression: numeric labels with fractions, as STS-B's).

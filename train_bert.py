@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm.auto import tqdm
 
-from pretraining import cli, corpus, errors, flag_rules, logs, rotary, safeguards, streaming, time_budget, token_store
+from pretraining import cli, corpus, flag_rules, logs, rotary, safeguards, streaming, time_budget, token_store
+from pretraining.errors import CheckpointError, ConfigError
 from pretraining.safeguards import CHECKPOINT_PATTERN, LATEST_POINTER  # the experiment folder's file names
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ def load_tokenizer(tokenizer: str) -> "transformers.PreTrainedTokenizerBase":
         loaded = AutoTokenizer.from_pretrained(tokenizer)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise errors.ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. {corpus.offline_hint()}") from error
+        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. "
+                          f"{corpus.offline_hint()}") from error
     corpus.check_tokenizer(loaded, tokenizer)
     return loaded
 
@@ -108,21 +110,22 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
         tokenizer = load_tokenizer(flags["tokenizer"])
     limit = tokenizer.model_max_length
     if limit < 1_000_000 and flags["max_seq_length"] > limit:
-        raise errors.ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} tokens that "
+        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} tokens that "
                           f"tokenizer {flags['tokenizer']!r} is made for")
     masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"],
                             flags.get("whole_word_mask", False))
     if flags["streaming"]:
         return PreparedData(tokenizer, *streaming.open_streams(raw, tokenizer, flags), masking)
-    tokens, meta = token_store.open_token_store(flags["dataset"], flags["dataset_config"], tokenizer, flags["data_cache"],
-                                    flags["num_proc"] or os.cpu_count() or 1, raw)
+    tokens, meta = token_store.open_token_store(flags["dataset"], flags["dataset_config"], tokenizer,
+                                                flags["data_cache"],
+                                                flags["num_proc"] or os.cpu_count() or 1, raw)
     rows = {split: info["rows"] for split, info in meta["splits"].items()}
     blocks = {split: pack_blocks(tokens[split], tokenizer, flags["max_seq_length"],
                                  corpus.describe_split(flags["dataset"], rows, split)) for split in tokens}
     if len(blocks["train"]) < flags["batch_size"]:  # checked here, before the experiment directory is created
-        raise errors.ConfigError(f"{corpus.describe_split(flags['dataset'], rows, 'train')} has {len(blocks['train'])} blocks of "
-                          f"--max_seq_length {flags['max_seq_length']} tokens, fewer than one batch (--batch_size "
-                          f"{flags['batch_size']}); use more text or a smaller --batch_size")
+        raise ConfigError(f"{corpus.describe_split(flags['dataset'], rows, 'train')} has {len(blocks['train'])} "
+                          f"blocks of --max_seq_length {flags['max_seq_length']} tokens, fewer than one batch "
+                          f"(--batch_size {flags['batch_size']}); use more text or a smaller --batch_size")
     validation = eval_subset(blocks["validation"], flags["eval_blocks"], flags["seed"])
     return PreparedData(tokenizer, blocks["train"], validation, blocks.get("test"), masking)
 
@@ -133,7 +136,7 @@ def pack_blocks(tokens: np.ndarray, tokenizer: "transformers.PreTrainedTokenizer
     start_id, end_id = corpus.block_framing_ids(tokenizer)
     blocks = token_store.PackedBlocks(tokens, start_id, end_id, max_seq_length)
     if len(blocks) == 0:
-        raise errors.ConfigError(
+        raise ConfigError(
             f"{split_name} yields {len(tokens)} tokens, fewer than one block of --max_seq_length {max_seq_length} "
             f"needs ({max_seq_length - 2} plus <s> and </s>); use more text or a smaller --max_seq_length"
         )
@@ -316,7 +319,7 @@ def train_batches(blocks: "token_store.PackedBlocks | torch.Tensor | streaming.B
     while True:
         epoch_batches = TrainBatches(blocks, batch_size, epoch, seed, masking, rank, world_size)
         if len(epoch_batches) == 0:
-            raise errors.ConfigError(
+            raise ConfigError(
                 f"the train split has {len(blocks)} blocks, fewer than one batch (--batch_size {batch_size} x "
                 f"{world_size} rank(s)); use more text or a smaller --batch_size"
             )
@@ -342,7 +345,8 @@ class EvalBatches:
     the batches of a shard (`batches[rank::world_size]`) with the same masks.
     """
 
-    def __init__(self, blocks: "token_store.PackedBlocks | torch.Tensor", batch_size: int, seed: int, masking: MaskingConfig,
+    def __init__(self, blocks: "token_store.PackedBlocks | torch.Tensor", batch_size: int, seed: int,
+                 masking: MaskingConfig,
                  indices: range | None = None):
         self.blocks, self.batch_size, self.seed, self.masking = blocks, batch_size, seed, masking
         self.indices = range(math.ceil(len(blocks) / batch_size)) if indices is None else indices
@@ -651,7 +655,7 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
         cause = error if isinstance(error, OSError) else error.__context__
         if not isinstance(cause, OSError):
             raise
-        raise errors.CheckpointError(
+        raise CheckpointError(
             f"could not save checkpoint {path.name} ({cause.strerror or cause}); the previous checkpoint is intact. "
             "Free disk space, then resume with --load_checkpoint_dir"
         ) from error
@@ -678,14 +682,15 @@ def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.devic
             candidates.remove(pointed)
             candidates.insert(0, pointed)
     if not candidates:
-        raise errors.ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
     for path in candidates:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # truncated zip, bad pickle, wrong format...
             logger.warning(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
                            "trying an older one")
-    raise errors.CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are unreadable")
+    raise CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are "
+                          "unreadable")
 
 
 def restore_checkpoint(experiment_dir: Path, device: torch.device, lr: float, model: torch.nn.Module,
@@ -730,7 +735,8 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                 **end.log_fields()}  # a time budget's: the time spent, which a resume continues from
 
     if isinstance(end, time_budget.TimeBudget):  # time what the end of the run will cost, then start the clock
-        time_budget.measure_end_of_run(end, model, validation, 0 if data.test_blocks is None else len(data.test_blocks), flags,
+        time_budget.measure_end_of_run(end, model, validation,
+                                       0 if data.test_blocks is None else len(data.test_blocks), flags,
                                        lambda: time_evaluation_batch(model, validation[:2], device, autocast))
     model.train()
     step = start_step
@@ -769,7 +775,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
             if evaluate_now or last:
                 with end.timed("evaluation"):
                     log_evaluation(metrics, step, "eval", evaluate(model, validation, device, autocast,
-                                                                  description="validation"))
+                                                                   description="validation"))
             if checkpoint_now or last or stop.signum is not None:
                 window.raise_if_nonfinite(experiment_dir)
                 safeguards.raise_if_weights_nonfinite(model, step, experiment_dir)
@@ -802,7 +808,7 @@ def log_test_evaluation(metrics: logs.MetricsLogger, data: PreparedData, flags: 
         if max_blocks is not None and max_blocks < len(blocks):
             logger.info(f"test: {max_blocks:,} of the {len(blocks):,} test blocks (what the time budget's end holds)")
             blocks = blocks[:max_blocks] if isinstance(blocks, torch.Tensor) else eval_subset(blocks, max_blocks,
-                                                                                               flags["seed"])
+                                                                                              flags["seed"])
         test = eval_batches(blocks, flags["batch_size"], flags["seed"], data.masking)
         log_evaluation(metrics, flags["num_iterations"] if step is None else step, "test", evaluate_batches(test))
 
@@ -849,13 +855,15 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
                                            end if isinstance(end, time_budget.TimeBudget) else None)
         scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
 
-        safeguards.check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]), count_parameters(model))
+        safeguards.check_disk_space(Path(flags["checkpoint_dir"] or flags["load_checkpoint_dir"]),
+                                    count_parameters(model))
         if progress.experiment_dir is None:  # a new experiment: only now, when all inputs loaded, create its directory
             progress.experiment_dir, progress.created = create_experiment(flags, data, model), True
             lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))  # nobody else knows its name yet
             start_step, data_position = 0, (0, 0)
         else:
-            start_step, data_position = restore_checkpoint(progress.experiment_dir, device, flags["lr"], model, optimizer,
+            start_step, data_position = restore_checkpoint(progress.experiment_dir, device, flags["lr"], model,
+                                                           optimizer,
                                                            lr_scheduler, scaler, end)
             flag_rules.record_flag_changes(progress.experiment_dir, flags, start_step)
         experiment_dir = progress.experiment_dir
@@ -901,7 +909,7 @@ def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn
         logs.record_code_version(experiment_dir)
     except OSError as error:  # e.g. the disk filled up: leave no half-made experiment behind
         shutil.rmtree(experiment_dir, ignore_errors=True)
-        raise errors.CheckpointError(f"could not write the experiment directory {experiment_dir} "
+        raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
                               f"({error.strerror or error}); nothing was kept. Free space and start again") from error
     except BaseException:  # a stop signal: the same, no half-made experiment
         shutil.rmtree(experiment_dir, ignore_errors=True)
@@ -1053,7 +1061,8 @@ def train(checkpoint_dir: str | None = None, load_checkpoint_dir: str | None = N
         num_iterations: Optimizer steps in total (a resume continues up to it).
         time_budget: Train for this long instead ("600", "10m", "2h30m", "1d"); evaluation and export included.
         auto_size: With --time_budget, choose shape, batch size and lr for the budget and this device's speed.
-        init_from: Continue pretraining a Hugging Face masked LM (a folder such as an exported hf_model/, or a Hub name).
+        init_from: Continue pretraining a Hugging Face masked LM (a folder such as an exported hf_model/,
+                                                                  or a Hub name).
         lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa).
         weight_decay: AdamW weight decay, on weight matrices only.
         warmup_steps: Linear warmup, as a share of the run (below 1) or a number of steps; then linear decay to 0.

@@ -1,9 +1,13 @@
 """Masked language model pretraining of a RoBERTa encoder with DeepSpeed: `train_bert.py` plus what DeepSpeed changes.
 
 Data, masking, the model, the sparse MLM loss, the experiment directory, evaluation and logging all come from
-`train_bert.py`. What is here, top to bottom:
+`train_bert.py` (as `train_bert.X`). What is here, top to bottom:
 
-    ds_config.json + flags -> processes and ranks -> the engine -> checkpoints and export -> training -> __main__
+    the engine (deepspeed.initialize) -> checkpoints and export -> a run on every rank -> the training loop ->
+    train() (the command line)
+
+Merging ds_config.json with the flags, and the ranks' plumbing (process group, failed peers, DeepSpeed's op build),
+live in pretraining/deepspeed_config.py and pretraining/ranks.py.
 
 Run it:
 
@@ -33,47 +37,16 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 import train_bert
-from pretraining import cli, deepspeed_config, errors, flag_rules, logs, ranks, safeguards
+from pretraining import cli, deepspeed_config, flag_rules, logs, ranks, safeguards
+from pretraining.errors import CheckpointError, ConfigError
 from pretraining.safeguards import LATEST_POINTER  # the file that names the newest checkpoint
-from train_bert import (
-    PreparedData,
-    compiled_mlm_loss,
-    create_experiment,
-    create_lr_scheduler,
-    create_model,
-    eval_batches,
-    evaluate,
-    export_and_demo,
-    log_evaluation,
-    log_run_start,
-    log_test_evaluation,
-    mlm_loss,
-    parameter_groups,
-    prepare_data,
-    rng_states,
-    set_rng_states,
-    to_device,
-    train_batches,
-    unigram_output_bias,
-)
 
 if TYPE_CHECKING:
     import transformers
 
-DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_config.json"
-TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Flags and ds_config.json: one source of truth per setting.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Processes and ranks: every rank runs this script; rank 0 decides and writes, the others follow.
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The engine: DeepSpeed wraps the model, the optimizer and the LR schedule.
+# The engine: deepspeed.initialize wraps the model, the optimizer and the LR schedule.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -85,7 +58,8 @@ class SparseMLM(torch.nn.Module):
     Checkpoint keys get a `model.` prefix; the export removes it.
     """
 
-    def __init__(self, model: "transformers.PreTrainedModel", loss_function: Callable[..., torch.Tensor] = mlm_loss):
+    def __init__(self, model: "transformers.PreTrainedModel",
+                 loss_function: Callable[..., torch.Tensor] = train_bert.mlm_loss):
         super().__init__()
         self.model, self.loss_function = model, loss_function
 
@@ -106,9 +80,10 @@ def create_engine(model: torch.nn.Module, flags: dict[str, Any], config: dict[st
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=SparseMLM(model, compiled_mlm_loss() if flags["compile"] else mlm_loss),
-        model_parameters=parameter_groups(model, flags["weight_decay"]),
-        lr_scheduler=lambda optimizer: create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"]),
+        model=SparseMLM(model, train_bert.compiled_mlm_loss() if flags["compile"] else train_bert.mlm_loss),
+        model_parameters=train_bert.parameter_groups(model, flags["weight_decay"]),
+        lr_scheduler=lambda optimizer: train_bert.create_lr_scheduler(optimizer, flags["warmup_steps"],
+                                                                      flags["num_iterations"]),
         config=config,
         dist_init_required=False,
     )
@@ -116,8 +91,11 @@ def create_engine(model: torch.nn.Module, flags: dict[str, Any], config: dict[st
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: DeepSpeed writes one folder per step (each rank its own shard); the client state carries the rest.
+# Checkpoints and export: one folder per step (each rank writes its shard); the client state carries the rest.
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+TAG_PREFIX = "global_step"  # DeepSpeed's own naming of checkpoint folders
 
 
 def checkpoint_tags(experiment_dir: Path) -> list[str]:
@@ -135,7 +113,7 @@ def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_positi
     so a crash during a save leaves `latest` on the previous, complete checkpoint.
     """
     all_rng = [None] * dist.get_world_size()
-    dist.all_gather_object(all_rng, rng_states(), group=control_group)
+    dist.all_gather_object(all_rng, train_bert.rng_states(), group=control_group)
     tag = f"{TAG_PREFIX}{step}"
     client_state = {"step": step, "data_position": list(data_position), "rng": all_rng, "flags": flags}
     try:
@@ -145,7 +123,7 @@ def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_positi
             for old in checkpoint_tags(experiment_dir)[:-flags["keep_last"]]:
                 shutil.rmtree(experiment_dir / old)
     except OSError as error:
-        raise errors.CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
+        raise CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
                               "at the previous one. Free disk space, then resume with --load_checkpoint_dir") from error
     dist.barrier(group=control_group)
     return tag
@@ -155,8 +133,8 @@ def load_ds_checkpoint(engine: Any, experiment_dir: Path) -> tuple[int, tuple[in
     """Load the checkpoint `latest` names into the engine and this rank's RNGs; return (step, data position)."""
     path, client_state = engine.load_checkpoint(str(experiment_dir))
     if path is None:
-        raise errors.CheckpointError(f"DeepSpeed could not load the checkpoint that {experiment_dir / LATEST_POINTER} names")
-    set_rng_states(client_state["rng"][dist.get_rank()])
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint that {experiment_dir / LATEST_POINTER} names")
+    train_bert.set_rng_states(client_state["rng"][dist.get_rank()])
     return client_state["step"], tuple(client_state["data_position"])
 
 
@@ -174,8 +152,9 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
         state = get_fp32_state_dict_from_zero_checkpoint(str(experiment_dir), tag=tag)
     else:
         state = engine.module.state_dict()
-    model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
-                         tokenizer, flags["max_seq_length"], positions=flags["positions"])
+    model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
+                                    flags["dropout"],
+                                    tokenizer, flags["max_seq_length"], positions=flags["positions"])
     prefix = "model."
     missing, unexpected = model.load_state_dict(
         {key.removeprefix(prefix): value.float().cpu() for key, value in state.items()}, strict=False)
@@ -188,8 +167,183 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training.
+# A run: every rank runs this script; rank 0 decides and writes, the others follow.
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
+                 device: torch.device) -> Path:
+    """Prepare data and model on every rank, agree on the experiment directory, build the engine, train, export."""
+    import deepspeed
+
+    torch.manual_seed(flags["seed"])  # the same initial weights on every rank
+    random.seed(flags["seed"])
+    np.random.seed(flags["seed"])
+
+    def prepare(tokenizer_dir: Path | None) -> tuple[train_bert.PreparedData, torch.nn.Module]:
+        # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
+        data = train_bert.prepare_data(flags, tokenizer_dir)
+        model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
+                                        flags["dropout"], data.tokenizer, flags["max_seq_length"],
+                                        output_bias=train_bert.unigram_output_bias(data.token_sample(),
+                                                                                   len(data.tokenizer)),
+                                        positions=flags["positions"])
+        return data, model
+
+    resuming = flags["checkpoint_dir"] is None
+    progress = safeguards.RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
+    with contextlib.ExitStack() as lock, ranks.reported_peer_failures(rank,
+                                                                      progress), safeguards.reported_stops(flags,
+                                                                                                           progress):
+        if resuming:
+            def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
+                lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))
+                completed_step = safeguards.load_hparams(progress.experiment_dir).get(safeguards.COMPLETED_KEY)
+                return safeguards.check_resume_target(flags, safeguards.saved_step(progress.experiment_dir),
+                                                      progress.experiment_dir,
+                                                      completed_step)
+
+            if not ranks.run_on_rank0(claim_experiment, rank):
+                return progress.experiment_dir
+            data, model = prepare(progress.experiment_dir / "tokenizer")
+        else:  # rank 0 creates the directory once its inputs are loaded; the rest follow
+            prepared = {}
+            if flags["tokenizer"] != "bpe":
+                # Every rank prepares at once: the first to take the token store's file lock builds the store while
+                # the others wait on the lock (not in a collective, whose timeout a long tokenization would exceed),
+                # then they all memory-map the same files.
+                prepared["data"], prepared["model"] = prepare(None)
+
+            def start_experiment() -> str:
+                if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
+                    prepared["data"], prepared["model"] = prepare(None)
+                experiment_dir = train_bert.create_experiment(flags, prepared["data"], prepared["model"],
+                                                              world_size=world_size,
+                                                              deepspeed_version=deepspeed.__version__)
+                lock.enter_context(safeguards.experiment_lock(experiment_dir))  # nobody else knows its name yet
+                return str(experiment_dir)
+
+            progress.experiment_dir, progress.created = Path(ranks.run_on_rank0(start_experiment, rank)), rank == 0
+            data, model = (prepared["data"], prepared["model"]) if prepared else prepare(
+                progress.experiment_dir / "tokenizer")
+        experiment_dir = progress.experiment_dir
+        if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
+            torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
+        num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
+        engine = create_engine(model, flags, config)
+        control_group = dist.new_group(backend="gloo", timeout=ranks.COLLECTIVE_TIMEOUT)
+        start_step, data_position = 0, (0, 0)
+        if resuming:
+            start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
+            if rank == 0:
+                flag_rules.record_flag_changes(experiment_dir, flags, start_step, (*flag_rules.PER_PROCESS_FLAGS,
+                                                                                   "ds_config"))
+
+        with logs.experiment_logging(experiment_dir, start_step) if rank == 0 else ranks.QuietRank() as metrics:
+            if rank == 0:
+                safeguards.atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file,
+                                                                                                  indent=2),
+                                        mode="w")
+                train_bert.log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
+                logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
+                            f"{flags['zero_stage']}, {flags['dtype']}; effective config "
+                            f"{json.dumps(config, sort_keys=True)}")
+            progress.started = True
+            training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
+                          control_group)
+            tag = f"{TAG_PREFIX}{flags['num_iterations']}"
+            if rank == 0:
+                exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
+                train_bert.export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"),
+                                           flags["max_seq_length"])
+                safeguards.mark_completed(experiment_dir, flags["num_iterations"])
+        dist.barrier(group=control_group)
+    return experiment_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop.
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def training_loop(flags: dict[str, Any], engine: Any, data: train_bert.PreparedData, experiment_dir: Path,
+                  metrics: logs.MetricsLogger | ranks.QuietRank, start_step: int, data_position: tuple[int,
+                                                                                                       int], rank: int,
+                  world_size: int, control_group: Any) -> None:
+    """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
+    device = engine.device
+    validation = train_bert.eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    batches = train_bert.train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking,
+                                       data_position, flags["num_workers"], pin_memory=device.type == "cuda",
+                                       rank=rank, world_size=world_size)
+    window = logs.LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
+
+    engine.train()
+    progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step",
+                    disable=None if rank == 0 else True)
+    with safeguards.StopSignal() as stop, progress:  # the progress bar closes however the loop ends
+        for step in range(start_step + 1, flags["num_iterations"] + 1):
+            for _ in range(flags["grad_accum_steps"]):
+                data_position, batch = next(batches)
+                batch = train_bert.to_device(batch, device)
+                loss = engine(**batch)
+                # The engine divides the loss by grad_accum_steps (and multiplies it by the fp16 loss scale), and
+                # steps the optimizer (clip, step, zero_grad, LR schedule) only after the last micro-batch.
+                engine.backward(loss)
+                engine.step()
+                window.add(step, loss, batch["masked_labels"])
+            progress.update()
+            # A signal may reach the ranks at different steps; they must agree, or one would wait in a collective.
+            stop.signum = ranks.any_rank(stop.signum or 0, control_group) or None
+
+            if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
+                ranks.window_over_ranks(window, world_size)
+                ranks.nonfinite_over_ranks(window)
+                window.raise_if_nonfinite(experiment_dir)
+                grad_norm = engine.get_global_grad_norm()
+                record = window.record(step, engine.get_lr()[0], None if grad_norm is None else float(grad_norm),
+                                       flags, engine.module.model.config, device, world_size)
+                if flags["dtype"] == "fp16":
+                    record["loss_scale"] = float(engine.optimizer.loss_scale)
+                metrics.log(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
+
+            if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
+                train_bert.log_evaluation(metrics, step, "eval", evaluate_on_ranks(engine, validation, rank,
+                                                                                   world_size))
+            if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
+                ranks.nonfinite_over_ranks(window)
+                window.raise_if_nonfinite(experiment_dir)
+                ranks.raise_if_weights_nonfinite_on_any_rank(engine, step, experiment_dir, control_group)
+                tag = save_ds_checkpoint(engine, experiment_dir, step, data_position, flags, control_group)
+                logger.info(f"saved checkpoint {tag}")
+            if stop.signum is not None:
+                raise stop.interruption(step, experiment_dir)
+    train_bert.log_test_evaluation(metrics, data, flags, lambda test: evaluate_on_ranks(engine, test, rank, world_size))
+
+
+def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
+                      ) -> torch.Tensor:
+    """Each rank evaluates its share of `batches`; the [loss sum, count] totals add up over ranks.
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers each layer's parameters from all ranks inside
+    forward), so a rank with one batch fewer than the others runs one more and drops its result. No autocast:
+    the engine already holds the model in the training dtype.
+    """
+    shard = batches[rank::world_size]
+    totals = train_bert.evaluate(engine, shard, engine.device, contextlib.nullcontext, loss_function=engine_loss)
+    if len(shard) < math.ceil(len(batches) / world_size):
+        train_bert.evaluate(engine, batches[:1], engine.device, contextlib.nullcontext, loss_function=engine_loss)
+    dist.all_reduce(totals)
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: train() is the CLI (python train_bert_ds.py --help).
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_config.json"
 
 
 def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None, offload_optimizer: str | None = None,
@@ -232,180 +386,20 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
         logger.add(sys.stderr, level="ERROR")
     for name, value in (("time_budget", time_budget), ("init_from", init_from)):
         if value is not None:
-            raise errors.ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
+            raise ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
     shared_defaults = flag_rules.flag_defaults(train_bert.train)
     if set(flags) - set(shared_defaults):
-        raise errors.ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
+        raise ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
     given = {name: value for name, value in locals().items() if name in flag_rules.flag_defaults(train)}
     flags = {**shared_defaults, **flags, **given}
-    flags, config = deepspeed_config.resolve_ds_flags(flags, {**shared_defaults, **flag_rules.flag_defaults(train)}, shared_defaults)
+    flags, config = deepspeed_config.resolve_ds_flags(flags, {**shared_defaults, **flag_rules.flag_defaults(train)},
+                                                      shared_defaults)
     ranks.prepare_op_build()
     rank, world_size, device = ranks.init_distributed(flags["local_rank"])
     safeguards.check_memory(flags, device)
     experiment_dir = run_training(flags, config, rank, world_size, device)
     return str(experiment_dir) if rank == 0 else None  # fire prints what train returns: once, not once per rank
 
-
-
-
-def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world_size: int,
-                 device: torch.device) -> Path:
-    """Prepare data and model on every rank, agree on the experiment directory, build the engine, train, export."""
-    import deepspeed
-
-    torch.manual_seed(flags["seed"])  # the same initial weights on every rank
-    random.seed(flags["seed"])
-    np.random.seed(flags["seed"])
-
-    def prepare(tokenizer_dir: Path | None) -> tuple[PreparedData, torch.nn.Module]:
-        # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
-        data = prepare_data(flags, tokenizer_dir)
-        model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                             flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                             output_bias=unigram_output_bias(data.token_sample(), len(data.tokenizer)),
-                             positions=flags["positions"])
-        return data, model
-
-    resuming = flags["checkpoint_dir"] is None
-    progress = safeguards.RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
-    with contextlib.ExitStack() as lock, ranks.reported_peer_failures(rank, progress), safeguards.reported_stops(flags, progress):
-        if resuming:
-            def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
-                lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))
-                completed_step = safeguards.load_hparams(progress.experiment_dir).get(safeguards.COMPLETED_KEY)
-                return safeguards.check_resume_target(flags, safeguards.saved_step(progress.experiment_dir), progress.experiment_dir,
-                                           completed_step)
-
-            if not ranks.run_on_rank0(claim_experiment, rank):
-                return progress.experiment_dir
-            data, model = prepare(progress.experiment_dir / "tokenizer")
-        else:  # rank 0 creates the directory once its inputs are loaded; the rest follow
-            prepared = {}
-            if flags["tokenizer"] != "bpe":
-                # Every rank prepares at once: the first to take the token store's file lock builds the store while
-                # the others wait on the lock (not in a collective, whose timeout a long tokenization would exceed),
-                # then they all memory-map the same files.
-                prepared["data"], prepared["model"] = prepare(None)
-
-            def start_experiment() -> str:
-                if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
-                    prepared["data"], prepared["model"] = prepare(None)
-                experiment_dir = create_experiment(flags, prepared["data"], prepared["model"], world_size=world_size,
-                                                   deepspeed_version=deepspeed.__version__)
-                lock.enter_context(safeguards.experiment_lock(experiment_dir))  # nobody else knows its name yet
-                return str(experiment_dir)
-
-            progress.experiment_dir, progress.created = Path(ranks.run_on_rank0(start_experiment, rank)), rank == 0
-            data, model = (prepared["data"], prepared["model"]) if prepared else prepare(
-                progress.experiment_dir / "tokenizer")
-        experiment_dir = progress.experiment_dir
-        if rank > 0:  # its own dropout masks; rank 0 keeps the plain script's stream, so one process matches it exactly
-            torch.manual_seed(int(np.random.SeedSequence([flags["seed"], rank]).generate_state(1)[0]))
-        num_parameters = train_bert.count_parameters(model)  # ZeRO-3 empties the model's own tensors in the engine
-        engine = create_engine(model, flags, config)
-        control_group = dist.new_group(backend="gloo", timeout=ranks.COLLECTIVE_TIMEOUT)
-        start_step, data_position = 0, (0, 0)
-        if resuming:
-            start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
-            if rank == 0:
-                flag_rules.record_flag_changes(experiment_dir, flags, start_step, (*flag_rules.PER_PROCESS_FLAGS, "ds_config"))
-
-        with logs.experiment_logging(experiment_dir, start_step) if rank == 0 else ranks.QuietRank() as metrics:
-            if rank == 0:
-                safeguards.atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2),
-                             mode="w")
-                log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
-                logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
-                            f"{flags['zero_stage']}, {flags['dtype']}; effective config "
-                            f"{json.dumps(config, sort_keys=True)}")
-            progress.started = True
-            training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
-                          control_group)
-            tag = f"{TAG_PREFIX}{flags['num_iterations']}"
-            if rank == 0:
-                exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
-                export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"), flags["max_seq_length"])
-                safeguards.mark_completed(experiment_dir, flags["num_iterations"])
-        dist.barrier(group=control_group)
-    return experiment_dir
-
-
-def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
-                      ) -> torch.Tensor:
-    """Each rank evaluates its share of `batches`; the [loss sum, count] totals add up over ranks.
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers each layer's parameters from all ranks inside
-    forward), so a rank with one batch fewer than the others runs one more and drops its result. No autocast:
-    the engine already holds the model in the training dtype.
-    """
-    shard = batches[rank::world_size]
-    totals = evaluate(engine, shard, engine.device, contextlib.nullcontext, loss_function=engine_loss)
-    if len(shard) < math.ceil(len(batches) / world_size):
-        evaluate(engine, batches[:1], engine.device, contextlib.nullcontext, loss_function=engine_loss)
-    dist.all_reduce(totals)
-    return totals
-
-
-def training_loop(flags: dict[str, Any], engine: Any, data: PreparedData, experiment_dir: Path,
-                  metrics: logs.MetricsLogger | ranks.QuietRank, start_step: int, data_position: tuple[int, int], rank: int,
-                  world_size: int, control_group: Any) -> None:
-    """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
-    device = engine.device
-    validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
-    batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
-                            flags["num_workers"], pin_memory=device.type == "cuda", rank=rank, world_size=world_size)
-    window = logs.LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
-
-    engine.train()
-    progress = tqdm(total=flags["num_iterations"], initial=start_step, desc="training", unit="step",
-                    disable=None if rank == 0 else True)
-    with safeguards.StopSignal() as stop, progress:  # the progress bar closes however the loop ends
-        for step in range(start_step + 1, flags["num_iterations"] + 1):
-            for _ in range(flags["grad_accum_steps"]):
-                data_position, batch = next(batches)
-                batch = to_device(batch, device)
-                loss = engine(**batch)
-                # The engine divides the loss by grad_accum_steps (and multiplies it by the fp16 loss scale), and
-                # steps the optimizer (clip, step, zero_grad, LR schedule) only after the last micro-batch.
-                engine.backward(loss)
-                engine.step()
-                window.add(step, loss, batch["masked_labels"])
-            progress.update()
-            # A signal may reach the ranks at different steps; they must agree, or one would wait in a collective.
-            stop.signum = ranks.any_rank(stop.signum or 0, control_group) or None
-
-            if step % flags["log_every"] == 0 or step == flags["num_iterations"]:
-                ranks.window_over_ranks(window, world_size)
-                ranks.nonfinite_over_ranks(window)
-                window.raise_if_nonfinite(experiment_dir)
-                grad_norm = engine.get_global_grad_norm()
-                record = window.record(step, engine.get_lr()[0], None if grad_norm is None else float(grad_norm),
-                                       flags, engine.module.model.config, device, world_size)
-                if flags["dtype"] == "fp16":
-                    record["loss_scale"] = float(engine.optimizer.loss_scale)
-                metrics.log(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-
-            if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
-                log_evaluation(metrics, step, "eval", evaluate_on_ranks(engine, validation, rank, world_size))
-            if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
-                ranks.nonfinite_over_ranks(window)
-                window.raise_if_nonfinite(experiment_dir)
-                ranks.raise_if_weights_nonfinite_on_any_rank(engine, step, experiment_dir, control_group)
-                tag = save_ds_checkpoint(engine, experiment_dir, step, data_position, flags, control_group)
-                logger.info(f"saved checkpoint {tag}")
-            if stop.signum is not None:
-                raise stop.interruption(step, experiment_dir)
-    log_test_evaluation(metrics, data, flags, lambda test: evaluate_on_ranks(engine, test, rank, world_size))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Hardening: DeepSpeed's start-up never waits silently on the build of its op.
-# ----------------------------------------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Command line.
-# ----------------------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
     cli.main(train, shared=train_bert.train)

@@ -51,9 +51,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import train_bert  # noqa: E402
-from pretraining import errors, safeguards, token_store
-from pretraining.corpus import load_text_dataset, train_bpe_tokenizer
-from pretraining.logs import MetricsLogger, peak_memory_mib, training_flops
+from pretraining import errors, safeguards, token_store  # noqa: E402
+from pretraining.corpus import load_text_dataset, train_bpe_tokenizer  # noqa: E402
+from pretraining.logs import MetricsLogger, peak_memory_mib, training_flops  # noqa: E402
 
 DEFAULT_DATASET = str(ROOT.parent / "shared" / "data" / "wikitext")
 DEFAULT_TOKENIZER = str(ROOT.parent / "shared" / "data" / "roberta-base")
@@ -201,7 +201,8 @@ def synthetic_corpus(directory: Path, num_lines: int = 40_000, num_words: int = 
     nothing, its speed is what a real corpus of the same token count gives.
     """
     rng = random.Random(seed)
-    syllables = [consonant + vowel for consonant in "bcdfghjklmnprstvwz" for vowel in ("a", "e", "i", "o", "u", "ai", "ou")]
+    syllables = [consonant + vowel for consonant in "bcdfghjklmnprstvwz" for vowel in ("a", "e", "i", "o", "u", "ai",
+                                                                                       "ou")]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(num_words)]
     weights = [1 / (rank + 1) for rank in range(num_words)]
     directory.mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,8 @@ def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path)
         "computed_tokens_per_sec": tokens_per_step * data["window"] * len(timed) / sum(seconds),
         "step_time_ms": 1000 * sum(seconds) / (data["window"] * len(timed)),
         "cpu_ms_per_step": 1000 * (cpu_seconds[-1] - cpu_seconds[0]) / (data["window"] * len(timed)),
-        "real_tokens_per_cpu_second": tokens_per_step * data["window"] * len(timed) / (cpu_seconds[-1] - cpu_seconds[0]),
+        "real_tokens_per_cpu_second": (tokens_per_step * data["window"] * len(timed)
+                                       / (cpu_seconds[-1] - cpu_seconds[0])),
         "mfu": None if None in mfus else sum(m * s for m, s in zip(mfus, seconds)) / sum(seconds),
         "peak_memory_mib": timed[-1]["peak_memory_mib"],
         "loss": timed[-1]["loss"],
@@ -537,7 +539,8 @@ def machine_description() -> str:
                 break
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) at the end"
+    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) "
+            "at the end")
 
 
 def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -619,7 +622,7 @@ def throughput(
     rows = json.loads(Path(configs).read_text()) if configs else suite_rows(suite, dry_run)
     if upstream_script:  # right after the upstream-style row, with its dims, batch and length
         baseline = rows[0] if rows[0]["kind"] == "upstream-style" else row("", "", **UPSTREAM_DIMS, batch_size=32,
-                                                                            max_seq_length=128)
+                                                                           max_seq_length=128)
         rows.insert(1 if rows[0]["kind"] == "upstream-style" else 0,
                     {**baseline, "name": "upstream's train_bert.py, unchanged, fp32", "kind": "upstream"})
     with working_directory(work_dir) as directory:
@@ -771,7 +774,8 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
     predicted = 0.15 * batch_size * (max_seq_length - 2)
     per_token = training_flops(config, tokens, predicted, max_seq_length) / tokens
     print(f"{machine_description()}; {threads} thread(s)")
-    print(f"training FLOPs per token, {describe(row('', '', **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))}"
+    shape = describe(row('', '', **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))
+    print(f"training FLOPs per token, {shape}"
           f", vocab {vocab_size}: {per_token / 1e6:.1f} MFLOP")
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -868,7 +872,7 @@ def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
         return row("train_bert.py defaults", "plain")
     if spec == "run_mlm":
         shape = {name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim", "num_heads",
-                                                              "max_seq_length")}
+                                                             "max_seq_length")}
         return row("Hugging Face run_mlm.py defaults, same model", "run_mlm", **shape)
     if isinstance(spec, dict):
         flags = {key: value for key, value in spec.items() if key not in ("name", "kind")}
@@ -948,9 +952,11 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
         model.load_state_dict(checkpoint["model"])
         steps = checkpoint["step"]
     return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
-            "tokens_trained": steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"],
+            "tokens_trained": (steps * resolved["batch_size"] * resolved["max_seq_length"]
+                               * resolved["grad_accum_steps"]),
             "flags": {key: resolved[key] for key in TTQ_KEY_FLAGS
-                      if resolved.get(key) is not None and not (key == "num_iterations" and resolved.get("time_budget"))}}
+                      if resolved.get(key) is not None
+                      and not (key == "num_iterations" and resolved.get("time_budget"))}}
 
 
 def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -1101,7 +1107,8 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
             labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
             batch = {"input_ids": masked, "labels": labels, "attention_mask": encoded["attention_mask"]}
             loss_sum = upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id, reduction="sum")
-            totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())], dtype=torch.float64)
+            totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())],
+                                   dtype=torch.float64)
     return {"val_loss_packed": float(packed[0] / packed[1]), "val_loss_lines": float(totals[0] / totals[1]),
             "val_accuracy_packed": correct / float(packed[1]), "val_most_frequent_token_share": most_frequent_share,
             "val_accuracy_by_input": by_input,
@@ -1154,7 +1161,7 @@ def ttq(
     rows = [recipe(spec) for spec in ([recipes] if isinstance(recipes, (str, dict)) else recipes)]
     if any(config["kind"] == "run_mlm" for config in rows) and not (run_mlm_script and Path(run_mlm_script).is_file()):
         raise errors.ConfigError(f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
-                                     f"Face's run_mlm.py); got {run_mlm_script!r}")
+                                 f"Face's run_mlm.py); got {run_mlm_script!r}")
     previous = [previous_json] if isinstance(previous_json, str) else list(previous_json)
     missing = [path for path in previous if not Path(path).is_file()]
     if missing:

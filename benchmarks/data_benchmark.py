@@ -263,7 +263,7 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
     [source] = [path for path in source_root.iterdir() if path.is_dir()]
     tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
     store = token_store.token_store_dir(token_store.corpus_sources(str(corpus), None)[0], tokenizer,
-                                       str(work / f"store_{size_mb}mb_tiled"))
+                                        str(work / f"store_{size_mb}mb_tiled"))
     shutil.rmtree(store.parent, ignore_errors=True)
     store.mkdir(parents=True)
     meta = json_module.loads((source / "meta.json").read_text())
@@ -272,7 +272,8 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
         target = int(len(tokens) * folder_mib(corpus) / folder_mib(work / f"corpus_{source_mb}mb"))
         repeats = -(-target // len(tokens))
         token_store.write_npy(store / f"{split}.tokens.npy", tokens.dtype, target,
-                             (np.asarray(tokens[: min(len(tokens), target - i * len(tokens))]) for i in range(repeats)))
+                              (np.asarray(tokens[: min(len(tokens),
+                                                       target - i * len(tokens))]) for i in range(repeats)))
         np.save(store / f"{split}.line_ends.npy", np.zeros(0, dtype=np.int64))  # not read by training
         info.update(tokens=target)
     (store / "meta.json").write_text(json_module.dumps(meta))
@@ -353,14 +354,14 @@ def main() -> None:
     parser.add_argument("--peer_up_to_mb", type=int, default=10**9, help="run the run_mlm recipe up to this size")
     parser.add_argument("--tiled_mb", type=int, default=None,
                         help="also this size, warm figures only, its store tiled from the largest measured one's "
-                             "(see tiled_store)")
+                        "(see tiled_store)")
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf_datasets_cache")  # the corpora's Arrow copies stay in work
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"{os.cpu_count()} cores; uptime before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}",
-          flush=True)
+          f"{os.cpu_count()} cores; uptime before: {uptime}", flush=True)
     rows = []
     for size_mb in map(int, args.sizes_mb.split(",")):
         rows.append(measure_size(size_mb, work, size_mb <= args.single_proc_up_to_mb, size_mb <= args.peer_up_to_mb))

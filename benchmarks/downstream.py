@@ -29,7 +29,7 @@ import benchmark  # noqa: E402  (sets the offline environment and sys.path for t
 
 import finetune  # noqa: E402
 import train_bert  # noqa: E402
-from pretraining import cli, errors, safeguards
+from pretraining import cli, errors, safeguards  # noqa: E402
 
 DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "sst2")
 SIMILARITY_TEXTS = 256  # the first train texts of the task whose vectors are compared (their pairs: ~33,000)
@@ -63,7 +63,7 @@ def evaluate_exports(models: dict[str, str], dataset: str, dataset_config: str |
     for name, model_dir in models.items():
         if not (Path(model_dir) / "config.json").is_file():
             raise errors.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no "
-                                         "config.json)")
+                                     "config.json)")
         hparams = Path(model_dir).parent / "hparams.json"
         steps = json.loads(hparams.read_text()).get(safeguards.COMPLETED_KEY) if hparams.is_file() else None
         tokenizer = train_bert.load_tokenizer(model_dir)

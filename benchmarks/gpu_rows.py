@@ -100,7 +100,7 @@ def budget_summary(result: dict[str, Any]) -> dict[str, Any]:
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][1:]
     return {"name": result["name"], "outcome": result["outcome"], "command": result["command"],
             "shape": f"{flags.get('num_layers')} x {flags.get('h_dim')}, batch {flags.get('batch_size')}, "
-                     f"lr {flags.get('lr')}" if flags else "",
+            f"lr {flags.get('lr')}" if flags else "",
             "steps": last("step"), "eval_loss": last("eval_loss"), "test_loss": last("test_loss"),
             "budget_spent_s": last("budget_spent_s"), "median_tokens_per_s": sorted(speeds)[len(speeds) // 2]
             if speeds else None, "wall_s": result["wall_s"]}

@@ -36,7 +36,8 @@ class UpstreamStyleLines(torch.utils.data.Dataset):
     def __init__(self, texts: list[str], tokenizer: Any, max_seq_length: int, mask_prob: float = 0.15,
                  random_replace_prob: float = 0.1, unmask_replace_prob: float = 0.1, seed: int = 0):
         self.texts, self.tokenizer, self.max_seq_length = texts, tokenizer, max_seq_length
-        self.mask_prob, self.random_replace_prob, self.unmask_replace_prob = mask_prob, random_replace_prob, unmask_replace_prob
+        self.mask_prob, self.random_replace_prob = mask_prob, random_replace_prob
+        self.unmask_replace_prob = unmask_replace_prob
         self.rng = np.random.default_rng(seed)
         special = set(tokenizer.all_special_ids)
         self.random_ids = np.array([i for i in range(len(tokenizer)) if i not in special])

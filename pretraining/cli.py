@@ -20,7 +20,8 @@ def command_line_flags(function: Callable, shared: Callable | None = None) -> di
            if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
     if shared is None:
         return own
-    return own | {name: parameter for name, parameter in inspect.signature(shared).parameters.items() if name not in own}
+    return own | {name: parameter for name,
+                  parameter in inspect.signature(shared).parameters.items() if name not in own}
 
 
 def check_command_line(argv: list[str], function: Callable, shared: Callable | None = None) -> None:
@@ -66,7 +67,8 @@ def help_text(function: Callable, program: str, shared: Callable | None = None) 
     if shared is not None:
         meanings = {arg.name: arg.description for arg in docstrings.parse(inspect.getdoc(shared)).args} | meanings
         sections.append((f"Flags of {shared.__module__}.py, the same here:",
-                         {name: parameter for name, parameter in command_line_flags(shared).items() if name not in own}))
+                         {name: parameter for name,
+                          parameter in command_line_flags(shared).items() if name not in own}))
     lines = [f"{program}: {doc.summary}", "", doc.description or ""]
     for heading, flags in sections:
         lines += ["", heading]

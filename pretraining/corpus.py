@@ -30,7 +30,8 @@ def text_files(dataset: str) -> dict[str, Path]:
     if path.is_file() and path.suffix == ".txt":
         return {"train": path}
     if path.is_dir() and (path / "train.txt").is_file():
-        return {split: path / f"{split}.txt" for split in ("train", "validation", "test") if (path / f"{split}.txt").is_file()}
+        return {split: path / f"{split}.txt" for split in ("train", "validation",
+                                                           "test") if (path / f"{split}.txt").is_file()}
     return {}
 
 
@@ -123,8 +124,10 @@ def check_tokenizer(tokenizer: "transformers.PreTrainedTokenizerBase", name: str
         for role, token_id in (
             ("mask_token", tokenizer.mask_token_id),
             ("pad_token", tokenizer.pad_token_id),
-            ("bos_token or cls_token", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id),
-            ("eos_token or sep_token", tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id),
+            ("bos_token or cls_token",
+             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id),
+            ("eos_token or sep_token",
+             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id),
         )
         if token_id is None
     ]
@@ -170,8 +173,9 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
         else:
             raw = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
         if streaming:  # a stream's columns may be unknown until read: then it must have a `text` one
-            return datasets.IterableDatasetDict({split: raw[split].select_columns(["text"]) if raw[split].features is None
-                                                 else with_text_column(raw[split], dataset) for split in raw})
+            return datasets.IterableDatasetDict({
+                split: raw[split].select_columns(["text"]) if raw[split].features is None
+                else with_text_column(raw[split], dataset) for split in raw})
     except ConfigError:
         raise
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError…)

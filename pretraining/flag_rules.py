@@ -99,7 +99,8 @@ def validate_flags(flags: dict[str, Any]) -> None:
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", flags.get("device", "auto")) is not None,
             f"--device must be auto, cpu, cuda or cuda:N (N a GPU index); got {flags.get('device')!r}")
     for name in ("dataset", "tokenizer"):
-        require(isinstance(flags[name], str) and flags[name] != "", f"--{name} must be a name or a path; got {flags[name]!r}")
+        require(isinstance(flags[name], str) and flags[name] != "",
+                f"--{name} must be a name or a path; got {flags[name]!r}")
     require(flags["num_proc"] is None or (is_int(flags["num_proc"]) and flags["num_proc"] > 0),
             f"--num_proc must be a positive integer (default: all {os.cpu_count()} cores); got {flags['num_proc']!r}")
     require(is_int(flags["eval_blocks"]) and flags["eval_blocks"] >= 0,
@@ -221,7 +222,8 @@ def resolve_init_from(flags: dict[str, Any], defaults: dict[str, Any]) -> dict[s
     if flags["max_seq_length"] > limit:
         raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is longer than the {limit} positions of "
                           f"--init_from {source!r}; use --max_seq_length {limit} or less")
-    logger.info(f"init_from {source}: " + ", ".join(f"{name} {resolved[name]}" for name in (*from_checkpoint, "dropout")))
+    logger.info(f"init_from {source}: " + ", ".join(f"{name} {resolved[name]}" for name in (*from_checkpoint,
+                                                                                            "dropout")))
     return resolved
 
 

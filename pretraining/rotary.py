@@ -12,7 +12,8 @@ if TYPE_CHECKING:
     import transformers
 
 
-def rotary_sdpa_attention(self: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def rotary_sdpa_attention(self: torch.nn.Module, hidden_states: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None,
                           sinusoidal_pos: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, None]:
     """RoFormer's self-attention with the same weights and rotations, computed by `scaled_dot_product_attention`.
 

@@ -414,8 +414,9 @@ def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[Non
     except BaseException as error:
         if stop.signum is not None:  # StoppedAtOnce, or what a library's cleanup raised over it (see end_forked_helper)
             phase = run_phase(flags, progress)
-            raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} {phase}; "
-                                      f"{stop_outcome(progress.experiment_dir, progress.created)}", stop.signum) from None
+            outcome = stop_outcome(progress.experiment_dir, progress.created)
+            raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} {phase}; {outcome}",
+                                      stop.signum) from None
         if not isinstance(error, (RuntimeError, MemoryError)) or not is_out_of_memory(error):
             raise
         phase = run_phase(flags, progress)

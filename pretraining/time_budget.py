@@ -24,7 +24,8 @@ def parse_duration(value: str | int | float, flag: str = "--time_budget") -> flo
         seconds = float(value)
     else:
         text = str(value).strip().lower()
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text)
+        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
+                             text)
         if not text or parts is None:
             raise ConfigError(f"{flag} {value!r} is not a duration; give seconds (600) or amounts with units d, h, m, "
                               "s (10m, 2h30m, 1d)")
@@ -241,7 +242,8 @@ def choose_shape_for_budget(flags: dict[str, Any], device: torch.device, keep: s
         chosen = shape
     changed = {name: value for name, value in chosen.items() if value != flags[name]}
     return chosen, (f"auto size: {chosen['num_layers']} layers x {chosen['h_dim']} (ff {chosen['ff_dim']}, "
-                    f"{chosen['num_heads']} heads), batch {chosen['batch_size']}, lr {chosen['lr']:g}: the largest shape "
+                    f"{chosen['num_heads']} heads), batch {chosen['batch_size']}, lr {chosen['lr']:g}: the largest "
+                    "shape "
                     f"that sees >= {TOKENS_PER_PARAMETER} tokens per parameter in this budget on {device}" +
                     (" (the defaults)" if not changed else "") + "; --auto_size False keeps the flags as given")
 
@@ -265,9 +267,10 @@ def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: l
                 f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export "
                 "(timed again after the first steps)")
     if budget.reserve_s() > 0.25 * (budget.total_s - budget.spent_before_s):
-        logger.warning(f"the end of the run needs about {budget.reserve_s():.0f} s of the {budget.total_s:.0f} s budget "
-                       f"(evaluating {budget.validation_batches} validation batches at {budget.evaluation_batch_s:.2f} s "
-                       "each, a checkpoint, the export): lower --eval_blocks or raise --time_budget")
+        logger.warning(f"the end of the run needs about {budget.reserve_s():.0f} s of the {budget.total_s:.0f} s "
+                       f"budget (evaluating {budget.validation_batches} validation batches at "
+                       f"{budget.evaluation_batch_s:.2f} s each, a checkpoint, the export): lower --eval_blocks or "
+                       "raise --time_budget")
     if flags["compile"] and budget.total_s < 120:
         logger.warning(f"--time_budget {budget.total_s:.0f} s with --compile True: the first step compiles the model, "
                        "which can take a minute; it counts as spent, so a budget this short may train few steps "

@@ -197,7 +197,8 @@ def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, d
                 logger.warning(f"token store: {store} is damaged ({damage}); rebuilding it")
             for leftover in store.parent.glob(f"{store.name}.tmp.*"):  # a builder killed mid-write (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
-            raw = raw if raw is not None else loaded if loaded is not None else load_text_dataset(dataset, dataset_config)
+            raw = raw if raw is not None else loaded if loaded is not None else load_text_dataset(dataset,
+                                                                                                  dataset_config)
             build_token_store(datasets_splits(raw, ("train", "validation", "test")), tokenizer, store, num_proc)
             logger.info(f"token store: wrote {store}")
     meta = json.loads((store / "meta.json").read_text())
@@ -294,8 +295,9 @@ def install_store(temporary: Path, store: Path) -> None:
 
 def damaged_store_error(store: Path, damage: str, unwritable: OSError) -> ConfigError:
     """The error for a damaged store that cannot be rebuilt where it is."""
-    return ConfigError(f"token store {store} is damaged ({damage}) and cannot be rebuilt there ({unwritable.strerror}); "
-                       f"delete that folder where it is writable, or choose a writable folder with --data_cache DIR")
+    return ConfigError(f"token store {store} is damaged ({damage}) and cannot be rebuilt there "
+                       f"({unwritable.strerror}); delete that folder where it is writable, or choose a writable folder "
+                       "with --data_cache DIR")
 
 
 class PackedBlocks:

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny corpus and a tiny tokenizer made on the spot, so tests never need the network or ../shared."""
+"""Shared fixtures: a tiny corpus and a tiny tokenizer made on the spot: tests never need the network or ../shared."""
 
 import contextlib
 import os
@@ -52,7 +52,8 @@ def write_corpus(directory: Path, seed: int = 0, lines: dict[str, int] | None = 
     for split, count in (lines or {"train": 600, "validation": 60, "test": 60}).items():
         paragraphs = []
         for index in range(count):
-            paragraphs.append("" if index % 4 == 3 else " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 4))))
+            paragraphs.append("" if index % 4 == 3 else " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1,
+                                                                                                                  4))))
         (directory / f"{split}.txt").write_text("\n".join(paragraphs) + "\n")
     return directory
 

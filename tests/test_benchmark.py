@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from conftest import ROOT, TINY_MODEL_FLAGS
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -61,7 +62,8 @@ def test_upstream_style_loss_matches_the_sparse_loss_on_unpadded_input(tokenizer
     torch.manual_seed(0)
     model = upstream_style.upstream_style_model(tokenizer, 2, 2, 64, 32, 0.0, 32).eval()
     ids = torch.randint(5, len(tokenizer), (2, 16))
-    masked, labels = train_bert.masking_function(ids, tokenizer, mask_prob=0.3, generator=torch.Generator().manual_seed(0))
+    masked, labels = train_bert.masking_function(ids, tokenizer, mask_prob=0.3,
+                                                 generator=torch.Generator().manual_seed(0))
     sparse = train_bert.sparse_batch(masked, labels)
     padded_labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
     batch = {"input_ids": masked, "labels": padded_labels, "attention_mask": torch.ones_like(masked)}
@@ -139,7 +141,8 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
 def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_tokenizer):
     result = run_benchmark("memory", "--steps", "6", "--log_every", "2", "--num_layers", "1", "--h_dim", "32",
                            "--ff_dim", "64", "--num_heads", "2", "--batch_size", "4", "--max_seq_length", "32",
-                           "--dataset", str(tiny_corpus), "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer))
+                           "--dataset", str(tiny_corpus), "--dataset_config", "None",
+                           "--tokenizer", str(tiny_tokenizer))
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [int(line.split("|")[1]) for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert steps == [2, 4, 6]

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
-from conftest import small_disk as conftest_small_disk
 
 import train_bert
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
+from conftest import small_disk as conftest_small_disk
 from pretraining import errors, logs, safeguards, streaming, token_store
 from pretraining.corpus import load_text_dataset, train_bpe_tokenizer
 
@@ -85,7 +85,8 @@ def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
 def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, tokenizer, tmp_path, monkeypatch):
     """The first run tokenizes its 3 splits; later runs, at another --max_seq_length too, tokenize nothing and do
     not even load the text."""
-    counter, loads = CallCounter(monkeypatch, token_store, "tokenize_lines"), CallCounter(monkeypatch, token_store, "load_text_dataset")
+    counter, loads = CallCounter(monkeypatch, token_store, "tokenize_lines"), CallCounter(monkeypatch, token_store,
+                                                                                          "load_text_dataset")
     first = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, max_seq_length=32))
     assert counter.calls == 3 and loads.calls == 1
     stores = [path for path in (tmp_path / "stores").iterdir() if path.is_dir()]
@@ -327,7 +328,8 @@ def test_resume_on_a_rebuilt_store_is_bit_exact(tiny_flags, tmp_path):
     train_bert.train(load_checkpoint_dir=str(resumed), num_proc=2, data_cache=str(tmp_path / "other_stores"))
     assert [r["loss"] for r in metric_records(resumed, "loss")] == [r["loss"] for r in metric_records(full, "loss")]
     assert metric_records(resumed, "eval_loss") == metric_records(full, "eval_loss")
-    final, final_resumed = (torch.load(d / "checkpoint-00000012.pt", weights_only=True)["model"] for d in (full, resumed))
+    final, final_resumed = (torch.load(d / "checkpoint-00000012.pt", weights_only=True)["model"] for d in (full,
+                                                                                                           resumed))
     assert all(torch.equal(tensor, final_resumed[name]) for name, tensor in final.items())
 
 
@@ -456,7 +458,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.parametrize("content, expected", [
     (b"", ["train.txt", "is empty"]),
-    (b"fine line\ncaf\xe9 latin-1\n", ["train.txt", "not UTF-8", "byte 13 (line 2, 0xe9)", "invalid continuation byte"]),
+    (b"fine line\ncaf\xe9 latin-1\n", ["train.txt", "not UTF-8", "byte 13 (line 2, 0xe9)",
+                                       "invalid continuation byte"]),
 ], ids=["empty", "latin1"])
 def test_an_unreadable_txt_corpus_is_named_with_its_problem(tiny_flags, tiny_corpus, tmp_path, content, expected):
     corpus = tmp_path / "corpus"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 import finetune
 import train_bert
+from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 # Two families of words from the tiny corpus: a text drawn from one family or the other is trivially classified.
 WEEKDAYS = "monday tuesday wednesday thursday friday saturday sunday".split()

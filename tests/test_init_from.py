@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 
 import train_bert
+from conftest import run_cli
 from pretraining import flag_rules
 
 

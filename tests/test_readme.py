@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import torch
+
 from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 

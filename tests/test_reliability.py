@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
-from conftest import small_disk as conftest_small_disk
 
 import train_bert
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
+from conftest import small_disk as conftest_small_disk
 from pretraining import errors, safeguards
 
 # Short runs: checkpoints only where a test asks for them, evaluation only at the end.
@@ -469,7 +469,7 @@ BAD_INPUT_CASES = [
     ("no_text_column", NEW + ["--dataset={csv}", "--dataset_config=None"], ["no text column", "['title', 'body']"]),
     ("split_without_tokens", NEW + ["--dataset={blank_validation}"], ["validation split yields 0 tokens"]),
     ("train_below_one_batch", NEW + ["--dataset={tiny_train}"], ["train split has", "fewer than one batch",
-                                                                  "--batch_size 4"]),
+                                                                 "--batch_size 4"]),
     ("tokenizer_without_mask", NEW + ["--tokenizer={tokenizer_no_mask}"], ["no mask_token"]),
     ("tokenizer_without_pad", NEW + ["--tokenizer={tokenizer_no_pad}"], ["no pad_token"]),
 ]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 from test_reliability import assert_one_line_error, checkpoint_steps, only_experiment, snapshot, wait_until
 
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 from pretraining import safeguards
 
 # One thread per training process (see test_reliability.py), and `python` on PATH is this interpreter, so a printed
@@ -195,7 +195,7 @@ def test_sigterm_during_the_test_evaluation_is_reported_and_a_resume_finishes_th
 
 
 def test_sigterm_during_the_test_evaluation_of_a_budgeted_run_names_the_end_phase(run_flags, long_test_split,
-                                                                                 tmp_path):
+                                                                                  tmp_path):
     """A --time_budget run ends at whatever step its time runs out, never at --num_iterations: the stop message must
     still say the training is over (before, it said "during training"), and the printed resume only finishes."""
     flags = {**run_flags, **QUIET, "dataset": long_test_split, "checkpoint_dir": tmp_path / "experiments",

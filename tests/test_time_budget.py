@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_args, run_cli
 
 import train_bert
+from conftest import ROOT, cli_args, run_cli
 from pretraining import time_budget
 
 
@@ -43,12 +43,13 @@ def sgd(lr: float = 1.0) -> torch.optim.Optimizer:
 
 
 @pytest.mark.parametrize("warmup, num_iterations, warmup_steps", [(0.25, 40, 10), (0.06, 10000, 600), (7, 40, 7),
-                                                                   (0.0, 20, 0)])
+                                                                  (0.0, 20, 0)])
 def test_warmup_as_a_share_of_the_run(warmup, num_iterations, warmup_steps):
     """A warmup below 1 is that share of the steps; an integer is a step count; then linear decay to 0 at the end."""
     optimizer = sgd()
     used = lrs_of(train_bert.create_lr_scheduler(optimizer, warmup, num_iterations), optimizer, num_iterations)
-    expected = [step / warmup_steps if step < warmup_steps else (num_iterations - step) / (num_iterations - warmup_steps)
+    decay_steps = num_iterations - warmup_steps
+    expected = [step / warmup_steps if step < warmup_steps else (num_iterations - step) / decay_steps
                 for step in range(num_iterations)]
     assert used == pytest.approx(expected, abs=1e-12)
     if warmup_steps:
@@ -266,9 +267,10 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
     assert measured == [(2, 128, time_budget.GPU_BATCH_SIZE), (4, 256, time_budget.GPU_BATCH_SIZE)]
 
     measure = speed_for({128: 500, 256: 500, 384: 500, 512: 500,
-                                                                        768: 500})
-    chosen, _ = time_budget.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8}, torch.device("cuda"),
-                                           {"num_layers", "lr", "batch_size"}, measure)
+                         768: 500})
+    chosen, _ = time_budget.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8},
+                                                    torch.device("cuda"),
+                                                    {"num_layers", "lr", "batch_size"}, measure)
     assert (chosen["num_layers"], chosen["h_dim"], chosen["lr"], chosen["batch_size"]) == (3, 768, 1e-4, 8)
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
 
 import train_bert
+from conftest import run_cli
 from pretraining import corpus, errors, flag_rules, token_store
 
 
@@ -121,7 +121,8 @@ def test_masking_edge_probabilities(tokenizer, random_prob, unmask_prob, expect)
                                                  torch.Generator().manual_seed(0))
     selected = labels != -100
     assert selected.any()
-    target = input_ids[selected] if expect == "unchanged" else torch.full_like(input_ids[selected], tokenizer.mask_token_id)
+    target = input_ids[selected] if expect == "unchanged" else torch.full_like(input_ids[selected],
+                                                                               tokenizer.mask_token_id)
     assert torch.equal(masked[selected], target)
 
 
@@ -131,7 +132,7 @@ def test_masking_edge_probabilities(tokenizer, random_prob, unmask_prob, expect)
 
 
 def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
-    """Blocks are full <s> ... </s> frames, no padding, empty lines dropped, only the split's final partial block lost."""
+    """Blocks are full <s> ... </s> frames, no padding, empty lines dropped; only the last partial block is lost."""
     split = corpus.load_text_dataset(str(tiny_corpus), None)["train"]
     lines = token_store.tokenize_lines(split, tokenizer)
     non_empty = sum(1 for text in split["text"] if text.strip())
@@ -429,7 +430,8 @@ def test_cli_end_to_end(tiny_flags):
     assert result.returncode == 0, result.stderr[-3000:]
     experiment = Path(result.stdout.strip().splitlines()[-1])
     assert experiment.parent == Path(flags["checkpoint_dir"])
-    assert re.fullmatch(r"bert_pretrain\.\d{4}(\.\d{2}){5}\.[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}",
+    uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}"
+    assert re.fullmatch(r"bert_pretrain\.\d{4}(\.\d{2}){5}\." + uuid4,
                         experiment.name), experiment.name
 
     hparams = json.loads((experiment / "hparams.json").read_text())

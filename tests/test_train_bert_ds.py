@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
 
 import train_bert
 import train_bert_ds
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
 from pretraining import cli, deepspeed_config, errors, ranks
 
 # Eight steps, a checkpoint after four, a log line and a loss every step; no dropout so a forward is deterministic.
@@ -289,8 +289,9 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_and_every_wait_says_why(
     the stale lock, says it builds the op, builds it and trains. Before, it waited for ever, printing nothing."""
     lock = tmp_path / "torch_extensions" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
-                                                     "time.sleep(600)"])
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                               "time.sleep(600)"])
     log = tmp_path / "run.log"
     env = {**child_env(), "TORCH_EXTENSIONS_DIR": str(lock.parent.parent)}
     with open(log, "w") as output:
@@ -318,8 +319,9 @@ def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkey
     one error naming that process and the folder to delete, instead of waiting for ever."""
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
-                                                     "time.sleep(600)"])
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+                               "time.sleep(600)"])
     try:
         while not ranks.processes_holding(lock):
             assert holder.poll() is None
@@ -406,11 +408,12 @@ def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     data = train_bert.prepare_data(flags, experiment / "tokenizer")
     model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                     flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                                    output_bias=train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer)))
+                                    output_bias=train_bert.unigram_output_bias(data.token_sample(),
+                                                                               len(data.tokenizer)))
     with torch.no_grad():
         losses = [float(train_bert.mlm_loss(model, **train_bert.TrainBatches(
             data.train_blocks, flags["batch_size"], 0, flags["seed"], data.masking, rank, 2)[0]))
-            for rank in (0, 1)]
+                  for rank in (0, 1)]
     assert losses[0] != losses[1]
     logged = metric_records(experiment, "loss")[0]
     assert logged["step"] == 1

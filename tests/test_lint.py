@@ -1,0 +1,24 @@
+"""The code passes the project's lint configuration (ruff.toml: pycodestyle, pyflakes and import order, 120 columns)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_finds_nothing():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
+
+
+def test_the_package_never_imports_the_scripts():
+    """pretraining/ is the layer below the scripts: no module of it imports train_bert, train_bert_ds or finetune, and
+    the modules train_bert.py uses do not import deepspeed (only deepspeed_config.py and ranks.py may)."""
+    for module in sorted((ROOT / "pretraining").glob("*.py")):
+        text = module.read_text()
+        for script in ("train_bert", "train_bert_ds", "finetune"):
+            assert f"import {script}" not in text and f"from {script} " not in text, (module.name, script)
+        if module.stem not in ("deepspeed_config", "ranks"):
+            assert "import deepspeed" not in text and "from deepspeed" not in text, module.name
