@@ -117,8 +117,7 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
     if flags["streaming"]:
         return PreparedData(tokenizer, *streaming.open_streams(raw, tokenizer, flags), masking)
     tokens, meta = token_store.open_token_store(flags["dataset"], flags["dataset_config"], tokenizer,
-                                                flags["data_cache"],
-                                                flags["num_proc"] or os.cpu_count() or 1, raw)
+                                                flags["data_cache"], flags["num_proc"] or os.cpu_count() or 1, raw)
     rows = {split: info["rows"] for split, info in meta["splits"].items()}
     blocks = {split: pack_blocks(tokens[split], tokenizer, flags["max_seq_length"],
                                  corpus.describe_split(flags["dataset"], rows, split)) for split in tokens}
@@ -863,8 +862,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             start_step, data_position = 0, (0, 0)
         else:
             start_step, data_position = restore_checkpoint(progress.experiment_dir, device, flags["lr"], model,
-                                                           optimizer,
-                                                           lr_scheduler, scaler, end)
+                                                           optimizer, lr_scheduler, scaler, end)
             flag_rules.record_flag_changes(progress.experiment_dir, flags, start_step)
         experiment_dir = progress.experiment_dir
 
@@ -983,6 +981,8 @@ def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path
     for leftover in experiment_dir.glob(".hf_model.*"):
         shutil.rmtree(leftover, ignore_errors=True)
     temporary, previous = (experiment_dir / f".hf_model.{os.getpid()}.{part}" for part in ("tmp", "old"))
+    if not torch.cuda.is_available():  # save_pretrained imports deepspeed (through accelerate) where it is installed,
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # whose GPU detection would warn that it found none
     try:
         model.save_pretrained(temporary)
         tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
@@ -1061,8 +1061,7 @@ def train(checkpoint_dir: str | None = None, load_checkpoint_dir: str | None = N
         num_iterations: Optimizer steps in total (a resume continues up to it).
         time_budget: Train for this long instead ("600", "10m", "2h30m", "1d"); evaluation and export included.
         auto_size: With --time_budget, choose shape, batch size and lr for the budget and this device's speed.
-        init_from: Continue pretraining a Hugging Face masked LM (a folder such as an exported hf_model/,
-                                                                  or a Hub name).
+        init_from: Continue pretraining a Hugging Face masked LM (an exported hf_model/ folder, or a Hub name).
         lr: Peak learning rate of AdamW (betas 0.9/0.98, eps 1e-6, as RoBERTa).
         weight_decay: AdamW weight decay, on weight matrices only.
         warmup_steps: Linear warmup, as a share of the run (below 1) or a number of steps; then linear decay to 0.

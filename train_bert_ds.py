@@ -185,23 +185,20 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         data = train_bert.prepare_data(flags, tokenizer_dir)
         model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                         flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                                        output_bias=train_bert.unigram_output_bias(data.token_sample(),
-                                                                                   len(data.tokenizer)),
+                                        train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer)),
                                         positions=flags["positions"])
         return data, model
 
     resuming = flags["checkpoint_dir"] is None
     progress = safeguards.RunProgress(Path(flags["load_checkpoint_dir"]) if resuming else None)
-    with contextlib.ExitStack() as lock, ranks.reported_peer_failures(rank,
-                                                                      progress), safeguards.reported_stops(flags,
-                                                                                                           progress):
+    stops = safeguards.reported_stops(flags, progress)
+    with contextlib.ExitStack() as lock, ranks.reported_peer_failures(rank, progress), stops:
         if resuming:
             def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
                 lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))
                 completed_step = safeguards.load_hparams(progress.experiment_dir).get(safeguards.COMPLETED_KEY)
                 return safeguards.check_resume_target(flags, safeguards.saved_step(progress.experiment_dir),
-                                                      progress.experiment_dir,
-                                                      completed_step)
+                                                      progress.experiment_dir, completed_step)
 
             if not ranks.run_on_rank0(claim_experiment, rank):
                 return progress.experiment_dir
@@ -218,8 +215,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
                 if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
                     prepared["data"], prepared["model"] = prepare(None)
                 experiment_dir = train_bert.create_experiment(flags, prepared["data"], prepared["model"],
-                                                              world_size=world_size,
-                                                              deepspeed_version=deepspeed.__version__)
+                                                              world_size=world_size, deepspeed_version=deepspeed.__version__)
                 lock.enter_context(safeguards.experiment_lock(experiment_dir))  # nobody else knows its name yet
                 return str(experiment_dir)
 
@@ -241,9 +237,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
 
         with logs.experiment_logging(experiment_dir, start_step) if rank == 0 else ranks.QuietRank() as metrics:
             if rank == 0:
-                safeguards.atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file,
-                                                                                                  indent=2),
-                                        mode="w")
+                safeguards.atomic_write(experiment_dir / "ds_config.json",
+                                        lambda file: json.dump(config, file, indent=2), mode="w")
                 train_bert.log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
                 logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
                             f"{flags['zero_stage']}, {flags['dtype']}; effective config "
@@ -267,9 +262,8 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
 
 
 def training_loop(flags: dict[str, Any], engine: Any, data: train_bert.PreparedData, experiment_dir: Path,
-                  metrics: logs.MetricsLogger | ranks.QuietRank, start_step: int, data_position: tuple[int,
-                                                                                                       int], rank: int,
-                  world_size: int, control_group: Any) -> None:
+                  metrics: logs.MetricsLogger | ranks.QuietRank, start_step: int, data_position: tuple[int, int],
+                  rank: int, world_size: int, control_group: Any) -> None:
     """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
     device = engine.device
     validation = train_bert.eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
@@ -309,8 +303,8 @@ def training_loop(flags: dict[str, Any], engine: Any, data: train_bert.PreparedD
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
 
             if step % flags["eval_every"] == 0 or step == flags["num_iterations"]:
-                train_bert.log_evaluation(metrics, step, "eval", evaluate_on_ranks(engine, validation, rank,
-                                                                                   world_size))
+                totals = evaluate_on_ranks(engine, validation, rank, world_size, "validation")
+                train_bert.log_evaluation(metrics, step, "eval", totals)
             if step % flags["checkpoint_every"] == 0 or step == flags["num_iterations"] or stop.signum is not None:
                 ranks.nonfinite_over_ranks(window)
                 window.raise_if_nonfinite(experiment_dir)
@@ -319,11 +313,12 @@ def training_loop(flags: dict[str, Any], engine: Any, data: train_bert.PreparedD
                 logger.info(f"saved checkpoint {tag}")
             if stop.signum is not None:
                 raise stop.interruption(step, experiment_dir)
-    train_bert.log_test_evaluation(metrics, data, flags, lambda test: evaluate_on_ranks(engine, test, rank, world_size))
+    train_bert.log_test_evaluation(metrics, data, flags,
+                                   lambda test: evaluate_on_ranks(engine, test, rank, world_size, "test"))
 
 
-def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int
-                      ) -> torch.Tensor:
+def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank: int, world_size: int,
+                      description: str) -> torch.Tensor:
     """Each rank evaluates its share of `batches`; the [loss sum, count] totals add up over ranks.
 
     Every rank runs the same number of forwards (ZeRO-3 gathers each layer's parameters from all ranks inside
@@ -331,7 +326,8 @@ def evaluate_on_ranks(engine: Any, batches: list[dict[str, torch.Tensor]], rank:
     the engine already holds the model in the training dtype.
     """
     shard = batches[rank::world_size]
-    totals = train_bert.evaluate(engine, shard, engine.device, contextlib.nullcontext, loss_function=engine_loss)
+    totals = train_bert.evaluate(engine, shard, engine.device, contextlib.nullcontext, loss_function=engine_loss,
+                                 description=description)
     if len(shard) < math.ceil(len(batches) / world_size):
         train_bert.evaluate(engine, batches[:1], engine.device, contextlib.nullcontext, loss_function=engine_loss)
     dist.all_reduce(totals)

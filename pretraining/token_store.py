@@ -197,8 +197,8 @@ def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, d
                 logger.warning(f"token store: {store} is damaged ({damage}); rebuilding it")
             for leftover in store.parent.glob(f"{store.name}.tmp.*"):  # a builder killed mid-write (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
-            raw = raw if raw is not None else loaded if loaded is not None else load_text_dataset(dataset,
-                                                                                                  dataset_config)
+            if raw is None:
+                raw = loaded if loaded is not None else load_text_dataset(dataset, dataset_config)
             build_token_store(datasets_splits(raw, ("train", "validation", "test")), tokenizer, store, num_proc)
             logger.info(f"token store: wrote {store}")
     meta = json.loads((store / "meta.json").read_text())
