@@ -214,8 +214,9 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             def start_experiment() -> str:
                 if not prepared:  # a BPE tokenizer is trained by rank 0 alone; the others load it from the experiment
                     prepared["data"], prepared["model"] = prepare(None)
-                experiment_dir = train_bert.create_experiment(flags, prepared["data"], prepared["model"],
-                                                              world_size=world_size, deepspeed_version=deepspeed.__version__)
+                experiment_dir = train_bert.create_experiment(
+                    flags, prepared["data"], prepared["model"], world_size=world_size,
+                    deepspeed_version=deepspeed.__version__)
                 lock.enter_context(safeguards.experiment_lock(experiment_dir))  # nobody else knows its name yet
                 return str(experiment_dir)
 
