@@ -97,3 +97,33 @@ def test_every_readme_finetune_command_runs(tiny_corpus, tiny_tokenizer, tmp_pat
         result = run_cli("finetune.py", flags)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
         assert Path(tmp_path / f"out{number}", "results.json").is_file()
+
+
+def test_readme_use_your_model_snippet_and_tensorboard(tiny_flags, tmp_path):
+    """§8 "Use your model": the README's Python snippet, pointed at a tiny run's hf_model/, prints the pipeline's five
+    guesses; the folder its `tensorboard --logdir` names holds that run's curves (TensorBoard's own reader finds the
+    loss, the learning rate and the evaluations)."""
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train_bert
+
+    experiment = Path(train_bert.train(**{**tiny_flags, "num_iterations": 3, "log_every": 1}))
+    readme = (ROOT / "README.md").read_text()
+    [snippet] = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert "./experiments/bert_pretrain.<...>/hf_model" in snippet
+    code = snippet.replace("./experiments/bert_pretrain.<...>/hf_model", str(experiment / "hf_model"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(result.stdout.strip().splitlines()) == 5, result.stdout
+
+    [logdir] = re.findall(r"^tensorboard --logdir (\S+)$", readme, flags=re.M)
+    assert Path(logdir) == Path(tiny_flags["checkpoint_dir"]).relative_to(tmp_path)  # ./experiments, as runs write
+    [events] = [path.parent for path in Path(tiny_flags["checkpoint_dir"]).rglob("events.out.tfevents.*")]
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"loss", "lr", "eval_loss"} <= set(accumulator.Tags()["scalars"]), accumulator.Tags()["scalars"]

@@ -468,7 +468,7 @@ def test_readme_shows_the_current_loop_diff():
     command, shown = re.search(r"```bash\n(diff -u [^\n]*)\n```\n\n```diff\n(.*?)```", readme_part2(), re.S).groups()
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=child_env())
     assert result.returncode == 1, result.stderr  # diff's "files differ"
-    assert result.stdout == shown, "docs/deepspeed.md's loop diff is stale: rerun its command and paste the output"
+    assert result.stdout == shown, "docs/deepspeed.md's loop diff is stale: run python docs/update_loop_diff.py"
 
 
 def test_readme_part2_commands_use_real_flags():
