@@ -8,7 +8,8 @@ The model: `RobertaForMaskedLM` (12 x 768, 12 heads, ff 3072, learned positions,
 SDPA attention, the dense MLM head over every position). The data: WikiText-2's training split tokenized with the
 roberta-base tokenizer, concatenated and cut into 128-token blocks (<s> + 126 tokens + </s>; no padding), masked by
 `DataCollatorForLanguageModeling` (mlm_probability 0.15, the 80/10/10 rule). The training: `TrainingArguments` with
-bf16=True, torch_compile=True, per_device_train_batch_size 256, dataloader_drop_last, group_by_length off, fused
+bf16=True, torch_compile=True, per_device_train_batch_size 256, dataloader_drop_last, the default random sampler
+(transformers 5 has no group_by_length; blocks are all 128 tokens anyway), fused
 torch AdamW (lr 5e-4, betas 0.9/0.98, eps 1e-6, weight decay 0.01), grad-norm clipping 1.0, no saving, no
 evaluation, `--steps` optimizer steps.
 
@@ -112,7 +113,7 @@ def run(out_dir: str, steps: int = 60, timed_from: int = 30, batch_size: int = 2
     with tempfile.TemporaryDirectory(prefix="hf_trainer_row.") as scratch:
         args = transformers.TrainingArguments(
             output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, bf16=True,
-            torch_compile=True, dataloader_drop_last=True, group_by_length=False, dataloader_num_workers=num_workers,
+            torch_compile=True, dataloader_drop_last=True, dataloader_num_workers=num_workers,
             learning_rate=5e-4, warmup_steps=min(10, steps // 2), weight_decay=0.01, adam_beta1=0.9,
             adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=10,
             save_strategy="no", eval_strategy="no", report_to="none", use_cpu=use_cpu, seed=0,
@@ -130,7 +131,7 @@ def run(out_dir: str, steps: int = 60, timed_from: int = 30, batch_size: int = 2
            "tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / (steps - timed_from),
            "first_steps_s": timer.ends[timed_from] - timer.started, "timed_steps": f"{timed_from + 1}-{steps}",
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "last_logged_loss": losses[-1] if losses else None, "train_runtime_s": output.metrics.get("train_runtime"),
+           "last_logged_loss": losses[-1] if losses else output.training_loss, "train_runtime_s": output.metrics.get("train_runtime"),
            "parameters": parameters, "blocks": len(blocks), "batch": f"{batch_size} x {seq_len}",
            "transformers": transformers.__version__, "torch": torch.__version__,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
