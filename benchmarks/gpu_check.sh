@@ -8,8 +8,9 @@
 #   profile     torch.profiler's top operators of the compiled BERT-base rotary step at batch 256;
 #   memory      the older rows: peak memory by precision and ZeRO, and ZeRO-Offload on a capped GPU;
 #   ds          where train_bert_ds.py's time goes: the same BERT-base rows side by side, train_bert.py (reference),
-#               train_bert_ds.py as shipped, DeepSpeed variants (benchmarks/gpu_rows.py DS_VARIANTS; DS_VARIANTS=
-#               "name,name" picks others), one with DeepSpeed's wall_clock_breakdown, and train_bert.py --dropout 0;
+#               train_bert_ds.py as shipped, two DeepSpeed variants (benchmarks/gpu_rows.py DS_VARIANTS;
+#               DS_VARIANTS="name;name" picks others), train_bert.py --dropout 0, and, while the part's time lasts,
+#               the shipped config with DeepSpeed's wall_clock_breakdown;
 #   trainer     transformers' Trainer on the same BERT-base-shaped RoBERTa MLM (benchmarks/hf_trainer_row.py);
 # and write REPORT_DIR/report.md, REPORT_DIR/*.json and REPORT_DIR/logs.tar.gz.
 #

@@ -191,16 +191,28 @@ def budget(out_dir: str, time_budget: str = "90s", deadline_s: float = 250, data
 
 
 # The DeepSpeed variants of the `ds` part: name -> (what changes against ds_config.json as shipped: a path of keys ->
-# value, None deletes the key; extra flags). Chosen from the CPU evidence in benchmarks/README.md (GPU check, `ds`).
+# value, None deletes the key; extra flags). On the CPU (benchmarks/README.md, GPU check, `ds`) the shipped config
+# reads a value back from the device 5 times a step (ZeRO-2's overflow check, overlap_comm's synchronize at the end of
+# backward, the clip's three validity tests of the norm), ZeRO-0 with bf16 weights once per parameter, torch_autocast
+# with fp32 weights on ZeRO-0 never (as train_bert.py); each read stops the host from queueing work ahead of the GPU.
 DS_VARIANTS: dict[str, tuple[dict[tuple[str, ...], Any], list[str]]] = {
-    "ZeRO-0": ({("zero_optimization", "stage"): 0}, []),
-    "ZeRO-2, overlap_comm and contiguous_gradients off": ({("zero_optimization", "overlap_comm"): False,
-                                                          ("zero_optimization", "contiguous_gradients"): False}, []),
+    "ZeRO-2, check_grad_overflow and overlap_comm off": ({("bf16", "check_grad_overflow"): False,
+                                                         ("zero_optimization", "overlap_comm"): False}, []),
     "ZeRO-0, fp32 weights + torch_autocast bf16": ({("zero_optimization", "stage"): 0, ("bf16", "enabled"): False,
                                                    ("torch_autocast",): {"enabled": True, "dtype": "bfloat16"}}, []),
+    "ZeRO-0, bf16 weights": ({("zero_optimization", "stage"): 0}, []),
+    "ZeRO-2, overlap_comm and contiguous_gradients off": ({("zero_optimization", "overlap_comm"): False,
+                                                          ("zero_optimization", "contiguous_gradients"): False}, []),
     "as shipped, wall_clock_breakdown": ({("wall_clock_breakdown",): True, ("steps_per_print",): 1}, []),
 }
-DEFAULT_DS_VARIANTS = ("ZeRO-0", "ZeRO-0, fp32 weights + torch_autocast bf16", "as shipped, wall_clock_breakdown")
+# Run after ds_config.json as shipped, then train_bert.py --dropout 0, then LATE_DS_VARIANTS while time is left.
+DEFAULT_DS_VARIANTS = ("ZeRO-2, check_grad_overflow and overlap_comm off", "ZeRO-0, fp32 weights + torch_autocast bf16")
+LATE_DS_VARIANTS = ("as shipped, wall_clock_breakdown",)
+
+
+def slug_of(name: str) -> str:
+    """A file name for a row or variant name."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")[:70]
 
 
 def variant_config(changes: dict[tuple[str, ...], Any], path: Path) -> Path:
@@ -237,17 +249,20 @@ def engine_breakdown(log_path: Path, warmup_steps: int) -> dict[str, float]:
 
 
 def ds(out_dir: str, deadline_s: float = 290, steps: int = 40, warmup_steps: int = 20,
-       variants: str | tuple[str, ...] = DEFAULT_DS_VARIANTS, dataset: str = "../shared/data/wikitext",
+       variants: str | tuple[str, ...] = DEFAULT_DS_VARIANTS, late: str | tuple[str, ...] = LATE_DS_VARIANTS,
+       dataset: str = "../shared/data/wikitext",
        tokenizer: str = "../shared/data/roberta-base", dry_run: bool = False) -> None:
     """Where train_bert_ds.py's time goes against train_bert.py: BERT-base bf16, batch 256 x 128, dropout 0.1,
     --compile True, side by side in one run: train_bert.py (the reference), train_bert_ds.py with ds_config.json as
-    shipped, the DeepSpeed `variants` (names in DS_VARIANTS; comma-separated on the command line), and
-    train_bert.py --dropout 0. Each row is timed on its log windows after `warmup_steps` (the first holds the
-    compile) and killed once step `steps` is logged."""
+    shipped, the DeepSpeed `variants`, train_bert.py --dropout 0, then the `late` variants (names in DS_VARIANTS;
+    on the command line separated by ";"). Each row is timed on its log windows after `warmup_steps` (the first
+    holds the compile) and killed once step `steps` is logged. With "wall_clock_breakdown" DeepSpeed synchronizes
+    around forward, backward and step and prints their times: that row's step time includes those waits."""
     out, work = Path(out_dir), Path(out_dir) / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    names = [name.strip() for name in variants.split(",")] if isinstance(variants, str) else list(variants)
-    unknown = [name for name in names if name not in DS_VARIANTS]
+    split = lambda value: [n.strip() for n in value.split(";") if n.strip()] if isinstance(value, str) else list(value)  # noqa: E731
+    names, late = split(variants), split(late)
+    unknown = [name for name in names + late if name not in DS_VARIANTS]
     if unknown:
         raise SystemExit(f"error: unknown DeepSpeed variant(s) {unknown}; known: {list(DS_VARIANTS)}")
     shape, batch, device = (TINY, 4, ["--device=cpu"]) if dry_run else (BERT_BASE, 256, [])
@@ -258,16 +273,18 @@ def ds(out_dir: str, deadline_s: float = 290, steps: int = 40, warmup_steps: int
     ds_common = [flag for flag in common if not flag.startswith("--dtype")]  # the config's bf16 section decides
     rows = [("train_bert.py (reference)", ["train_bert.py", *common, *device]),
             ("train_bert_ds.py, ds_config.json as shipped", ["train_bert_ds.py", *ds_common])]
-    for name in names:
+
+    def variant_row(name: str) -> tuple[str, list[str]]:
         changes, flags = DS_VARIANTS[name]
-        slug = "ds-" + "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
-        config = variant_config(changes, out / "ds_configs" / f"{slug}.json")
-        rows.append((f"train_bert_ds.py, {name}", ["train_bert_ds.py", *ds_common, f"--ds_config={config}", *flags]))
+        config = variant_config(changes, out / "ds_configs" / f"{slug_of(name)}.json")
+        return f"train_bert_ds.py, {name}", ["train_bert_ds.py", *ds_common, f"--ds_config={config}", *flags]
+
+    rows += [variant_row(name) for name in names]
     rows.append(("train_bert.py --dropout 0", ["train_bert.py", *common, *device, "--dropout=0.0"]))
+    rows += [variant_row(name) for name in late if name not in names]
 
     def measure(name: str, argv: list[str], left_s: float) -> dict[str, Any]:
-        slug = "".join(c if c.isalnum() else "_" for c in name.split(",", 1)[-1].lower()).strip("_")[:60]
-        slug = ("ds-" if "train_bert_ds.py" in name else "plain-") + slug
+        slug = slug_of(name)
         log_path = out / f"ds-{slug}.log"
         result = steady_state({**run_row(slug, argv, work, log_path, left_s, stop_after_step=steps), "name": name},
                               warmup_steps)
