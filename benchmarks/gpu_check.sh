@@ -84,7 +84,7 @@ for part in "${PARTS[@]}"; do
                 cat "$REPORT_DIR/$suite.md"
             done ;;
         ds)
-            "$PYTHON" benchmarks/gpu_rows.py ds --out_dir "$REPORT_DIR" --deadline_s "${DS_DEADLINE_S:-290}" \
+            "$PYTHON" benchmarks/gpu_rows.py ds --out_dir "$REPORT_DIR" --deadline_s "${DS_DEADLINE_S:-280}" \
                 ${DS_VARIANTS:+--variants "$DS_VARIANTS"} "${DATA_FLAGS[@]}" "${DRY_RUN[@]}" ;;
         trainer)
             # The row's own deadline: it is killed (and says so) if the compile and 60 steps take longer.

@@ -248,7 +248,7 @@ def engine_breakdown(log_path: Path, warmup_steps: int) -> dict[str, float]:
     return {f"engine_{name}_ms": sum(values) / len(values) for name, values in sums.items()}
 
 
-def ds(out_dir: str, deadline_s: float = 290, steps: int = 40, warmup_steps: int = 20,
+def ds(out_dir: str, deadline_s: float = 280, steps: int = 40, warmup_steps: int = 20,
        variants: str | tuple[str, ...] = DEFAULT_DS_VARIANTS, late: str | tuple[str, ...] = LATE_DS_VARIANTS,
        dataset: str = "../shared/data/wikitext",
        tokenizer: str = "../shared/data/roberta-base", dry_run: bool = False) -> None:
