@@ -10,7 +10,7 @@
 #   ds          where train_bert_ds.py's time goes: the same BERT-base rows side by side, train_bert.py (reference),
 #               train_bert_ds.py as shipped, two DeepSpeed variants (benchmarks/gpu_rows.py DS_VARIANTS;
 #               DS_VARIANTS="name;name" picks others), train_bert.py --dropout 0, and, while the part's time lasts,
-#               the shipped config with DeepSpeed's wall_clock_breakdown;
+#               the shipped config without DeepSpeed's throughput timer and with its wall_clock_breakdown;
 #   trainer     transformers' Trainer on the same BERT-base-shaped RoBERTa MLM (benchmarks/hf_trainer_row.py);
 # and write REPORT_DIR/report.md, REPORT_DIR/*.json and REPORT_DIR/logs.tar.gz.
 #
