@@ -285,7 +285,8 @@ def ds(out_dir: str, deadline_s: float = 280, steps: int = 40, warmup_steps: int
         return f"train_bert_ds.py, {name}", ["train_bert_ds.py", *ds_common, f"--ds_config={config}", *flags]
 
     rows += [variant_row(name) for name in names]
-    rows.append(("train_bert.py --dropout 0", ["train_bert.py", *common, *device, "--dropout=0.0"]))
+    rows.append(("train_bert.py --dropout 0", ["train_bert.py", *[flag for flag in common if not flag.startswith(
+        "--dropout")], *device, "--dropout=0.0"]))
     rows += [variant_row(name) for name in late if name not in names]
 
     def measure(name: str, argv: list[str], left_s: float) -> dict[str, Any]:
