@@ -91,11 +91,11 @@ for part in "${PARTS[@]}"; do
             if ! "$PYTHON" -c "import accelerate" 2>/dev/null; then
                 echo "(trainer: accelerate is missing; add its wheel to ./wheels)" | tee "$REPORT_DIR/trainer.md"
             else
-                timeout -k 5 "${TRAINER_DEADLINE_S:-130}" "$PYTHON" benchmarks/hf_trainer_row.py --out_dir "$REPORT_DIR" \
+                timeout -k 5 "${TRAINER_DEADLINE_S:-120}" "$PYTHON" benchmarks/hf_trainer_row.py --out_dir "$REPORT_DIR" \
                     "${DATA_FLAGS[@]}" "${DRY_RUN[@]}" > "$REPORT_DIR/trainer.log" 2>&1
                 status=$?
                 if [ $status -eq 124 ] || [ $status -eq 137 ]; then
-                    echo "(trainer: cut at its ${TRAINER_DEADLINE_S:-130} s deadline; see trainer.log)" > "$REPORT_DIR/trainer.md"
+                    echo "(trainer: cut at its ${TRAINER_DEADLINE_S:-120} s deadline; see trainer.log)" > "$REPORT_DIR/trainer.md"
                 elif [ $status -ne 0 ]; then
                     echo "(trainer failed: exit $status; see trainer.log)" > "$REPORT_DIR/trainer.md"
                 fi
