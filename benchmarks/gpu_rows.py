@@ -263,7 +263,9 @@ def ds(out_dir: str, deadline_s: float = 280, steps: int = 40, warmup_steps: int
     around forward, backward and step and prints their times: that row's step time includes those waits."""
     out, work = Path(out_dir), Path(out_dir) / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    split = lambda value: [n.strip() for n in value.split(";") if n.strip()] if isinstance(value, str) else list(value)  # noqa: E731
+    def split(value: str | tuple[str, ...]) -> list[str]:
+        return [n.strip() for n in value.split(";") if n.strip()] if isinstance(value, str) else list(value)
+
     names, late = split(variants), split(late)
     unknown = [name for name in names + late if name not in DS_VARIANTS]
     if unknown:

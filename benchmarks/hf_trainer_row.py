@@ -35,7 +35,7 @@ BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads":
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 
 
-def blocks_from_wikitext(dataset: str, dataset_config: str, tokenizer: Any, seq_len: int) -> "datasets.Dataset":
+def blocks_from_wikitext(dataset: str, dataset_config: str, tokenizer: Any, seq_len: int) -> Any:
     """WikiText's training split as `seq_len`-token blocks: every line tokenized without special tokens, all of them
     concatenated, cut into runs of seq_len - 2 tokens (the remainder dropped), each wrapped in <s> ... </s>."""
     import datasets
@@ -131,7 +131,8 @@ def run(out_dir: str, steps: int = 60, timed_from: int = 30, batch_size: int = 2
            "tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / (steps - timed_from),
            "first_steps_s": timer.ends[timed_from] - timer.started, "timed_steps": f"{timed_from + 1}-{steps}",
            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "last_logged_loss": losses[-1] if losses else output.training_loss, "train_runtime_s": output.metrics.get("train_runtime"),
+           "last_logged_loss": losses[-1] if losses else output.training_loss,
+           "train_runtime_s": output.metrics.get("train_runtime"),
            "parameters": parameters, "blocks": len(blocks), "batch": f"{batch_size} x {seq_len}",
            "transformers": transformers.__version__, "torch": torch.__version__,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -143,13 +144,14 @@ def write_row(out: Path, row: dict[str, Any]) -> None:
     """OUT_DIR/trainer.json (every field) and OUT_DIR/trainer.md (a one-row table and the command)."""
     (out / "trainer.json").write_text(json.dumps([row], indent=2))
     peak = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a"
-    lines = ["| row | parameters | batch | tokens/s | step (ms) | steps timed | first steps incl. compile (s) | "
-             "peak memory (GiB) | last logged loss | outcome |", "|---|---:|---|---:|---:|---|---:|---:|---:|---|",
-             f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['tokens_per_s']:,.0f} | "
-             f"{row['step_ms']:.1f} | {row['timed_steps']} | {row['first_steps_s']:.0f} | {peak} | "
-             f"{row['last_logged_loss'] if row['last_logged_loss'] is None else round(row['last_logged_loss'], 3)} | "
-             f"{row['outcome']} |", "", f"Command: `{row['command']}` ({row['device']}, transformers "
-             f"{row['transformers']}, torch {row['torch']}; {row['wall_s']:.0f} s in all).", ""]
+    loss = row["last_logged_loss"]
+    lines = [("| row | parameters | batch | tokens/s | step (ms) | steps timed | first steps incl. compile (s) | "
+              "peak memory (GiB) | last logged loss | outcome |"), "|---|---:|---|---:|---:|---|---:|---:|---:|---|",
+             (f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['tokens_per_s']:,.0f} | "
+              f"{row['step_ms']:.1f} | {row['timed_steps']} | {row['first_steps_s']:.0f} | {peak} | "
+              f"{loss if loss is None else round(loss, 3)} | {row['outcome']} |"), "",
+             (f"Command: `{row['command']}` ({row['device']}, transformers {row['transformers']}, torch "
+              f"{row['torch']}; {row['wall_s']:.0f} s in all)."), ""]
     (out / "trainer.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
