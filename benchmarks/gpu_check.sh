@@ -7,6 +7,11 @@
 #               --auto_size False (the fixed default shape), evaluated the same way;
 #   profile     torch.profiler's top operators of the compiled BERT-base rotary step at batch 256;
 #   memory      the older rows: peak memory by precision and ZeRO, and ZeRO-Offload on a capped GPU;
+#   ds          where train_bert_ds.py's time goes: the same BERT-base rows side by side, train_bert.py (reference),
+#               train_bert_ds.py as shipped, two DeepSpeed variants (benchmarks/gpu_rows.py DS_VARIANTS;
+#               DS_VARIANTS="name;name" picks others), train_bert.py --dropout 0, and, while the part's time lasts,
+#               the shipped config without DeepSpeed's throughput timer and with its wall_clock_breakdown;
+#   trainer     transformers' Trainer on the same BERT-base-shaped RoBERTa MLM (benchmarks/hf_trainer_row.py);
 # and write REPORT_DIR/report.md, REPORT_DIR/*.json and REPORT_DIR/logs.tar.gz.
 #
 #   bash benchmarks/gpu_check.sh REPORT_DIR [PART ...]           # default parts: throughput budget profile
@@ -14,7 +19,7 @@
 #
 # Data: WikiText-2 and the roberta-base tokenizer from $GPU_CHECK_DATA (default ../shared/data; copy that folder to
 # a GPU machine without it). What the machine lacks among deepspeed, datasets, fire, loguru (and transformers at
-# the project's pin) is installed from ./wheels, made beforehand by the one line in benchmarks/README.md (GPU check).
+# the project's pin; accelerate for `trainer`) is installed from ./wheels, made beforehand by the one line in benchmarks/README.md (GPU check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPORT_DIR=${1:?usage: bash benchmarks/gpu_check.sh REPORT_DIR [--dry-run] [PART ...]}
@@ -33,7 +38,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHO
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
 
 # What the machine lacks, from ./wheels (--no-deps: the folder holds exactly the missing packages).
-if ! "$PYTHON" -c "import deepspeed, datasets, fire, loguru" 2>/dev/null && ls wheels/*.whl >/dev/null 2>&1; then
+if ! "$PYTHON" -c "import deepspeed, datasets, fire, loguru, accelerate" 2>/dev/null && ls wheels/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" wheels/*.whl || exit 2
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -78,7 +83,25 @@ for part in "${PARTS[@]}"; do
                     > "$REPORT_DIR/$suite.log" 2>&1
                 cat "$REPORT_DIR/$suite.md"
             done ;;
-        *) echo "error: unknown part '$part' (throughput, budget, profile, memory)" >&2; exit 2 ;;
+        ds)
+            "$PYTHON" benchmarks/gpu_rows.py ds --out_dir "$REPORT_DIR" --deadline_s "${DS_DEADLINE_S:-280}" \
+                ${DS_VARIANTS:+--variants "$DS_VARIANTS"} "${DATA_FLAGS[@]}" "${DRY_RUN[@]}" ;;
+        trainer)
+            # The row's own deadline: it is killed (and says so) if the compile and 60 steps take longer.
+            if ! "$PYTHON" -c "import accelerate" 2>/dev/null; then
+                echo "(trainer: accelerate is missing; add its wheel to ./wheels)" | tee "$REPORT_DIR/trainer.md"
+            else
+                timeout -k 5 "${TRAINER_DEADLINE_S:-120}" "$PYTHON" benchmarks/hf_trainer_row.py --out_dir "$REPORT_DIR" \
+                    "${DATA_FLAGS[@]}" "${DRY_RUN[@]}" > "$REPORT_DIR/trainer.log" 2>&1
+                status=$?
+                if [ $status -eq 124 ] || [ $status -eq 137 ]; then
+                    echo "(trainer: cut at its ${TRAINER_DEADLINE_S:-120} s deadline; see trainer.log)" > "$REPORT_DIR/trainer.md"
+                elif [ $status -ne 0 ]; then
+                    echo "(trainer failed: exit $status; see trainer.log)" > "$REPORT_DIR/trainer.md"
+                fi
+                cat "$REPORT_DIR/trainer.md"
+            fi ;;
+        *) echo "error: unknown part '$part' (throughput, budget, profile, memory, ds, trainer)" >&2; exit 2 ;;
     esac
 done
 
@@ -86,7 +109,7 @@ done
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
     echo '```'; cat "$REPORT_DIR/gpu.csv" 2>/dev/null; cat "$REPORT_DIR/versions.txt"; echo '```'
-    for part in throughput budget profile gpu-memory gpu-offload; do
+    for part in throughput budget profile gpu-memory gpu-offload ds trainer; do
         [ -f "$REPORT_DIR/$part.md" ] || continue
         echo; echo "## $part"; echo
         if [ "$part" = profile ]; then echo '```'; cat "$REPORT_DIR/$part.md"; echo '```'

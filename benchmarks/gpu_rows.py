@@ -190,5 +190,124 @@ def budget(out_dir: str, time_budget: str = "90s", deadline_s: float = 250, data
                                           "budget_spent_s": "budget spent (s)", "wall_s": "wall (s)"})
 
 
+# The DeepSpeed variants of the `ds` part: name -> (what changes against ds_config.json as shipped: a path of keys ->
+# value, None deletes the key; extra flags). Counted on the CPU and read in DeepSpeed 0.19.8's source
+# (benchmarks/README.md, GPU check, `ds`), the shipped config makes the host wait for the GPU 7 times a step: the
+# throughput timer's synchronize at the start of forward and the end of step ("timers": {"throughput": ...}, on by
+# default), overlap_comm's synchronize at the end of backward, ZeRO's bf16 overflow check (.item()) and the clip's
+# three validity tests of the norm (bool()). train_bert.py waits 0 times between log steps.
+NO_TIMER = {("timers",): {"throughput": {"enabled": False}}}
+DS_VARIANTS: dict[str, tuple[dict[tuple[str, ...], Any], list[str]]] = {
+    "ZeRO-2, no throughput timer, check_grad_overflow and overlap_comm off (2 waits)": (
+        {**NO_TIMER, ("bf16", "check_grad_overflow"): False, ("zero_optimization", "overlap_comm"): False}, []),
+    "ZeRO-0, fp32 weights + torch_autocast bf16, no throughput timer (0 waits)": (
+        {**NO_TIMER, ("zero_optimization", "stage"): 0, ("bf16", "enabled"): False,
+         ("torch_autocast",): {"enabled": True, "dtype": "bfloat16"}}, []),
+    "as shipped, no throughput timer (5 waits)": (NO_TIMER, []),
+    "ZeRO-0, bf16 weights (about 208 waits)": ({("zero_optimization", "stage"): 0}, []),
+    "as shipped, wall_clock_breakdown": ({("wall_clock_breakdown",): True, ("steps_per_print",): 1}, []),
+}
+# Run after ds_config.json as shipped, then train_bert.py --dropout 0, then LATE_DS_VARIANTS while time is left.
+DEFAULT_DS_VARIANTS = ("ZeRO-2, no throughput timer, check_grad_overflow and overlap_comm off (2 waits)",
+                       "ZeRO-0, fp32 weights + torch_autocast bf16, no throughput timer (0 waits)")
+LATE_DS_VARIANTS = ("as shipped, no throughput timer (5 waits)", "as shipped, wall_clock_breakdown")
+
+
+def slug_of(name: str) -> str:
+    """A file name for a row or variant name."""
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")[:70]
+
+
+def variant_config(changes: dict[tuple[str, ...], Any], path: Path) -> Path:
+    """ds_config.json as shipped with `changes` applied, written to `path`."""
+    config = json.loads((ROOT / "ds_config.json").read_text())
+    for keys, value in changes.items():
+        parent = config
+        for key in keys[:-1]:
+            parent = parent.setdefault(key, {})
+        if value is None:
+            parent.pop(keys[-1], None)
+        else:
+            parent[keys[-1]] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def engine_breakdown(log_path: Path, warmup_steps: int) -> dict[str, float]:
+    """With "wall_clock_breakdown": DeepSpeed prints each step's global timers (`time (ms) | fwd: .. | bwd: .. |
+    bwd_inner: .. | bwd_allreduce: .. | step: ..`); their means over the steps after `warmup_steps`."""
+    lines = [line for line in log_path.read_text(errors="replace").splitlines()
+             if "time (ms) |" in line and "| fwd:" in line]
+    timed = lines[warmup_steps:]
+    sums: dict[str, list[float]] = {}
+    for line in timed:
+        for field in line.split("time (ms)", 1)[1].split("|")[1:]:
+            name, _, value = field.partition(":")
+            try:
+                sums.setdefault(name.strip(), []).append(float(value))
+            except ValueError:
+                continue
+    return {f"engine_{name}_ms": sum(values) / len(values) for name, values in sums.items()}
+
+
+def ds(out_dir: str, deadline_s: float = 280, steps: int = 40, warmup_steps: int = 20,
+       variants: str | tuple[str, ...] = DEFAULT_DS_VARIANTS, late: str | tuple[str, ...] = LATE_DS_VARIANTS,
+       dataset: str = "../shared/data/wikitext",
+       tokenizer: str = "../shared/data/roberta-base", dry_run: bool = False) -> None:
+    """Where train_bert_ds.py's time goes against train_bert.py: BERT-base bf16, batch 256 x 128, dropout 0.1,
+    --compile True, side by side in one run: train_bert.py (the reference), train_bert_ds.py with ds_config.json as
+    shipped, the DeepSpeed `variants`, train_bert.py --dropout 0, then the `late` variants (names in DS_VARIANTS;
+    on the command line separated by ";"). Each row is timed on its log windows after `warmup_steps` (the first
+    holds the compile) and killed once step `steps` is logged. With "wall_clock_breakdown" DeepSpeed synchronizes
+    around forward, backward and step and prints their times: that row's step time includes those waits."""
+    out, work = Path(out_dir), Path(out_dir) / "runs"
+    out.mkdir(parents=True, exist_ok=True)
+    def split(value: str | tuple[str, ...]) -> list[str]:
+        return [n.strip() for n in value.split(";") if n.strip()] if isinstance(value, str) else list(value)
+
+    names, late = split(variants), split(late)
+    unknown = [name for name in names + late if name not in DS_VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown DeepSpeed variant(s) {unknown}; known: {list(DS_VARIANTS)}")
+    shape, batch, device = (TINY, 4, ["--device=cpu"]) if dry_run else (BERT_BASE, 256, [])
+    if dry_run:  # six compiled rows on a small CPU: fewer steps, so that all of them run within the deadline
+        steps, warmup_steps = min(steps, 20), min(warmup_steps, 10)
+    common = [*shape, f"--batch_size={batch}", "--max_seq_length=128", "--dropout=0.1", "--dtype=bf16",
+              "--compile=True", f"--num_iterations={steps + 10}", "--log_every=10", "--eval_every=100000",
+              "--checkpoint_every=100000", "--eval_blocks=64", f"--dataset={dataset}", "--dataset_config=wikitext-2-v1",
+              f"--tokenizer={tokenizer}", "--data_cache=/tmp/gpu_rows_stores"]
+    ds_common = [flag for flag in common if not flag.startswith("--dtype")]  # the config's bf16 section decides
+    rows = [("train_bert.py (reference)", ["train_bert.py", *common, *device]),
+            ("train_bert_ds.py, ds_config.json as shipped", ["train_bert_ds.py", *ds_common])]
+
+    def variant_row(name: str) -> tuple[str, list[str]]:
+        changes, flags = DS_VARIANTS[name]
+        config = variant_config(changes, out / "ds_configs" / f"{slug_of(name)}.json")
+        return f"train_bert_ds.py, {name}", ["train_bert_ds.py", *ds_common, f"--ds_config={config}", *flags]
+
+    rows += [variant_row(name) for name in names]
+    rows.append(("train_bert.py --dropout 0", ["train_bert.py", *[flag for flag in common if not flag.startswith(
+        "--dropout")], *device, "--dropout=0.0"]))
+    rows += [variant_row(name) for name in late if name not in names]
+
+    def measure(name: str, argv: list[str], left_s: float) -> dict[str, Any]:
+        slug = slug_of(name)
+        log_path = out / f"ds-{slug}.log"
+        result = steady_state({**run_row(slug, argv, work, log_path, left_s, stop_after_step=steps), "name": name},
+                              warmup_steps)
+        return {**result, **engine_breakdown(log_path, warmup_steps)} if log_path.exists() else result
+
+    results = within_deadline(rows, deadline_s, measure)
+    reference = results[0].get("step_ms")
+    for row in results:
+        if reference and row.get("step_ms"):
+            row["x_reference"] = f"{reference / row['step_ms']:.2f}x"
+    write_report(out, "ds", results, {"tokens_per_s": "tokens/s", "x_reference": "x reference", "mfu": "MFU",
+                                      "step_ms": "step (ms)", "first_window_step_ms": "first window (ms/step)",
+                                      "peak_memory_gib": "peak memory (GiB)", "engine_fwd_ms": "engine fwd (ms)",
+                                      "engine_bwd_ms": "engine bwd (ms)", "engine_step_ms": "engine step (ms)"})
+
+
 if __name__ == "__main__":
-    fire.Fire({"throughput": throughput, "budget": budget})
+    fire.Fire({"throughput": throughput, "budget": budget, "ds": ds})
