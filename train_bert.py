@@ -479,6 +479,10 @@ def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
              masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode would also fill every new tensor with NaN, a cost without a use here (a correct
+            # kernel never reads what it has not written): DeepSpeed's ZeRO allocates its gradient buckets anew
+            # every step, and the fill made its CPU steps 10x slower.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         torch._dynamo.maybe_mark_dynamic(masked_positions, 0)
         torch._dynamo.maybe_mark_dynamic(masked_labels, 0)
         return compiled(model, input_ids, masked_positions, masked_labels, reduction)

@@ -183,10 +183,10 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     def prepare(tokenizer_dir: Path | None) -> tuple[train_bert.PreparedData, torch.nn.Module]:
         # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
         data = train_bert.prepare_data(flags, tokenizer_dir)
+        output_bias = train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer))
         model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                         flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                                        train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer)),
-                                        positions=flags["positions"])
+                                        output_bias=output_bias, positions=flags["positions"])
         return data, model
 
     resuming = flags["checkpoint_dir"] is None
