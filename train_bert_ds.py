@@ -142,19 +142,18 @@ def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[
                        tokenizer: Any) -> torch.nn.Module:
     """The trained model as one fp32 masked LM (create_model's) on the CPU (call on rank 0 after the final checkpoint).
 
-    With ZeRO or bf16 the fp32 master weights are partitioned across the ranks' optimizer states: DeepSpeed's
-    zero_to_fp32 gathers them from the checkpoint (ZeRO-3 included). Without ZeRO in fp32 or fp16, every rank holds
-    the whole model.
+    With ZeRO the fp32 master weights are partitioned across the ranks' optimizer states: DeepSpeed's zero_to_fp32
+    gathers them from the checkpoint (ZeRO-3 included). Without ZeRO every rank holds the whole model: its weights
+    (16-bit ones, as its forward used them, under bf16 or fp16).
     """
-    if engine.zero_optimization() or engine.bfloat16_enabled():
+    if engine.zero_optimization():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(experiment_dir), tag=tag)
     else:
         state = engine.module.state_dict()
     model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                                    flags["dropout"],
-                                    tokenizer, flags["max_seq_length"], positions=flags["positions"])
+                                    flags["dropout"], tokenizer, flags["max_seq_length"], positions=flags["positions"])
     prefix = "model."
     missing, unexpected = model.load_state_dict(
         {key.removeprefix(prefix): value.float().cpu() for key, value in state.items()}, strict=False)

@@ -208,6 +208,18 @@ def test_zero0_fp32_matches_train_bert(grad_clip, tolerance, tiny_flags, tmp_pat
         assert actual == pytest.approx(expected, rel=tolerance, abs=0), key
 
 
+def test_bf16_without_zero_trains_and_exports(tiny_flags):
+    """ZeRO stage 0 with the shipped config's bf16: DeepSpeed keeps no ZeRO checkpoint then, so the export takes the
+    engine's own weights; hf_model/ holds the trained weights (a 16-bit value of each)."""
+    from transformers import AutoModelForMaskedLM
+
+    experiment = Path(train_bert_ds.train(**tiny_flags, num_iterations=3, zero_stage=0))
+    exported = AutoModelForMaskedLM.from_pretrained(experiment / "hf_model")
+    weights = torch.cat([parameter.detach().flatten() for parameter in exported.parameters()])
+    assert torch.isfinite(weights).all()
+    assert torch.equal(weights, weights.bfloat16().float()), "the bf16 weights the engine trained, exactly"
+
+
 def test_dtype_auto_is_refused_here_with_what_to_give_instead(tiny_flags):
     """train_bert.py's --dtype auto is not a DeepSpeed precision: one error naming the choices, nothing created."""
     with pytest.raises(errors.ConfigError, match=r"--dtype must be one of fp32, bf16, fp16 here.*'auto'"):
