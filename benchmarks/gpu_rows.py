@@ -203,6 +203,11 @@ DS_VARIANTS: dict[str, tuple[dict[tuple[str, ...], Any], list[str]]] = {
     "ZeRO-0, fp32 weights + torch_autocast bf16, no throughput timer (0 waits)": (
         {**NO_TIMER, ("zero_optimization", "stage"): 0, ("bf16", "enabled"): False,
          ("torch_autocast",): {"enabled": True, "dtype": "bfloat16"}}, []),
+    "ZeRO-2, fp32 weights + torch_autocast bf16, no throughput timer": (
+        {**NO_TIMER, ("bf16", "enabled"): False, ("torch_autocast",): {"enabled": True, "dtype": "bfloat16"}}, []),
+    "ZeRO-1, fp32 weights + torch_autocast bf16, no throughput timer": (
+        {**NO_TIMER, ("zero_optimization", "stage"): 1, ("bf16", "enabled"): False,
+         ("torch_autocast",): {"enabled": True, "dtype": "bfloat16"}}, []),
     "as shipped, no throughput timer (5 waits)": (NO_TIMER, []),
     "ZeRO-0, bf16 weights (about 208 waits)": ({("zero_optimization", "stage"): 0}, []),
     "as shipped, wall_clock_breakdown": ({("wall_clock_breakdown",): True, ("steps_per_print",): 1}, []),
