@@ -18,11 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_bert  # noqa: E402
+from pretraining.flag_rules import flag_defaults  # noqa: E402
 
 GIB = 2**30
+DEFAULTS = flag_defaults(train_bert.train)
 # (name, num_layers, num_heads, h_dim, ff_dim)
 MODELS = [
-    ("train_bert.py default", 6, 8, 256, 1024),
+    ("train_bert.py default", DEFAULTS["num_layers"], DEFAULTS["num_heads"], DEFAULTS["h_dim"], DEFAULTS["ff_dim"]),
     ("BERT-base", 12, 12, 768, 3072),
     ("BERT-large", 24, 16, 1024, 4096),
     ("1.3B (24 x 2048)", 24, 16, 2048, 8192),
