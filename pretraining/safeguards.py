@@ -181,8 +181,8 @@ def experiment_lock(experiment_dir: Path) -> Iterator[None]:
 
 
 def saved_step(experiment_dir: Path) -> int | None:
-    """The step of the checkpoint a resume starts from, read from the name `latest` holds (checkpoint-00000010.pt
-    here, global_step10 for DeepSpeed), else from the newest checkpoint file; None if there is none."""
+    """The step of the checkpoint a resume starts from: the number in the name `latest` holds (a checkpoint file's or
+    folder's: checkpoint-00000010.pt, global_step10), else in the newest checkpoint file's; None if there is none."""
     pointer = experiment_dir / LATEST_POINTER
     names = [pointer.read_text().strip()] if pointer.is_file() else sorted(
         path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))
