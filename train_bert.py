@@ -577,21 +577,24 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], dev
     A sum and a count rather than a mean, so results from several ranks or splits combine exactly.
     `loss_function(model, **batch, reduction="sum")` computes the loss (the DeepSpeed script passes its engine's).
     Never silent: a progress bar on a terminal, and a log line with the batch count and the expected duration
-    (timed on the first batch) for log files.
+    (timed on the second batch: the first may compile the evaluation's graph) for log files.
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    start = time.perf_counter()
+    done_at = [time.perf_counter()]  # when each of the first two batches was done
     for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", leave=False, disable=None)):
         batch = to_device(batch, device)
         with autocast():
             loss_sum = loss_function(model, **batch, reduction="sum")
         totals += torch.stack([loss_sum.double(), (batch["masked_labels"] != IGNORE_INDEX).sum().double()])
-        if index == 0 and len(batches) > 1:
-            float(totals[1])  # wait for the first batch (one sync per evaluation) to time it
-            expected = datetime.timedelta(seconds=round((time.perf_counter() - start) * len(batches)))
-            logger.info(f"{description}: {len(batches):,} batches, about {expected}")
+        if index < 2 and len(batches) > 2:
+            float(totals[1])  # wait for the batch to time it (two syncs per evaluation)
+            done_at.append(time.perf_counter())
+            if index == 1:
+                left = (done_at[2] - done_at[1]) * (len(batches) - 2)
+                expected = datetime.timedelta(seconds=round(done_at[2] - done_at[0] + left))
+                logger.info(f"{description}: {len(batches):,} batches, about {expected}")
     model.train(was_training)
     return totals
 
