@@ -746,8 +746,7 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                                        lambda: time_evaluation_batch(model, validation[:2], device, autocast))
     model.train()
     step = start_step
-    progress = tqdm(total=getattr(end, "num_iterations", None), initial=start_step, desc="training", unit="step",
-                    disable=None)
+    progress = tqdm(total=end.total_steps, initial=start_step, desc="training", unit="step", disable=None)
     with safeguards.StopSignal() as stop, progress:  # the progress bar closes however the loop ends
         for step in end.steps(start_step):
             step_start = time.perf_counter()

@@ -383,13 +383,12 @@ def train(ds_config: str = str(DEFAULT_DS_CONFIG), zero_stage: int | None = None
     for name, value in (("time_budget", time_budget), ("init_from", init_from)):
         if value is not None:
             raise ConfigError(f"--{name} is not supported by train_bert_ds.py; use train_bert.py for it")
-    shared_defaults = flag_rules.flag_defaults(train_bert.train)
+    shared_defaults, own_defaults = flag_rules.flag_defaults(train_bert.train), flag_rules.flag_defaults(train)
     if set(flags) - set(shared_defaults):
         raise ConfigError(f"unknown flag --{sorted(set(flags) - set(shared_defaults))[0]}; see --help for the flags")
-    given = {name: value for name, value in locals().items() if name in flag_rules.flag_defaults(train)}
+    given = {name: value for name, value in locals().items() if name in own_defaults}
     flags = {**shared_defaults, **flags, **given}
-    flags, config = deepspeed_config.resolve_ds_flags(flags, {**shared_defaults, **flag_rules.flag_defaults(train)},
-                                                      shared_defaults)
+    flags, config = deepspeed_config.resolve_ds_flags(flags, {**shared_defaults, **own_defaults}, shared_defaults)
     ranks.prepare_op_build()
     rank, world_size, device = ranks.init_distributed(flags["local_rank"])
     safeguards.check_memory(flags, device)

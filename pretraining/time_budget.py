@@ -41,7 +41,7 @@ class StepLimit:
     whichever the run has, in one call each."""
 
     def __init__(self, num_iterations: int):
-        self.num_iterations = num_iterations
+        self.num_iterations = self.total_steps = num_iterations  # total_steps: the progress bar's length
         self.training_ended = False  # set at the last step: a stop from then on is in the end phase
 
     def steps(self, start_step: int) -> Iterable[int]:
@@ -95,6 +95,7 @@ class TimeBudget:
         self.validation_batches = self.all_test_batches = self.test_batches = 0
         self.step_times: collections.deque[float] = collections.deque(maxlen=self.STEP_WINDOW)
         self.steps_seen, self.first_step_s = 0, 0.0
+        self.total_steps = None  # unknown ahead: the progress bar counts steps without a length
         self.training_ended = False  # set at the last step: a stop from then on is in the end phase
         self.time_evaluation_batch: Callable[[], float] = lambda: 0.0  # set by measure_end_of_run
 
