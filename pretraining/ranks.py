@@ -79,8 +79,8 @@ def stop_when_the_launcher_dies() -> None:
 
     `docker stop`, schedulers and process managers signal the top process, the `deepspeed` runner, which dies
     without passing the signal on (its child, the per-node launcher, survives it): the ranks would train on
-    unsupervised until something SIGKILLs them. A thread checks the launcher processes above this rank once a
-    second; when one is gone, the rank signals itself and stops exactly as after a SIGTERM (all ranks agree on
+    unsupervised until something SIGKILLs them. A thread checks the launcher processes above this rank five times
+    a second; when one is gone, the rank signals itself and stops exactly as after a SIGTERM (all ranks agree on
     the step, save one checkpoint, exit 143).
     """
     import psutil
@@ -90,7 +90,7 @@ def stop_when_the_launcher_dies() -> None:
 
     def watch() -> None:
         while all(process.is_running() for process in launchers):
-            time.sleep(1)
+            time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGTERM)
 
     if launchers:

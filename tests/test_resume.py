@@ -499,8 +499,16 @@ def launcher_stopped_run(run_flags, tmp_path_factory) -> dict:
     try:
         wait_until(lambda: list((root / "experiments").glob("*/metrics.jsonl")) and metric_records(
             only_experiment(root / "experiments"), "loss"), runner, log)
+        # Freeze the ranks while the runner dies, so that the run cannot finish its 300 steps in the moment between
+        # the signal and the ranks' watcher seeing it (a few steps: the watcher looks five times a second).
+        ranks = [process for process in group_processes(runner.pid) if "--local_rank=" in " ".join(process.cmdline())]
+        assert len(ranks) == 2, [process.cmdline() for process in ranks]
+        for rank in ranks:
+            rank.suspend()
         runner.send_signal(signal.SIGTERM)
         runner.wait(timeout=60)
+        for rank in ranks:
+            rank.resume()
         ranks_ended = wait_for_group_to_end(runner.pid)
     finally:
         kill_group(runner.pid)
