@@ -26,7 +26,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -907,17 +906,10 @@ def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn
     hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
                "train_blocks": data.num_train_blocks, "validation_blocks": len(data.validation_blocks),
                "versions": logs.library_versions(), **extra}
-    try:
+    with safeguards.removed_unless_complete(experiment_dir):  # a full disk or a stop leaves no half-made experiment
         data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
         safeguards.atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
         logs.record_code_version(experiment_dir)
-    except OSError as error:  # e.g. the disk filled up: leave no half-made experiment behind
-        shutil.rmtree(experiment_dir, ignore_errors=True)
-        raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
-                              f"({error.strerror or error}); nothing was kept. Free space and start again") from error
-    except BaseException:  # a stop signal: the same, no half-made experiment
-        shutil.rmtree(experiment_dir, ignore_errors=True)
-        raise
     return experiment_dir
 
 
@@ -981,25 +973,17 @@ def export_and_demo(model: torch.nn.Module, tokenizer: Any, experiment_dir: Path
     """Save model and tokenizer as a Hugging Face folder `hf_model/` and show its fill-mask predictions.
 
     The folder is written under a temporary name and renamed into place, so `hf_model/` is always a complete export
-    (or absent), however the run stops; a killed export's leftovers are removed by the next one.
+    (or absent), however the run stops.
     """
-    hf_model_dir = experiment_dir / "hf_model"
-    for leftover in experiment_dir.glob(".hf_model.*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary, previous = (experiment_dir / f".hf_model.{os.getpid()}.{part}" for part in ("tmp", "old"))
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
+        tokenizer.save_pretrained(folder)
+
     if not torch.cuda.is_available():  # save_pretrained imports deepspeed (through accelerate) where it is installed,
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # whose GPU detection would warn that it found none
-    try:
-        model.save_pretrained(temporary)
-        tokenizer.model_max_length = max_seq_length  # what the model was trained on (and its position table allows)
-        tokenizer.save_pretrained(temporary)
-        if hf_model_dir.exists():  # an earlier export (before the run was extended): replaced only now
-            os.replace(hf_model_dir, previous)
-        os.replace(temporary, hf_model_dir)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+    hf_model_dir = experiment_dir / "hf_model"
+    safeguards.atomic_write_folder(hf_model_dir, write)  # an earlier export (of a run since extended) is replaced
     predictions = fill_mask_demo(hf_model_dir, device)
     logger.info(f"fill-mask: {FILL_MASK_SENTENCE}" + ("" if predictions else " (longer than max_seq_length; skipped)"))
     for number, candidates in enumerate(predictions, start=1):

@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from loguru import logger
 
-from pretraining.errors import ConfigError, NonFiniteLossError, OutOfMemory, StoppedAtOnce, TrainingInterrupted
+from pretraining.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    OutOfMemory,
+    StoppedAtOnce,
+    TrainingInterrupted,
+)
 from pretraining.token_store import end_forked_helper
 
 if TYPE_CHECKING:
@@ -62,6 +69,43 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def atomic_write_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder so that `folder` is either its old version or the complete new one, never half of it.
+
+    `write(temporary)` fills a temporary folder beside it, which is then renamed into place; an earlier `folder`
+    is replaced only at that moment. Leftovers of a write that was killed midway are removed first.
+    """
+    for leftover in folder.parent.glob(f".{folder.name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary, previous = (folder.with_name(f".{folder.name}.{os.getpid()}.{part}") for part in ("tmp", "old"))
+    try:
+        write(temporary)
+        if folder.exists():
+            os.replace(folder, previous)
+        os.replace(temporary, folder)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def removed_unless_complete(experiment_dir: Path) -> Iterator[None]:
+    """Delete the new `experiment_dir` if writing its first files fails or is stopped: no half-made experiment.
+
+    A failed write (e.g. a full disk) becomes one CheckpointError line.
+    """
+    try:
+        yield
+    except OSError as error:
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
+                              f"({error.strerror or error}); nothing was kept. Free space and start again") from error
+    except BaseException:  # a stop signal
+        shutil.rmtree(experiment_dir, ignore_errors=True)
+        raise
 
 
 class StopSignal:

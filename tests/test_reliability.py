@@ -385,6 +385,31 @@ def test_too_little_free_space_is_detected_before_anything_is_created(run_flags,
     assert list(small_disk.iterdir()) == []
 
 
+def test_a_full_disk_while_writing_a_folder_leaves_the_old_one_or_nothing(small_disk):
+    """The export's folder and a new experiment's first files, on a disk that fills up for real: the earlier
+    `hf_model/` stays whole and no temporary folder is left; the half-made experiment folder is removed, with one
+    CheckpointError naming it."""
+    export = small_disk / "hf_model"
+    export.mkdir()
+    (export / "weights").write_bytes(b"old")
+
+    def write_too_much(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "weights").write_bytes(b"\0" * 4 * 2**20)  # 4 MiB on a 2 MiB disk
+
+    with pytest.raises(OSError, match="No space left"):
+        safeguards.atomic_write_folder(export, write_too_much)
+    assert (export / "weights").read_bytes() == b"old" and sorted(small_disk.iterdir()) == [export]
+
+    experiment = small_disk / "bert_pretrain.new"
+    experiment.mkdir()
+    with pytest.raises(errors.CheckpointError, match=f"could not write the experiment directory {experiment} "
+                                                     r"\(No space left on device\); nothing was kept"):
+        with safeguards.removed_unless_complete(experiment):
+            write_too_much(experiment / "tokenizer")
+    assert not experiment.exists()
+
+
 def test_a_read_only_checkpoint_dir_is_detected_before_training(run_flags, small_disk):
     """A read-only mount stops even root, for whom permission bits mean nothing."""
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
