@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
+from pretraining import safeguards
 from pretraining.errors import CheckpointError, ConfigError
 from pretraining.logs import LossWindow
 from pretraining.safeguards import (
@@ -45,6 +46,16 @@ def free_port() -> int:
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 
 
+def launcher_command(world_size: int) -> list[str]:
+    """The launcher that started these ranks, with as many processes (a DeepSpeed checkpoint must be resumed by
+    as many ranks as saved it): torchrun's form under torchrun, else the `deepspeed` launcher's."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
+    nodes = world_size // per_node
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return ["torchrun", f"--nnodes={nodes}" if nodes > 1 else "--standalone", f"--nproc_per_node={per_node}"]
+    return ["deepspeed", *([f"--num_nodes={nodes}"] if nodes > 1 else []), f"--num_gpus={per_node}"]
+
+
 def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     """Join the launcher's process group (a group of one under plain `python`); return rank, world size, device.
 
@@ -61,6 +72,8 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if int(os.environ["WORLD_SIZE"]) > 1:  # printed resume commands start as many ranks as saved the checkpoint
+        safeguards.RELAUNCH_PREFIX[:] = launcher_command(int(os.environ["WORLD_SIZE"]))
     local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":

@@ -161,24 +161,17 @@ LOCK_FILE = "experiment.lock"
 COMPLETED_KEY = "completed_step"  # in hparams.json: the step whose test evaluation and hf_model/ export are done
 
 
-def launch_command() -> list[str]:
-    """How to start this script again as it was started: `python SCRIPT`, or under a launcher with several ranks the
-    launcher with as many processes (a DeepSpeed checkpoint must be resumed by as many ranks as saved it).
+# What starts a script again: `python`, unless a multi-rank run's ranks.init_distributed puts its launcher here.
+RELAUNCH_PREFIX = ["python"]
 
-    The script is named as the user gave it, shortened to its file name when it is in the current directory.
-    """
+
+def launch_command() -> list[str]:
+    """How to start this script again as it was started: RELAUNCH_PREFIX and the script, named as the user gave it
+    (shortened to its file name when it is in the current directory)."""
     script = sys.argv[0]
     if Path(script).resolve().parent == Path.cwd().resolve():
         script = Path(script).name
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return ["python", script]
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world_size)
-    nodes = world_size // per_node
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun
-        return ["torchrun", f"--nnodes={nodes}" if nodes > 1 else "--standalone", f"--nproc_per_node={per_node}",
-                script]
-    return ["deepspeed", *([f"--num_nodes={nodes}"] if nodes > 1 else []), f"--num_gpus={per_node}", script]
+    return [*RELAUNCH_PREFIX, script]
 
 
 def start_command() -> str:
@@ -226,7 +219,7 @@ def experiment_lock(experiment_dir: Path) -> Iterator[None]:
 
 def saved_step(experiment_dir: Path) -> int | None:
     """The step of the checkpoint a resume starts from: the number in the name `latest` holds (a checkpoint file's or
-    folder's: checkpoint-00000010.pt, global_step10), else in the newest checkpoint file's; None if there is none."""
+    folder's), else in the newest checkpoint file's; None if there is none."""
     pointer = experiment_dir / LATEST_POINTER
     names = [pointer.read_text().strip()] if pointer.is_file() else sorted(
         path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))

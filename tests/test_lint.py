@@ -15,10 +15,11 @@ def test_ruff_finds_nothing():
 
 def test_the_package_never_imports_the_scripts():
     """pretraining/ is the layer below the scripts: no module of it imports train_bert, train_bert_ds or finetune, and
-    the modules train_bert.py uses do not import deepspeed (only deepspeed_config.py and ranks.py may)."""
+    the modules train_bert.py uses know nothing of DeepSpeed (not even its name: its launcher, its checkpoint
+    folders); only deepspeed_config.py and ranks.py, which train_bert_ds.py alone uses, do."""
     for module in sorted((ROOT / "pretraining").glob("*.py")):
         text = module.read_text()
         for script in ("train_bert", "train_bert_ds", "finetune"):
             assert f"import {script}" not in text and f"from {script} " not in text, (module.name, script)
         if module.stem not in ("deepspeed_config", "ranks"):
-            assert "import deepspeed" not in text and "from deepspeed" not in text, module.name
+            assert "deepspeed" not in text.lower() and "global_step" not in text, module.name
