@@ -20,11 +20,11 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from pretraining import safeguards
 from pretraining.errors import CheckpointError, ConfigError
 from pretraining.logs import LossWindow
 from pretraining.safeguards import (
     LATEST_POINTER,
+    RELAUNCH_PREFIX,
     RunProgress,
     nonfinite_error,
     resume_command,
@@ -73,7 +73,7 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     if int(os.environ["WORLD_SIZE"]) > 1:  # printed resume commands start as many ranks as saved the checkpoint
-        safeguards.RELAUNCH_PREFIX[:] = launcher_command(int(os.environ["WORLD_SIZE"]))
+        RELAUNCH_PREFIX[:] = launcher_command(int(os.environ["WORLD_SIZE"]))
     local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
