@@ -168,8 +168,9 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
         if path.is_file() and path.suffix != ".txt":
             raise ConfigError(f"--dataset {dataset!r} is a file but not a .txt file; give a .txt file or a folder")
         if files:
+            # Lines keep their "\n", as the Hub's text datasets (wikitext) do: the same text gives the same tokens.
             raw = datasets.load_dataset("text", data_files={split: str(file) for split, file in files.items()},
-                                        streaming=streaming)
+                                        keep_linebreaks=True, streaming=streaming)
         else:
             raw = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
         if streaming:  # a stream's columns may be unknown until read: then it must have a `text` one

@@ -46,7 +46,8 @@ def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTraine
                      cache_file_name=cache_file_name, new_fingerprint=uuid.uuid4().hex)
 
 
-STORE_FORMAT_VERSION = 1  # bump when the files of a token store change meaning: old stores are then not reused
+STORE_FORMAT_VERSION = 2  # bump when the files of a token store change meaning: old stores are then not reused
+# (2: .txt lines keep their line ends)
 
 
 LINES_PER_PROCESS = 10_000  # below this many lines per process, starting processes costs more than it saves
