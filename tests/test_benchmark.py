@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL_FLAGS
+from conftest import ROOT, TINY_MODEL_FLAGS, run_cli
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import upstream_style  # noqa: E402
@@ -220,3 +220,27 @@ def test_data_benchmark_child_that_writes_more_than_a_pipe_holds_finishes():
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout.splitlines()[-1])
     assert result["tokens"] == 3 and result["stderr_bytes"] == len("progress ") * 131072 and result["rss"] > 0
+
+
+def test_task_corpus_adds_the_task_train_texts_and_never_dev_or_held_out_ones(tiny_corpus, tmp_path):
+    """The corpus's splits unchanged, then train's task texts: no dev text, no held-out text, no label."""
+    task = tmp_path / "task"
+    task.mkdir()
+    for split, count in (("train", 20), ("dev", 5)):
+        rows = ["sentence\tlabel"] + [f"{split} review   number {index} \t{index % 2}" for index in range(count)]
+        (task / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    result = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "out", "holdout": 0.1,
+                                                  "dataset": tiny_corpus})
+    assert result.returncode == 0, result.stderr
+    corpus_train = (tiny_corpus / "train.txt").read_text().splitlines()
+    written = (tmp_path / "out" / "train.txt").read_text().splitlines()
+    assert written[: len(corpus_train)] == corpus_train
+    assert written[len(corpus_train):] == [f"train review number {index}" for index in range(18)]  # the last 10% out
+    for split in ("validation", "test"):
+        assert (tmp_path / "out" / f"{split}.txt").read_text() == (tiny_corpus / f"{split}.txt").read_text()
+    assert "2 held out rows left out" in result.stdout
+
+    bad = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "bad", "holdout": 1.5,
+                                               "dataset": tiny_corpus})
+    assert bad.returncode != 0 and not (tmp_path / "bad").exists()
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --holdout 1.5"), bad.stderr
