@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from loguru import logger
 from tqdm.auto import tqdm
 
-from pretraining import cli, corpus, flag_rules, logs, rotary, safeguards, streaming, time_budget, token_store
+from pretraining import cli, corpus, flag_rules, logs, rotary, safeguards, speed, streaming, time_budget, token_store
 from pretraining.errors import CheckpointError, ConfigError
 from pretraining.safeguards import CHECKPOINT_PATTERN, LATEST_POINTER  # the experiment folder's file names
 
@@ -79,13 +80,6 @@ class PreparedData:
     validation_blocks: token_store.PackedBlocks | torch.Tensor  # the --eval_blocks subset that periodic evaluations use
     test_blocks: token_store.PackedBlocks | torch.Tensor | None
     masking: MaskingConfig
-
-    def token_sample(self, max_tokens: int = 2**20) -> np.ndarray:
-        """The first `max_tokens` tokens (about) of the train split: enough to count how common each token is."""
-        if isinstance(self.train_blocks, streaming.BlockStream):
-            blocks = -(-max_tokens // self.train_blocks.max_seq_length)
-            return self.train_blocks.take(blocks, self.train_blocks.first_position)[0].flatten().numpy()
-        return np.asarray(self.train_blocks.tokens[:max_tokens])
 
     @property
     def num_train_blocks(self) -> int | None:
@@ -236,12 +230,10 @@ PREDICTION_BUCKET = 64  # the number of predicted positions per batch is padded 
 def sparse_batch(masked_input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """Turn (inputs, labels) into what the sparse MLM loss needs: inputs, flat masked positions, their labels.
 
-    Computing the positions here, on the data side, keeps the training step free of a device->host sync that
-    `hidden[labels != -100]` would force. Their number varies from batch to batch; it is padded up to a multiple of
-    PREDICTION_BUCKET (position 0, label -100: the loss ignores them), so the head's tensors take only a few
-    distinct shapes. With a new shape every step, glibc's allocator on CPU fragmented its heap and the process grew
-    by ~1.5 GiB over 120 steps (benchmarks/README.md, "Memory over a long run"); on GPU, fixed shapes let compiled
-    kernels and CUDA graphs be reused.
+    Computing the positions here, on the data side, keeps the training step free of the device->host sync that
+    `hidden[labels != -100]` would force. Their number is padded up to a multiple of PREDICTION_BUCKET (position 0,
+    label -100: ignored), so the head sees few distinct shapes: compiled kernels are reused, and glibc's allocator
+    does not fragment the heap as it did with a new shape every step (benchmarks/README.md, "Memory over a long run").
     """
     flat_labels = labels.flatten()
     masked_positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -361,12 +353,6 @@ class EvalBatches:
         return self.masking(rows, seeded_generator(self.seed, 0xE7A1, batch))
 
 
-def eval_batches(blocks: "token_store.PackedBlocks | torch.Tensor", batch_size: int, seed: int, masking: MaskingConfig
-                 ) -> EvalBatches:
-    """The whole of `blocks` in order, masked the same way at every evaluation (see EvalBatches)."""
-    return EvalBatches(blocks, batch_size, seed, masking)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Model and loss: a Hugging Face masked LM (RoFormer or RoBERTa) sized by the flags, and a sparse MLM loss.
 # ----------------------------------------------------------------------------------------------------------------------
@@ -433,11 +419,9 @@ def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
 def unigram_output_bias(token_ids: np.ndarray, vocab_size: int) -> torch.Tensor:
     """The log frequency of every token in `token_ids` (add-one smoothed): the output layer's initial bias.
 
-    With random weights the logits are near 0, so the model starts out predicting every token alike (loss ln 50265
-    = 10.8 nats) and spends its first hundreds of steps learning how common each token is. Starting the bias at the
-    corpus's log frequencies makes step 0 predict the unigram distribution (7.1 nats on wikitext-2) and the
-    steps go to context instead: 0.26 nats lower after 3 minutes on a CPU (benchmarks/README.md). The usual advice
-    for any classifier's last layer ("init well": start from the label distribution).
+    With random weights the model starts out predicting every token alike (ln 50265 = 10.8 nats) and spends its
+    first hundreds of steps learning how common each token is; starting from the corpus's unigram distribution
+    (7.1 nats on wikitext-2), the steps go to context instead. The usual advice for any classifier's last layer.
     """
     counts = np.bincount(np.asarray(token_ids, dtype=np.int64), minlength=vocab_size)[:vocab_size] + 1.0
     return torch.from_numpy(np.log(counts / counts.sum())).float()
@@ -456,37 +440,6 @@ def mlm_loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: 
     hidden = hidden.flatten(0, 1).index_select(0, masked_positions)
     logits = mlm_head(model)(hidden)
     return F.cross_entropy(logits.float(), masked_labels, reduction=reduction)
-
-
-def compiled_mlm_loss() -> Callable[..., torch.Tensor]:
-    """`mlm_loss` through torch.compile: what `--compile` trains with (the model itself is not modified).
-
-    The whole loss is one graph, so the head's cross-entropy over the [masked tokens x vocab] logits fuses with the
-    encoder's elementwise work. The number of masked tokens changes every step, so that one dimension is marked
-    dynamic: one graph serves every count. Where compilation fails, dynamo falls back to eager with a warning.
-
-    On CPU the compiled code is made deterministic (before its first call), so that a resumed run equals the
-    uninterrupted one bit for bit: inductor would otherwise add the embeddings' gradient rows with parallel atomic
-    adds, whose order changes from run to run.
-    """
-    import torch._dynamo
-
-    torch._dynamo.config.suppress_errors = True
-    compiled = torch.compile(mlm_loss)
-
-    def loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-             masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            # Deterministic mode would also fill every new tensor with NaN, a cost without a use here (a correct
-            # kernel never reads what it has not written): DeepSpeed's ZeRO allocates its gradient buckets anew
-            # every step, and the fill made its CPU steps 10x slower.
-            torch.utils.deterministic.fill_uninitialized_memory = False
-        torch._dynamo.maybe_mark_dynamic(masked_positions, 0)
-        torch._dynamo.maybe_mark_dynamic(masked_labels, 0)
-        return compiled(model, input_ids, masked_positions, masked_labels, reduction)
-
-    return loss
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -672,38 +625,12 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
     return path
 
 
-def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load the newest intact checkpoint of `experiment_dir`.
-
-    Starts from the one `latest` points to (or the highest step if the pointer is missing); a truncated or corrupt
-    file is skipped with a warning naming it, falling back to the next newest. `weights_only=True` means loading
-    never runs pickled code; `map_location` lets a GPU checkpoint resume on CPU.
-    """
-    candidates = sorted(experiment_dir.glob(CHECKPOINT_PATTERN), reverse=True)
-    pointer = experiment_dir / LATEST_POINTER
-    if pointer.is_file():
-        pointed = experiment_dir / pointer.read_text().strip()
-        if pointed in candidates:
-            candidates.remove(pointed)
-            candidates.insert(0, pointed)
-    if not candidates:
-        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
-    for path in candidates:
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as error:  # truncated zip, bad pickle, wrong format...
-            logger.warning(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
-                           "trying an older one")
-    raise CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are "
-                          "unreadable")
-
-
 def restore_checkpoint(experiment_dir: Path, device: torch.device, lr: float, model: torch.nn.Module,
                        optimizer: torch.optim.Optimizer, lr_scheduler: Any, scaler: torch.amp.GradScaler,
                        end: time_budget.StepLimit | time_budget.TimeBudget) -> tuple[int, tuple]:
     """Load the newest checkpoint into the run's objects (weights, AdamW's moments, schedule, loss scaler, every
     RNG, a time budget's spent time); return its step and the data position to continue from."""
-    checkpoint = load_latest_checkpoint(experiment_dir, map_location=device)
+    checkpoint = safeguards.load_latest_checkpoint(experiment_dir, map_location=device)  # skips corrupt files
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -726,9 +653,9 @@ def training_loop(flags: dict[str, Any], device: torch.device, model: torch.nn.M
                   data_position: tuple[int, int], end: time_budget.StepLimit | time_budget.TimeBudget) -> int:
     """Train from `start_step` until `end` (a step count or a time budget) says stop, logging, evaluating and
     checkpointing along the way; return the last step."""
-    loss_function = compiled_mlm_loss() if flags["compile"] else mlm_loss
+    loss_function = speed.compiled(mlm_loss) if flags["compile"] else mlm_loss  # --compile
     autocast = make_autocast(device, flags["dtype"])
-    validation = eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    validation = EvalBatches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     batches = train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking, data_position,
                             flags["num_workers"], pin_memory=device.type == "cuda")
     window = logs.LossWindow(device, flags["grad_accum_steps"], check_finite=flags["dtype"] != "fp16")
@@ -813,7 +740,7 @@ def log_test_evaluation(metrics: logs.MetricsLogger, data: PreparedData, flags: 
             logger.info(f"test: {max_blocks:,} of the {len(blocks):,} test blocks (what the time budget's end holds)")
             blocks = blocks[:max_blocks] if isinstance(blocks, torch.Tensor) else eval_subset(blocks, max_blocks,
                                                                                               flags["seed"])
-        test = eval_batches(blocks, flags["batch_size"], flags["seed"], data.masking)
+        test = EvalBatches(blocks, flags["batch_size"], flags["seed"], data.masking)
         log_evaluation(metrics, flags["num_iterations"] if step is None else step, "test", evaluate_batches(test))
 
 
@@ -845,7 +772,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             flags.update(chosen)
             safeguards.check_memory(flags, device)
         new_model = saved_tokenizer_dir is None and not flags["init_from"]  # a resume loads its weights instead
-        output_bias = unigram_output_bias(data.token_sample(), len(data.tokenizer)) if new_model else None
+        output_bias = unigram_output_bias(data.train_blocks.token_sample(), len(data.tokenizer)) if new_model else None
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags["dropout"],
                              data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias,
                              flags["positions"]).to(device)
@@ -921,11 +848,9 @@ def log_run_start(experiment_dir: Path, start_step: int, num_parameters: int, da
                 f"{len(data.validation_blocks)} validation blocks of {flags['max_seq_length']} tokens; device {device}")
 
 
-def measure_tokens_per_s(flags: dict[str, Any], tokenizer: Any, device: torch.device, min_steps: int = 3,
-                         min_seconds: float = 0.5) -> float:
-    """Training tokens per second of the model `flags` describe, on `device`: eager forward, backward and AdamW step
-    on random tokens, timed over at least `min_steps` steps and `min_seconds` after two untimed ones (first
-    allocations, kernel selection). The weights and the RNG are thrown away afterwards."""
+def measure_tokens_per_s(flags: dict[str, Any], tokenizer: Any, device: torch.device) -> float:
+    """Training tokens per second of the model `flags` describe, on `device`: eager steps on random tokens. The
+    weights and the RNG are thrown away afterwards."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                              flags["dropout"], tokenizer, flags["max_seq_length"], positions=flags["positions"])
@@ -933,34 +858,19 @@ def measure_tokens_per_s(flags: dict[str, Any], tokenizer: Any, device: torch.de
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
         ids = torch.randint(len(tokenizer), (flags["batch_size"], flags["max_seq_length"]))
         batch = to_device(sparse_batch(*masking_function(ids, tokenizer)), device)
-        autocast = make_autocast(device, flags["dtype"])
-        steps, start = -2, 0.0
-        while steps < min_steps or time.perf_counter() - start < min_seconds:
-            with autocast():
-                loss = mlm_loss(model, **batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            float(loss.detach())  # waits for the device
-            steps += 1
-            if steps == 0:
-                start = time.perf_counter()
-        seconds = (time.perf_counter() - start) / steps
+        tokens_per_s = speed.training_tokens_per_s(functools.partial(mlm_loss, model, **batch), optimizer,
+                                                   make_autocast(device, flags["dtype"]),
+                                                   flags["batch_size"] * flags["max_seq_length"])
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return flags["batch_size"] * flags["max_seq_length"] / seconds
+    return tokens_per_s
 
 
 def time_evaluation_batch(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device,
                           autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
-    """Seconds one evaluation batch takes now: the fastest of `batches`, so a one-off delay does not count."""
-    times = []
-    for batch in batches:
-        start = time.perf_counter()
-        float(evaluate(model, [batch], device, autocast)[0])  # waits for the device
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Seconds one evaluation batch takes now: the fastest of `batches`, so that a one-off delay does not count."""
+    return speed.fastest_s(lambda batch: float(evaluate(model, [batch], device, autocast)[0]), batches)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 import train_bert
-from pretraining import cli, deepspeed_config, flag_rules, logs, ranks, safeguards
+from pretraining import cli, deepspeed_config, flag_rules, logs, ranks, safeguards, speed
 from pretraining.errors import CheckpointError, ConfigError
 from pretraining.safeguards import LATEST_POINTER  # the file that names the newest checkpoint
 
@@ -80,7 +80,7 @@ def create_engine(model: torch.nn.Module, flags: dict[str, Any], config: dict[st
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
-        model=SparseMLM(model, train_bert.compiled_mlm_loss() if flags["compile"] else train_bert.mlm_loss),
+        model=SparseMLM(model, speed.compiled(train_bert.mlm_loss) if flags["compile"] else train_bert.mlm_loss),
         model_parameters=train_bert.parameter_groups(model, flags["weight_decay"]),
         lr_scheduler=lambda optimizer: train_bert.create_lr_scheduler(optimizer, flags["warmup_steps"],
                                                                       flags["num_iterations"]),
@@ -182,7 +182,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     def prepare(tokenizer_dir: Path | None) -> tuple[train_bert.PreparedData, torch.nn.Module]:
         # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
         data = train_bert.prepare_data(flags, tokenizer_dir)
-        output_bias = train_bert.unigram_output_bias(data.token_sample(), len(data.tokenizer))
+        output_bias = train_bert.unigram_output_bias(data.train_blocks.token_sample(), len(data.tokenizer))
         model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                         flags["dropout"], data.tokenizer, flags["max_seq_length"],
                                         output_bias=output_bias, positions=flags["positions"])
@@ -266,7 +266,7 @@ def training_loop(flags: dict[str, Any], engine: Any, data: train_bert.PreparedD
                   rank: int, world_size: int, control_group: Any) -> None:
     """Train from `start_step` to `num_iterations`, logging, evaluating and checkpointing along the way."""
     device = engine.device
-    validation = train_bert.eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    validation = train_bert.EvalBatches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     batches = train_bert.train_batches(data.train_blocks, flags["batch_size"], flags["seed"], data.masking,
                                        data_position, flags["num_workers"], pin_memory=device.type == "cuda",
                                        rank=rank, world_size=world_size)

@@ -945,7 +945,7 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
         model = AutoModelForMaskedLM.from_pretrained(experiment_dir / "hf_model")
         steps = hparams[safeguards.COMPLETED_KEY]
     else:
-        checkpoint = train_bert.load_latest_checkpoint(experiment_dir)
+        checkpoint = safeguards.load_latest_checkpoint(experiment_dir)
         model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
                                         resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
                                         resolved.get("init_from"), positions=resolved["positions"])
@@ -1074,7 +1074,7 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     seq_length = data["eval_seq_length"]
     tokens = np.concatenate(token_store.tokenize_lines(validation, tokenizer)["input_ids"]).astype(np.int64)
     blocks = train_bert.pack_blocks(tokens, tokenizer, seq_length)
-    batches = train_bert.eval_batches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
+    batches = train_bert.EvalBatches(blocks, EVAL_BATCH_SIZE, EVAL_SEED, masking)
     packed = torch.zeros(2, dtype=torch.float64)
     by_input = {"mask": [0, 0], "random": [0, 0], "unchanged": [0, 0]}  # [correct, predicted] per input shown
     with torch.no_grad():

@@ -348,6 +348,32 @@ def check_sequence_limits(flags: dict[str, Any]) -> None:
                           f"{positions} in {model_config}); give --max_seq_length {limit} or less")
 
 
+def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load the newest intact checkpoint of `experiment_dir`.
+
+    Starts from the one `latest` points to (or the highest step if the pointer is missing); a truncated or corrupt
+    file is skipped with a warning naming it, falling back to the next newest. `weights_only=True` means loading
+    never runs pickled code; `map_location` lets a GPU checkpoint resume on CPU.
+    """
+    candidates = sorted(experiment_dir.glob(CHECKPOINT_PATTERN), reverse=True)
+    pointer = experiment_dir / LATEST_POINTER
+    if pointer.is_file():
+        pointed = experiment_dir / pointer.read_text().strip()
+        if pointed in candidates:
+            candidates.remove(pointed)
+            candidates.insert(0, pointed)
+    if not candidates:
+        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} holds no checkpoint ({CHECKPOINT_PATTERN})")
+    for path in candidates:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as error:  # truncated zip, bad pickle, wrong format...
+            logger.warning(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                           "trying an older one")
+    raise CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are "
+                          "unreadable")
+
+
 def check_resumable(experiment_dir: Path, checkpoints: str = CHECKPOINT_PATTERN) -> None:
     """Fail before loading anything unless `experiment_dir` is an experiment with a checkpoint (a file matching
     `checkpoints`) that this user can resume: write what a resume appends to or replaces (the logs, metrics, pointer

@@ -73,6 +73,10 @@ class BlockStream:
                 raise ConfigError("the streamed train split holds no text")
             epoch, state = epoch + 1, self.start_of_split  # the split ended: start it over, in the same order
 
+    def token_sample(self, max_tokens: int = 2**20) -> np.ndarray:
+        """About the first `max_tokens` tokens of the stream (as whole blocks), as PackedBlocks.token_sample."""
+        return self.take(-(-max_tokens // self.max_seq_length), self.first_position)[0].flatten().numpy()
+
     def take(self, count: int, position: tuple[int, str, int]) -> tuple[torch.Tensor, tuple[int, str, int]]:
         """The first `count` blocks from `position` as one tensor, and the position after them."""
         blocks, stream = [], self.blocks(position)

@@ -332,6 +332,10 @@ class PackedBlocks:
         column = lambda token_id: torch.full((len(blocks), 1), token_id, dtype=torch.int32)  # noqa: E731
         return torch.cat([column(self.start_id), body, column(self.end_id)], dim=1)
 
+    def token_sample(self, max_tokens: int = 2**20) -> np.ndarray:
+        """The first `max_tokens` tokens of the split: enough to count how common each token is."""
+        return np.asarray(self.tokens[:max_tokens])
+
     def read_file(self, start: int, count: int) -> np.ndarray:
         """Tokens start..start+count of a store file, read with pread rather than through the memory map: a page
         fault maps a whole readahead window (megabytes on many systems) into the process, so RSS would grow with

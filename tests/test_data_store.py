@@ -342,7 +342,7 @@ def test_eval_blocks_is_a_fixed_seeded_subset(tiny_flags, tmp_path):
     assert np.array_equal(subsets[0].rows, subsets[1].rows) and not np.array_equal(subsets[0].rows, subsets[2].rows)
     assert len(set(subsets[0].rows)) == 10 and torch.equal(subsets[0][:], whole[subsets[0].rows])
     masking = train_bert.MaskingConfig(train_bert.load_tokenizer(tiny_flags["tokenizer"]), 0.15, 0.1, 0.1)
-    batches = train_bert.eval_batches(subsets[0], 4, 0, masking)
+    batches = train_bert.EvalBatches(subsets[0], 4, 0, masking)
     assert len(batches) == 3 and [len(batch["input_ids"]) for batch in batches] == [4, 4, 2]
     shard = batches[1::2]  # a rank's share keeps the masks of the whole
     assert all(torch.equal(shard[0][key], batches[1][key]) for key in shard[0])

@@ -162,7 +162,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resume_picks_it
     intact_step = killed_step - 1
     assert checkpoint_steps(experiment)[-1] == intact_step
     assert (experiment / "latest").read_text().strip() == f"checkpoint-{intact_step:08d}.pt"
-    assert train_bert.load_latest_checkpoint(experiment)["step"] == intact_step
+    assert safeguards.load_latest_checkpoint(experiment)["step"] == intact_step
 
     result = run_cli("train_bert.py", {"load_checkpoint_dir": str(experiment), "num_iterations": killed_step},
                      env=ONE_THREAD)
@@ -205,7 +205,7 @@ def test_keep_last_never_counts_an_unreadable_later_checkpoint(tmp_path):
     train_bert.save_checkpoint(tmp_path, {**state, "step": 2}, keep_last=1)
     (tmp_path / "checkpoint-00000004.pt").write_bytes(b"truncated")
     train_bert.save_checkpoint(tmp_path, {**state, "step": 3}, keep_last=1)
-    assert train_bert.load_latest_checkpoint(tmp_path)["step"] == 3
+    assert safeguards.load_latest_checkpoint(tmp_path)["step"] == 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint(run_flags, small_di
     assert result.returncode == 1
     experiment = only_experiment(small_disk / "experiments")
     steps = checkpoint_steps(experiment)
-    assert steps and train_bert.load_latest_checkpoint(experiment)["step"] == steps[-1]
+    assert steps and safeguards.load_latest_checkpoint(experiment)["step"] == steps[-1]
     assert not list(experiment.glob(".checkpoint-*")), "no partial file is left to fill the disk further"
 
 

@@ -19,7 +19,7 @@ import torch
 
 import train_bert
 from conftest import ROOT, cli_args, run_cli
-from pretraining import time_budget
+from pretraining import speed, time_budget
 
 
 def metric_records(experiment_dir: Path, key: str) -> list[dict]:
@@ -294,17 +294,17 @@ def test_a_budget_the_compile_overruns_is_told_so_at_the_start_and_the_end(tiny_
     budget starts, trains, finishes its end phase, and its last line says what took the time and what to do. The
     compile is stood in for by a first step that takes 2 s (a real one takes from under a second, cached, to
     minutes), so the test does not depend on how fast this machine compiles."""
-    def slow_first_compiled_step():
+    def slow_first_compiled_step(loss_function):
         calls = []
 
         def loss(*args, **kwargs):
             if not calls:
                 calls.append(True)
                 time.sleep(2.0)
-            return train_bert.mlm_loss(*args, **kwargs)
+            return loss_function(*args, **kwargs)
         return loss
 
-    monkeypatch.setattr(train_bert, "compiled_mlm_loss", slow_first_compiled_step)
+    monkeypatch.setattr(speed, "compiled", slow_first_compiled_step)
     experiment = Path(train_bert.train(**{**tiny_flags, "compile": True, "time_budget": "1s"}))
     log = (experiment / "train.log").read_text()
     assert "with --compile True: the first step compiles the model" in log

@@ -16,7 +16,7 @@ import torch
 
 import train_bert
 from conftest import run_cli
-from pretraining import corpus, errors, flag_rules, token_store
+from pretraining import corpus, errors, flag_rules, speed, token_store
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +253,7 @@ def test_compiled_loss_equals_the_eager_loss_and_gradients(tokenizer):
     """--compile (the default) trains the same loss: value and gradients match eager within fp32 rounding, on two
     batches (one graph, its number of predicted tokens dynamic)."""
     model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
-    compiled = train_bert.compiled_mlm_loss()
+    compiled = speed.compiled(train_bert.mlm_loss)
     for seed, rows in ((0, 4), (1, 8)):
         masked, labels = train_bert.masking_function(token_batch(tokenizer, rows, 32), tokenizer,
                                                      generator=torch.Generator().manual_seed(seed))
@@ -315,7 +315,7 @@ def test_a_new_run_starts_at_the_unigram_plateau(tiny_flags, tokenizer):
     """
     experiment = train_bert.train(**{**tiny_flags, "num_iterations": 1, "log_every": 1, "batch_size": 16})
     data = train_bert.prepare_data(json.loads((Path(experiment) / "hparams.json").read_text())["flags"])
-    tokens = torch.from_numpy(data.token_sample().astype("int64"))
+    tokens = torch.from_numpy(data.train_blocks.token_sample().astype("int64"))
     shares = torch.bincount(tokens, minlength=len(tokenizer)).double() / len(tokens)
     entropy = float(-(shares[shares > 0] * shares[shares > 0].log()).sum())
     first_loss = metric_records(experiment, "loss")[0]["loss"]

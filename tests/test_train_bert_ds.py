@@ -422,7 +422,7 @@ def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     data = train_bert.prepare_data(flags, experiment / "tokenizer")
     model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                     flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                                    output_bias=train_bert.unigram_output_bias(data.token_sample(),
+                                    output_bias=train_bert.unigram_output_bias(data.train_blocks.token_sample(),
                                                                                len(data.tokenizer)))
     with torch.no_grad():
         losses = [float(train_bert.mlm_loss(model, **train_bert.TrainBatches(
@@ -456,7 +456,7 @@ def test_zero3_export_loads_and_predicts(two_rank_runs):
     flags = json.loads((experiment / "hparams.json").read_text())["flags"]
     model = AutoModelForMaskedLM.from_pretrained(experiment / "hf_model")
     data = train_bert.prepare_data(flags, experiment / "hf_model")
-    validation = train_bert.eval_batches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
+    validation = train_bert.EvalBatches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     totals = train_bert.evaluate(model, validation, torch.device("cpu"), contextlib.nullcontext)
     assert float(totals[0] / totals[1]) == pytest.approx(metric_records(experiment, "eval_loss")[-1]["eval_loss"],
                                                          rel=1e-5)
