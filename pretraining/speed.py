@@ -32,7 +32,7 @@ def compiled(loss_function: Callable[..., torch.Tensor]) -> Callable[..., torch.
         if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode would also fill every new tensor with NaN, a cost without a use here (a correct
-            # kernel never reads what it has not written): DeepSpeed's ZeRO allocates its gradient buckets anew
+            # kernel never reads what it has not written): ZeRO's optimizer allocates its gradient buckets anew
             # every step, and the fill made its CPU steps 10x slower.
             torch.utils.deterministic.fill_uninitialized_memory = False
         torch._dynamo.maybe_mark_dynamic(masked_positions, 0)
