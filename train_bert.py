@@ -1,12 +1,9 @@
 """Masked language model (MLM) pretraining of a RoBERTa encoder in plain PyTorch.
 
-Read top to bottom, in the tutorial's order:
-
-    data -> masking -> model and loss -> optimizer and schedule -> evaluation -> checkpoints and the experiment
-    directory -> the training loop -> a run -> export and demo -> train() (the command line)
-
-What is not the lesson (the token store, streaming, flag checks, stop signals, locks, the time budget, logging
-and MFU) lives in the `pretraining/` package beside this file, behind one call each.
+Read top to bottom, in the tutorial's order: data -> masking -> model and loss -> optimizer and schedule ->
+evaluation -> checkpoints and the experiment directory -> the training loop -> a run -> export and demo -> train().
+What is not the lesson (the token store, streaming, flag checks, stop signals, locks, the time budget, --compile,
+logging and MFU) lives in the `pretraining/` package beside this file, behind one call each.
 
 Run it:
 
@@ -57,20 +54,6 @@ IGNORE_INDEX = -100  # the label that F.cross_entropy skips: "not a prediction t
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(tokenizer: str) -> "transformers.PreTrainedTokenizerBase":
-    """Load a pretrained tokenizer from a Hub name ("roberta-base") or a local folder, checking it can do MLM."""
-    from transformers import AutoTokenizer
-
-    try:
-        loaded = AutoTokenizer.from_pretrained(tokenizer)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. "
-                          f"{corpus.offline_hint()}") from error
-    corpus.check_tokenizer(loaded, tokenizer)
-    return loaded
-
-
 @dataclasses.dataclass
 class PreparedData:
     """Everything that comes from the dataset and the tokenizer, ready for the loop."""
@@ -95,12 +78,12 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
     raw = corpus.load_text_dataset(flags["dataset"], flags["dataset_config"], flags["streaming"]) if (
         flags["streaming"] or (flags["tokenizer"] == "bpe" and saved_tokenizer_dir is None)) else None
     if saved_tokenizer_dir is not None:
-        tokenizer = load_tokenizer(str(saved_tokenizer_dir))
+        tokenizer = corpus.load_tokenizer(str(saved_tokenizer_dir))
     elif flags["tokenizer"] == "bpe":
         logger.info(f"training a byte-level BPE tokenizer ({flags['bpe_vocab_size']} tokens) on the train split")
         tokenizer = corpus.train_bpe_tokenizer(raw["train"], flags["bpe_vocab_size"])
     else:
-        tokenizer = load_tokenizer(flags["tokenizer"])
+        tokenizer = corpus.load_tokenizer(flags["tokenizer"])
     limit = tokenizer.model_max_length
     if limit < 1_000_000 and flags["max_seq_length"] > limit:
         raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} tokens that "
@@ -208,8 +191,7 @@ def masking_function(
     return masked_input_ids, labels
 
 
-def word_start_positions(input_ids: torch.Tensor, is_special: torch.Tensor, word_starts: torch.Tensor
-                         ) -> torch.Tensor:
+def word_start_positions(input_ids: torch.Tensor, is_special: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
     """For every position of `input_ids` [B, T], the position of the first piece of its word (same shape)."""
     starts = word_starts.to(input_ids.device)[input_ids.long()] | is_special
     starts[:, 0] = True
@@ -336,8 +318,7 @@ class EvalBatches:
     """
 
     def __init__(self, blocks: "token_store.PackedBlocks | torch.Tensor", batch_size: int, seed: int,
-                 masking: MaskingConfig,
-                 indices: range | None = None):
+                 masking: MaskingConfig, indices: range | None = None):
         self.blocks, self.batch_size, self.seed, self.masking = blocks, batch_size, seed, masking
         self.indices = range(math.ceil(len(blocks) / batch_size)) if indices is None else indices
 
@@ -411,8 +392,7 @@ def create_model(num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropo
 
 
 def mlm_head(model: "transformers.PreTrainedModel") -> torch.nn.Module:
-    """The model's own MLM head (hidden states to vocabulary logits): `lm_head` in RoBERTa, `cls` in BERT-family
-    models such as RoFormer."""
+    """The model's own MLM head (hidden states to vocabulary logits): `lm_head` in RoBERTa, `cls` in RoFormer."""
     return model.lm_head if hasattr(model, "lm_head") else model.cls
 
 
@@ -475,11 +455,9 @@ def create_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int | fl
                         budget: "time_budget.TimeBudget | None" = None) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup from 0 to `lr`, then linear decay to 0 at the end of the run.
 
-    `warmup_steps` below 1 is a share of the run (0.06: its first 6%), so every run length gets a warmup in
-    proportion; a whole number >= 1 is a count of steps. The run ends after `num_iterations` steps, or, with a
-    `budget`, when its wall-clock time is spent: the schedule then follows the share of the budget spent, as
-    Cramming and academic-budget-bert do, so the learning rate reaches 0 when the budget ends however fast the
-    steps are (a fixed step count would have to be guessed from a speed that changes with the machine's load).
+    `warmup_steps` below 1 is a share of the run (0.06: its first 6%), a whole number a count of steps. With a
+    `budget` the schedule follows the share of its wall-clock time spent (as Cramming does), so the learning rate
+    reaches 0 when the budget ends however fast the steps are.
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -506,9 +484,8 @@ def apply_lr_schedule(optimizer: torch.optim.Optimizer, lr_scheduler: torch.opti
                       lr: float) -> None:
     """After loading a checkpoint, use this run's peak `lr` and schedule from the checkpoint's step on.
 
-    Loading the optimizer and scheduler states restores the saved peak lr, so without this a resume with a lower
-    --lr (the cure for a NaN) would silently keep the old one. The schedule itself (--warmup_steps,
-    --num_iterations) comes from the new scheduler. With unchanged flags this recomputes exactly the saved values.
+    Loading the optimizer's state restores the saved peak lr: without this, a resume with a lower --lr (the cure
+    for a NaN) would silently keep the old one. With unchanged flags it recomputes exactly the saved values.
     """
     lr_scheduler.base_lrs = [lr for _ in optimizer.param_groups]
     for group, lr_lambda in zip(optimizer.param_groups, lr_scheduler.lr_lambdas):
@@ -564,7 +541,7 @@ def make_autocast(device: torch.device, dtype: str) -> Callable[[], contextlib.A
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: one dict holds the whole run's state; files are written atomically.
+# Checkpoints and the experiment directory: one dict holds the whole run's state; files are written atomically.
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -640,6 +617,27 @@ def restore_checkpoint(experiment_dir: Path, device: torch.device, lr: float, mo
     if isinstance(end, time_budget.TimeBudget):
         end.spent_before_s = checkpoint.get("budget_spent_s", 0.0)
     return checkpoint["step"], tuple(checkpoint["data_position"])
+
+
+def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn.Module, **extra: Any) -> Path:
+    """Create `{checkpoint_dir}/bert_pretrain.YYYY.MM.DD.HH.MM.SS.{uuid4}` and write what reproduces the run in it:
+    tokenizer, hparams.json, git state.
+
+    Called only once all inputs have loaded, so a bad dataset or tokenizer leaves no directory behind. The uuid comes
+    from the OS's entropy, never from the seeded RNGs: two runs with the same seed started in the same second still
+    get different directories.
+    """
+    name = f"bert_pretrain.{datetime.datetime.now():%Y.%m.%d.%H.%M.%S}.{uuid.uuid4()}"
+    experiment_dir = Path(flags["checkpoint_dir"]) / name
+    experiment_dir.mkdir(parents=True)
+    hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
+               "train_blocks": data.num_train_blocks, "validation_blocks": len(data.validation_blocks),
+               "versions": logs.library_versions(), **extra}
+    with safeguards.removed_unless_complete(experiment_dir):  # a full disk or a stop leaves no half-made experiment
+        data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
+        safeguards.atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
+        logs.record_code_version(experiment_dir)
+    return experiment_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -809,34 +807,6 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
             safeguards.mark_completed(experiment_dir, safeguards.saved_step(experiment_dir))
             if isinstance(end, time_budget.TimeBudget):
                 logger.info(f"time budget: {end.spent():.1f} s of {end.total_s:.0f} s spent{end.overrun_note()}")
-    return experiment_dir
-
-
-def new_experiment_dir(checkpoint_dir: str) -> Path:
-    """Create `{checkpoint_dir}/bert_pretrain.YYYY.MM.DD.HH.MM.SS.{uuid4}`.
-
-    The uuid comes from `uuid.uuid4` (the OS's entropy), never from the seeded RNGs: two runs with the same seed
-    started in the same second still get different directories.
-    """
-    name = f"bert_pretrain.{datetime.datetime.now():%Y.%m.%d.%H.%M.%S}.{uuid.uuid4()}"
-    path = Path(checkpoint_dir) / name
-    path.mkdir(parents=True)
-    return path
-
-
-def create_experiment(flags: dict[str, Any], data: PreparedData, model: torch.nn.Module, **extra: Any) -> Path:
-    """Create the experiment directory and write what reproduces the run: tokenizer, hparams.json, git state.
-
-    Called only once all inputs have loaded, so a bad dataset or tokenizer leaves no directory behind.
-    """
-    experiment_dir = new_experiment_dir(flags["checkpoint_dir"])
-    hparams = {"flags": flags, "vocab_size": len(data.tokenizer), "num_parameters": count_parameters(model),
-               "train_blocks": data.num_train_blocks, "validation_blocks": len(data.validation_blocks),
-               "versions": logs.library_versions(), **extra}
-    with safeguards.removed_unless_complete(experiment_dir):  # a full disk or a stop leaves no half-made experiment
-        data.tokenizer.save_pretrained(experiment_dir / "tokenizer")
-        safeguards.atomic_write(experiment_dir / "hparams.json", lambda f: json.dump(hparams, f, indent=2), mode="w")
-        logs.record_code_version(experiment_dir)
     return experiment_dir
 
 

@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 import train_bert  # noqa: E402
 from pretraining import errors, safeguards, token_store  # noqa: E402
-from pretraining.corpus import load_text_dataset, train_bpe_tokenizer  # noqa: E402
+from pretraining.corpus import load_text_dataset, load_tokenizer, train_bpe_tokenizer  # noqa: E402
 from pretraining.logs import MetricsLogger, peak_memory_mib, training_flops  # noqa: E402
 
 DEFAULT_DATASET = str(ROOT.parent / "shared" / "data" / "wikitext")
@@ -285,7 +285,7 @@ def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_di
 
     flags = config["flags"]
     device = torch.device("cpu") if flags.get("local_rank", -1) < 0 else torch.device("cuda", flags["local_rank"])
-    tokenizer = train_bert.load_tokenizer(data["tokenizer"])
+    tokenizer = load_tokenizer(data["tokenizer"])
     texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
     model = upstream_style.upstream_style_model(
@@ -934,7 +934,7 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     experiment_dir = next((work_dir / "experiments").glob("bert_pretrain.*"))
     hparams = json.loads((experiment_dir / "hparams.json").read_text())
     resolved = hparams["flags"]
-    tokenizer = train_bert.load_tokenizer(str(experiment_dir / "tokenizer"))
+    tokenizer = load_tokenizer(str(experiment_dir / "tokenizer"))
     if config["kind"] == "ds":
         # A DeepSpeed checkpoint is DeepSpeed's own format; the run's export at its end is the model to evaluate.
         # Its step count was fitted to end inside the budget, so only a much slower run than calibrated lacks it.
@@ -964,7 +964,7 @@ def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any]
     import upstream_style
 
     flags = config["flags"]
-    tokenizer = train_bert.load_tokenizer(data["tokenizer"])
+    tokenizer = load_tokenizer(data["tokenizer"])
     texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
     model = upstream_style.upstream_style_model(tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"],
@@ -1208,7 +1208,7 @@ def evaluate(*model_dirs: str, dataset: str = DEFAULT_DATASET, dataset_config: s
         if not (Path(model_dir) / "config.json").is_file():
             raise errors.ConfigError(f"{model_dir!r} is not a saved model folder (no config.json)")
         model = AutoModelForMaskedLM.from_pretrained(model_dir)
-        print(json.dumps({"model": model_dir, **validation_losses(model, train_bert.load_tokenizer(model_dir), data)}))
+        print(json.dumps({"model": model_dir, **validation_losses(model, load_tokenizer(model_dir), data)}))
 
 
 def plot(*json_paths: str, png_path: str = "ttq.png") -> None:

@@ -128,12 +128,11 @@ def child_load(corpus: str) -> None:
 
 def child_tokenize(corpus: str, store: str, num_proc: int) -> None:
     """Build the token store from scratch in `store`; print the seconds it took."""
-    import train_bert
     from pretraining import token_store
-    from pretraining.corpus import load_text_dataset
+    from pretraining.corpus import load_text_dataset, load_tokenizer
 
     raw = load_text_dataset(corpus, None)
-    tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
+    tokenizer = load_tokenizer(str(TOKENIZER))
     start, cpu_start = time.perf_counter(), os.times()
     tokens, _ = token_store.open_token_store(corpus, None, tokenizer, store, num_proc, raw)
     cpu = os.times()
@@ -255,13 +254,13 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
 
     import numpy as np
 
-    import train_bert
     from pretraining import token_store
+    from pretraining.corpus import load_tokenizer
 
     corpus = make_corpus(work / f"corpus_{size_mb}mb", size_mb)
     source_root = work / f"store_{source_mb}mb_{os.cpu_count()}proc"
     [source] = [path for path in source_root.iterdir() if path.is_dir()]
-    tokenizer = train_bert.load_tokenizer(str(TOKENIZER))
+    tokenizer = load_tokenizer(str(TOKENIZER))
     store = token_store.token_store_dir(token_store.corpus_sources(str(corpus), None)[0], tokenizer,
                                         str(work / f"store_{size_mb}mb_tiled"))
     shutil.rmtree(store.parent, ignore_errors=True)

@@ -28,8 +28,7 @@ sys.path.insert(0, str(HERE))
 import benchmark  # noqa: E402  (sets the offline environment and sys.path for the project)
 
 import finetune  # noqa: E402
-import train_bert  # noqa: E402
-from pretraining import cli, errors, safeguards  # noqa: E402
+from pretraining import cli, corpus, errors, safeguards  # noqa: E402
 
 DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "sst2")
 SIMILARITY_TEXTS = 256  # the first train texts of the task whose vectors are compared (their pairs: ~33,000)
@@ -66,7 +65,7 @@ def evaluate_exports(models: dict[str, str], dataset: str, dataset_config: str |
                                      "config.json)")
         hparams = Path(model_dir).parent / "hparams.json"
         steps = json.loads(hparams.read_text()).get(safeguards.COMPLETED_KEY) if hparams.is_file() else None
-        tokenizer = train_bert.load_tokenizer(model_dir)
+        tokenizer = corpus.load_tokenizer(model_dir)
         # ttq's 128-token blocks, or the model's own length if shorter (the export records it)
         data = {"original_dataset": dataset, "original_dataset_config": dataset_config,
                 "eval_seq_length": min(128, tokenizer.model_max_length)}

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train_bert  # noqa: E402
+from pretraining.corpus import load_tokenizer  # noqa: E402
 from pretraining.flag_rules import flag_defaults  # noqa: E402
 
 GIB = 2**30
@@ -63,7 +64,7 @@ def main(tokenizer: str = "roberta-base", gpus: int = 1, gpu_gib: float = 16.0, 
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    loaded = train_bert.load_tokenizer(tokenizer)
+    loaded = load_tokenizer(tokenizer)
     rows = []
     for name, layers, heads, h_dim, ff_dim in MODELS:
         model = meta_model(loaded, layers, heads, h_dim, ff_dim, max_seq_length)

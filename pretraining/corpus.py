@@ -117,6 +117,20 @@ def train_bpe_tokenizer(texts: "datasets.Dataset", vocab_size: int) -> "transfor
     )
 
 
+def load_tokenizer(tokenizer: str) -> "transformers.PreTrainedTokenizerBase":
+    """Load a pretrained tokenizer from a Hub name ("roberta-base") or a local folder, checking it can do MLM."""
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. "
+                          f"{offline_hint()}") from error
+    check_tokenizer(loaded, tokenizer)
+    return loaded
+
+
 def check_tokenizer(tokenizer: "transformers.PreTrainedTokenizerBase", name: str) -> None:
     """MLM needs a mask token, a pad token (RoBERTa's position ids count from it) and block framing tokens."""
     missing = [

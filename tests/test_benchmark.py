@@ -19,11 +19,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import upstream_style  # noqa: E402
 
 import train_bert  # noqa: E402
+from pretraining.corpus import load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer):
-    return train_bert.load_tokenizer(str(tiny_tokenizer))
+    return load_tokenizer(str(tiny_tokenizer))
 
 
 def test_upstream_style_pads_each_batch_to_its_longest_line_and_masks_every_line(tokenizer):

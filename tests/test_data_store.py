@@ -23,7 +23,7 @@ import train_bert
 from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 from conftest import small_disk as conftest_small_disk
 from pretraining import errors, logs, safeguards, streaming, token_store
-from pretraining.corpus import load_text_dataset, train_bpe_tokenizer
+from pretraining.corpus import load_text_dataset, load_tokenizer, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +341,7 @@ def test_eval_blocks_is_a_fixed_seeded_subset(tiny_flags, tmp_path):
     assert len(whole) > 10 and all(len(subset) == 10 for subset in subsets)
     assert np.array_equal(subsets[0].rows, subsets[1].rows) and not np.array_equal(subsets[0].rows, subsets[2].rows)
     assert len(set(subsets[0].rows)) == 10 and torch.equal(subsets[0][:], whole[subsets[0].rows])
-    masking = train_bert.MaskingConfig(train_bert.load_tokenizer(tiny_flags["tokenizer"]), 0.15, 0.1, 0.1)
+    masking = train_bert.MaskingConfig(load_tokenizer(tiny_flags["tokenizer"]), 0.15, 0.1, 0.1)
     batches = train_bert.EvalBatches(subsets[0], 4, 0, masking)
     assert len(batches) == 3 and [len(batch["input_ids"]) for batch in batches] == [4, 4, 2]
     shard = batches[1::2]  # a rank's share keeps the masks of the whole

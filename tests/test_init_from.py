@@ -9,7 +9,7 @@ import torch
 
 import train_bert
 from conftest import run_cli
-from pretraining import flag_rules
+from pretraining import corpus, flag_rules
 
 
 @pytest.fixture(scope="module", params=flag_rules.POSITIONS)
@@ -37,7 +37,7 @@ def test_init_from_starts_from_the_source_weights(exported_model):
     assert (flags["num_layers"], flags["h_dim"], flags["num_heads"], flags["ff_dim"]) == (2, 32, 2, 64)
     assert flags["tokenizer"] == str(exported_model) and flags["dropout"] == 0.1
     assert flags["positions"] == positions_of(exported_model)
-    tokenizer = train_bert.load_tokenizer(flags["tokenizer"])
+    tokenizer = corpus.load_tokenizer(flags["tokenizer"])
     model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
                                     flags["dropout"], tokenizer, flags["max_seq_length"], flags["init_from"])
     source = AutoModelForMaskedLM.from_pretrained(exported_model).state_dict()

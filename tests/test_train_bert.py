@@ -470,7 +470,7 @@ def test_fill_mask_demo_shows_words_only(tiny_flags):
     """The demo lists real tokens: never a whitespace-only piece or a special token such as </s>."""
     experiment = Path(train_bert.train(**tiny_flags, num_iterations=4, eval_every=4, checkpoint_every=4))
     predictions = train_bert.fill_mask_demo(experiment / "hf_model", torch.device("cpu"), "the <mask> fox jumps .")
-    specials = set(train_bert.load_tokenizer(str(experiment / "hf_model")).all_special_tokens)
+    specials = set(corpus.load_tokenizer(str(experiment / "hf_model")).all_special_tokens)
     assert len(predictions) == 1 and len(predictions[0]) == 5, predictions
     assert all(word.strip() == word and word and word not in specials for word in predictions[0]), predictions
 
