@@ -138,15 +138,34 @@ def load_ds_checkpoint(engine: Any, experiment_dir: Path) -> tuple[int, tuple[in
     return client_state["step"], tuple(client_state["data_position"])
 
 
-def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[str, Any],
-                       tokenizer: Any) -> torch.nn.Module:
+def bf16_optimizer_master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The fp32 master weights of an engine whose optimizer is DeepSpeed's BF16_Optimizer (what bf16 on ZeRO-1 with
+    `"data_types": {"grad_accum_dtype": "fp32"}` uses), gathered from the ranks' partitions; None otherwise.
+
+    zero_to_fp32 cannot read that optimizer's checkpoints, so they come from the live engine: a collective, which
+    every rank calls.
+    """
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if not isinstance(engine.optimizer, BF16_Optimizer):
+        return None
+    parameters = engine.module.named_parameters(remove_duplicate=False)  # tied weights under each of their names
+    return {name: safe_get_full_fp32_param(param).cpu() for name, param in parameters if param.requires_grad}
+
+
+def consolidated_model(engine: Any, experiment_dir: Path, tag: str, flags: dict[str, Any], tokenizer: Any,
+                       master_weights: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """The trained model as one fp32 masked LM (create_model's) on the CPU (call on rank 0 after the final checkpoint).
 
-    With ZeRO the fp32 master weights are partitioned across the ranks' optimizer states: DeepSpeed's zero_to_fp32
-    gathers them from the checkpoint (ZeRO-3 included). Without ZeRO every rank holds the whole model: its weights
-    (16-bit ones, as its forward used them, under bf16 or fp16).
+    The fp32 master weights: `master_weights` (see bf16_optimizer_master_weights) when given; with ZeRO they are
+    partitioned across the ranks' optimizer states, and DeepSpeed's zero_to_fp32 gathers them from the checkpoint
+    (ZeRO-3 included). Without ZeRO every rank holds the whole model: its weights (16-bit ones under bf16 or fp16,
+    as its forward used them).
     """
-    if engine.zero_optimization():
+    if master_weights is not None:
+        state = master_weights
+    elif engine.zero_optimization():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(experiment_dir), tag=tag)
@@ -247,8 +266,9 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
             training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
                           control_group)
             tag = f"{TAG_PREFIX}{flags['num_iterations']}"
+            master_weights = bf16_optimizer_master_weights(engine)  # on every rank: a collective
             if rank == 0:
-                exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer)
+                exported = consolidated_model(engine, experiment_dir, tag, flags, data.tokenizer, master_weights)
                 train_bert.export_and_demo(exported, data.tokenizer, experiment_dir, torch.device("cpu"),
                                            flags["max_seq_length"])
                 safeguards.mark_completed(experiment_dir, flags["num_iterations"])

@@ -78,6 +78,21 @@ def assert_same_weights(first: dict[str, torch.Tensor], second: dict[str, torch.
         assert torch.equal(first[name], second[name]), name
 
 
+def assert_exports_fp32_masters_of_bf16_weights(experiment_dir: Path, tag: str) -> None:
+    """hf_model/ holds fp32 weights (finer than bf16) that, rounded to bf16, are the weights the engine's forward used
+    (the module states of checkpoint `tag`)."""
+    exported = exported_weights(experiment_dir)
+    module = torch.load(experiment_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    trained = [name for name in exported if f"model.{name}" in module and "sinusoidal" not in name]
+    assert len(trained) > 10
+    for name in trained:
+        assert torch.equal(exported[name].bfloat16(), module[f"model.{name}"].bfloat16()), name
+    weights = torch.cat([exported[name].flatten() for name in trained])
+    assert torch.isfinite(weights).all()
+    assert not torch.equal(weights, weights.bfloat16().float()), "fp32 master weights, not their bf16 copies"
+
+
 def optimizer_state_elements(checkpoint: Path) -> list[int]:
     """Per rank: how many numbers of Adam's first moment (exp_avg) its ZeRO shard holds."""
     counts = []
@@ -218,6 +233,18 @@ def test_bf16_without_zero_trains_and_exports(tiny_flags):
     weights = torch.cat([parameter.detach().flatten() for parameter in exported.parameters()])
     assert torch.isfinite(weights).all()
     assert torch.equal(weights, weights.bfloat16().float()), "the bf16 weights the engine trained, exactly"
+
+
+def test_zero1_with_fp32_gradient_accumulation_exports_the_fp32_master_weights(tiny_flags, tmp_path):
+    """bf16 on ZeRO-1 accumulating gradients in fp32 trains with DeepSpeed's BF16_Optimizer, whose checkpoints
+    zero_to_fp32 cannot read: hf_model/ still holds the trained fp32 master weights. Rounded to bf16 they are the
+    weights the engine's forward used (its checkpoint's module states), and they are finer than bf16."""
+    config = json.loads((ROOT / "ds_config.json").read_text())
+    config["data_types"] = {"grad_accum_dtype": "fp32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    experiment = Path(train_bert_ds.train(**tiny_flags, num_iterations=3, zero_stage=1,
+                                          ds_config=str(tmp_path / "config.json")))
+    assert_exports_fp32_masters_of_bf16_weights(experiment, "global_step3")
 
 
 def test_dtype_auto_is_refused_here_with_what_to_give_instead(tiny_flags):
@@ -463,6 +490,32 @@ def test_zero3_export_loads_and_predicts(two_rank_runs):
     (candidates,) = train_bert.fill_mask_demo(experiment / "hf_model", torch.device("cpu"),
                                               "the quick brown <mask> jumps over the lazy dog .")
     assert len(candidates) == 5
+
+
+@pytest.mark.slow
+def test_two_ranks_bf16_optimizer_resume_exactly_and_export_the_fp32_master_weights(tiny_corpus, tiny_tokenizer,
+                                                                                     tmp_path):
+    """bf16 on ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, fp32 masters split over 2 ranks):
+    a run interrupted after step 4 and resumed equals the uninterrupted one, and hf_model/ gathers both ranks'
+    fp32 master weights (zero_to_fp32 cannot read these checkpoints): rounded to bf16, the weights the forward used."""
+    config = json.loads((ROOT / "ds_config.json").read_text())
+    config["data_types"] = {"grad_accum_dtype": "fp32"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    flags = {**RUN_FLAGS, "dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer), "zero_stage": 1,
+             "checkpoint_dir": str(tmp_path / "experiments"), "ds_config": str(tmp_path / "config.json")}
+    result = run_torchrun(flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = only_experiment(tmp_path / "experiments")
+    assert len(list((uninterrupted / "global_step8").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
+    resumed = copy_as_interrupted(uninterrupted, 4, tmp_path / "resumed")
+    result = run_torchrun({"load_checkpoint_dir": str(resumed)})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    keys = ("step", "loss", "grad_norm", "lr")
+    expected = [tuple(record[key] for key in keys) for record in metric_records(uninterrupted, "loss")]
+    assert [tuple(record[key] for key in keys) for record in metric_records(resumed, "loss")] == expected
+    assert_same_weights(exported_weights(resumed), exported_weights(uninterrupted))
+    assert_exports_fp32_masters_of_bf16_weights(uninterrupted, "global_step8")
 
 
 # --------------------------------------------------------------------------------------------------------------------
