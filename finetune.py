@@ -37,7 +37,7 @@ from pretraining.errors import ConfigError
 from pretraining.flag_rules import resolve_dtype
 from pretraining.logs import git_output, library_versions
 from pretraining.rotary import freeze_sinusoid_positions, use_fused_rotary_attention
-from pretraining.safeguards import atomic_write
+from pretraining.safeguards import atomic_write, check_writable
 from pretraining.time_budget import parse_duration
 from train_bert import create_optimizer, make_autocast, warmup_then_decay
 
@@ -552,6 +552,7 @@ def finetune(
     """
     flags = {name: value for name, value in locals().items()}
     validate_flags(flags)
+    check_writable(output_dir, "--output_dir")  # before any loading, as a bad folder would otherwise fail at the end
     seed_list = parse_seeds(seeds)
     name, rows, sources = load_task_rows(task, task_config, train_file, dev_file)
     data = prepare_task(rows, sources, name, holdout, train_rows)

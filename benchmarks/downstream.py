@@ -220,6 +220,7 @@ def downstream(
         markdown_path: Also write the table here.
         png_path: Also draw each encoder's task metric (median and seeds) here.
     """
+    safeguards.check_writable(work_dir, "--work_dir")
     directory = Path(work_dir)
     directory.mkdir(parents=True, exist_ok=True)
     if threads:

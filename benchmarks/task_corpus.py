@@ -42,6 +42,7 @@ def task_corpus(task: str, output_dir: str, holdout: float = 0.0, dataset: str =
     """
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout {holdout!r} must be a share of the train split, at least 0 and below 1")
+    safeguards.check_writable(output_dir, "--output_dir")
     name, rows, sources = finetune.load_task_rows(task, task_config, None, None)
     task_data = finetune.prepare_task(rows, sources, name, holdout, None)
     task_lines = [" ".join(text.split()) for texts in task_data.train_texts for text in texts if text.strip()]

@@ -245,3 +245,7 @@ def test_task_corpus_adds_the_task_train_texts_and_never_dev_or_held_out_ones(ti
                                                "dataset": tiny_corpus})
     assert bad.returncode != 0 and not (tmp_path / "bad").exists()
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --holdout 1.5"), bad.stderr
+    blocked = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "out" / "train.txt" / "x",
+                                                   "dataset": tiny_corpus})
+    assert blocked.returncode != 0 and "Traceback" not in blocked.stderr
+    assert blocked.stderr.strip().splitlines()[-1].startswith("error: --output_dir"), blocked.stderr

@@ -164,6 +164,7 @@ def bad_task_cases(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[dict, st
         "not a classifier": ({"model_dir": str(not_a_classifier)}, "'vit' model"),
         "not a model folder": ({"model_dir": str(tmp_path)}, "no config.json"),
         "not a duration": ({"time_budget": "soon"}, "not a duration"),
+        "output folder not writable": ({"output_dir": str(tiny_model / "config.json" / "out")}, "is not writable"),
     }
 
 
@@ -233,3 +234,17 @@ def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus,
         report = json.loads((tmp_path / f"{number}.json").read_text())
         assert report["rows"][0]["scratch"] and all(not row["scratch"] for row in report["rows"][1:])
         assert (tmp_path / f"{number}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"work_dir": "{model}/config.json/work"}, "error: --work_dir"),
+    ({"models": '{{"no model": "{tmp}"}}'}, "error: --models 'no model'"),
+], ids=["work_dir not writable", "not a model folder"])
+def test_downstream_bad_inputs_give_one_error_line(change, expected, tiny_model, task, tmp_path):
+    """benchmarks/downstream.py: a folder it cannot write, or an encoder that is not a saved model: one `error:`
+    line, a non-zero exit, no traceback, before any fine-tuning."""
+    flags = {"models": json.dumps({"tiny": str(tiny_model)}), "task": str(task), "work_dir": str(tmp_path / "work")}
+    flags |= {name: value.format(model=tiny_model, tmp=tmp_path) for name, value in change.items()}
+    result = run_cli("benchmarks/downstream.py", flags, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
