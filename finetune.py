@@ -33,11 +33,11 @@ from tqdm.auto import tqdm
 
 from pretraining.cli import main
 from pretraining.corpus import offline_hint
-from pretraining.errors import ConfigError
+from pretraining.errors import ConfigError, StoppedAtOnce, TrainingInterrupted
 from pretraining.flag_rules import resolve_dtype
 from pretraining.logs import git_output, library_versions
 from pretraining.rotary import freeze_sinusoid_positions, use_fused_rotary_attention
-from pretraining.safeguards import atomic_write, check_writable
+from pretraining.safeguards import StopSignal, atomic_write, check_writable, start_command
 from pretraining.time_budget import parse_duration
 from train_bert import create_optimizer, make_autocast, warmup_then_decay
 
@@ -391,39 +391,41 @@ def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[
     labels = torch.tensor(task.train_labels, dtype=torch.float if task.regression else torch.long)
     num_classes = len(task.label_names)
     started, step, history, losses = time.perf_counter(), 0, [], []
-    progress_bar = tqdm(total=total_steps, desc=f"seed {seed}", unit="step", file=sys.stderr, dynamic_ncols=True)
-    for epoch in range(flags["epochs"]):
-        model.train()
-        losses = []
-        for batch in torch.randperm(len(train_ids), generator=generator).split(batch_size):
-            progress = max(step / total_steps, (time.perf_counter() - started) / budget_s)
-            if progress >= 1:
+    with tqdm(total=total_steps, desc=f"seed {seed}", unit="step", file=sys.stderr, dynamic_ncols=True) as progress_bar:
+        for epoch in range(flags["epochs"]):
+            model.train()
+            losses = []
+            for batch in torch.randperm(len(train_ids), generator=generator).split(batch_size):
+                progress = max(step / total_steps, (time.perf_counter() - started) / budget_s)
+                if progress >= 1:
+                    break
+                for optimizer, peak_lr in optimizers.items():
+                    for group in optimizer.param_groups:
+                        group["lr"] = peak_lr * warmup_then_decay(progress, flags["warmup"])
+                input_ids, attention_mask = pad_batch([train_ids[index] for index in batch.tolist()], pad_id)
+                with autocast():
+                    outputs = model(input_ids.to(device), attention_mask.to(device)).float()
+                targets = labels[batch].to(device)
+                if task.regression:
+                    loss = F.mse_loss(outputs.squeeze(-1), targets)
+                else:
+                    loss = F.cross_entropy(outputs, targets)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                for optimizer in optimizers:
+                    optimizer.step()
+                losses.append(loss.item())
+                step += 1
+                progress_bar.update()
+                progress_bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+            metrics = task_metrics(predict(model, eval_ids, 4 * batch_size, pad_id, device, autocast), task.eval_labels,
+                                   num_classes)
+            history.append({"epoch": epoch + 1, "step": step, **metrics})
+            logger.info(f"seed {seed}, epoch {epoch + 1}: {task.eval_split} "
+                        + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+            if step < (epoch + 1) * steps_per_epoch:  # the time budget ran out within this epoch
                 break
-            for optimizer, peak_lr in optimizers.items():
-                for group in optimizer.param_groups:
-                    group["lr"] = peak_lr * warmup_then_decay(progress, flags["warmup"])
-            input_ids, attention_mask = pad_batch([train_ids[index] for index in batch.tolist()], pad_id)
-            with autocast():
-                outputs = model(input_ids.to(device), attention_mask.to(device)).float()
-            targets = labels[batch].to(device)
-            loss = F.mse_loss(outputs.squeeze(-1), targets) if task.regression else F.cross_entropy(outputs, targets)
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for optimizer in optimizers:
-                optimizer.step()
-            losses.append(loss.item())
-            step += 1
-            progress_bar.update()
-            progress_bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-        metrics = task_metrics(predict(model, eval_ids, 4 * batch_size, pad_id, device, autocast), task.eval_labels,
-                               num_classes)
-        history.append({"epoch": epoch + 1, "step": step, **metrics})
-        logger.info(f"seed {seed}, epoch {epoch + 1}: {task.eval_split} "
-                    + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
-        if step < (epoch + 1) * steps_per_epoch:  # the time budget ran out within this epoch
-            break
-    progress_bar.close()
     return {"seed": seed, **history[-1], "train_loss": float(np.mean(losses)) if losses else None,
             "train_time_s": round(time.perf_counter() - started, 1), "epochs_run": history}
 
@@ -467,6 +469,21 @@ def validate_flags(flags: dict[str, Any]) -> None:
         raise ConfigError(f"--metric must be auto, accuracy, mcc, f1 or pearson; got {flags['metric']!r}")
 
 
+def finished_seeds(output: Path, flags: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The seeds an earlier run with the same flags (--seeds aside) finished in `output`, by seed: running a stopped
+    command again continues it, and more --seeds extend it. Results of other flags are replaced, not reused."""
+    try:
+        earlier_flags = json.loads((output / "hparams.json").read_text())["flags"]
+        earlier_runs = json.loads((output / "results.json").read_text())["seeds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+    def without_seeds(values: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in json.loads(json.dumps(values)).items() if name != "seeds"}
+
+    return {run["seed"]: run for run in earlier_runs} if without_seeds(earlier_flags) == without_seeds(flags) else {}
+
+
 def summary(per_seed: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, float]]:
     """Median, minimum and maximum over the seeds of each metric in `names`."""
     return {name: {"median": statistics.median(run[name] for run in per_seed),
@@ -505,12 +522,14 @@ def finetune(
 
     The folder receives hparams.json (flags, data sizes, versions, commit) at the start and results.json (each
     seed's metrics, each epoch's, and the median, minimum and maximum over the seeds) after each seed, both written
-    atomically. Runs on the GPU when there is one.
+    atomically. Ctrl-C or SIGTERM stops at once; the same command run again keeps the finished seeds. Runs on the GPU
+    when there is one.
 
     Args:
         model_dir: A Hugging Face model folder with a tokenizer: the hf_model/ folder train_bert.py exports, or any
             encoder's (BERT, RoBERTa, RoFormer, ...). Its masked-LM head, if any, is dropped; a new head is trained.
-        output_dir: Folder for hparams.json and results.json (created; files there are replaced).
+        output_dir: Folder for hparams.json and results.json (created). Run again with the same flags (--seeds
+            aside) it keeps the seeds finished there and trains the others; with other flags they are replaced.
         task: A GLUE-format folder holding train.tsv and dev.tsv (a header line; a `sentence` column, or
             `sentence1` and `sentence2`, and `label`), or a Hub dataset name (glue, with --task_config sst2) when
             online. Its name picks the reported GLUE metric (MCC for cola, F1 for mrpc and qqp, Pearson for sts-b).
@@ -554,8 +573,25 @@ def finetune(
     validate_flags(flags)
     check_writable(output_dir, "--output_dir")  # before any loading, as a bad folder would otherwise fail at the end
     seed_list = parse_seeds(seeds)
-    name, rows, sources = load_task_rows(task, task_config, train_file, dev_file)
-    data = prepare_task(rows, sources, name, holdout, train_rows)
+    # Fine-tuning keeps no checkpoints (a seed takes minutes): a stop ends the run at once, and the seeds finished
+    # so far are in results.json, which the same command, run again, keeps.
+    progress = {"phase": "loading the task and the model", "finished": []}
+    try:
+        with StopSignal(at_once=True):
+            return run_finetuning(flags, seed_list, progress)
+    except StoppedAtOnce as stop:
+        finished = ",".join(map(str, progress["finished"]))
+        saved = f"{Path(output_dir) / 'results.json'} holds seed(s) {finished}" if finished else "no seed had finished"
+        raise TrainingInterrupted(f"{stop} while {progress['phase']}; {saved}. Continue with the same command "
+                                  f"(finished seeds are kept): {start_command()}", stop.signum) from None
+
+
+def run_finetuning(flags: dict[str, Any], seed_list: list[int], progress: dict[str, Any]) -> str:
+    """finetune()'s work once its flags are checked: load, tokenize, then train and evaluate seed after seed,
+    writing results.json after each. `progress` says what it is doing and which seeds are saved, for a stop."""
+    name, rows, sources = load_task_rows(flags["task"], flags["task_config"], flags["train_file"], flags["dev_file"])
+    data = prepare_task(rows, sources, name, flags["holdout"], flags["train_rows"])
+    metric = flags["metric"]
     metric_name = metric if metric != "auto" else "pearson" if data.regression else GLUE_METRICS.get(
         name.lower(), "accuracy")
     if data.regression != (metric_name == "pearson"):
@@ -566,12 +602,14 @@ def finetune(
     if flags["dtype"] not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--dtype must be auto, fp32 or bf16; got {flags['dtype']!r}")
     flags["dtype"] = resolve_dtype(flags["dtype"], device)
+    model_dir, scratch, pooling = flags["model_dir"], flags["scratch"], flags["pooling"]
     classifier_config(model_dir)  # a bad model folder is reported before any tokenizing
     tokenizer = load_tokenizer(model_dir)
-    length = usable_length(max_length, tokenizer)
+    length = usable_length(flags["max_length"], tokenizer)
     train_ids, eval_ids = tokenize(tokenizer, data.train_texts, length), tokenize(tokenizer, data.eval_texts, length)
-    output = Path(output_dir)
+    output = Path(flags["output_dir"])
     output.mkdir(parents=True, exist_ok=True)
+    earlier = finished_seeds(output, flags)
     hparams = {"flags": flags, "seeds": seed_list, "task": name, "sources": sources, "columns": data.columns,
                "labels": data.label_names or "regression", "train_rows": len(train_ids), "eval_rows": len(eval_ids),
                "eval_split": data.eval_split, "max_length_used": length, "device": str(device),
@@ -580,18 +618,27 @@ def finetune(
     logger.info(f"{name}: {len(train_ids)} train / {len(eval_ids)} {data.eval_split} rows, "
                 f"{'regression' if data.regression else f'{len(data.label_names)} labels'}; "
                 f"{'random weights (--scratch)' if scratch else model_dir}, {pooling} pooling; device {device}")
+    if kept := [seed for seed in seed_list if seed in earlier]:
+        logger.info(f"keeping seed(s) {','.join(map(str, kept))}, finished earlier in {output} with the same flags "
+                    "(delete its results.json to train them again)")
     metric_names = ["pearson"] if data.regression else list(dict.fromkeys(["accuracy", metric_name]))
     per_seed = []
     for seed in seed_list:
-        torch.manual_seed(seed)  # the head's (and with --scratch the encoder's) initial weights, and dropout
-        encoder = load_encoder(model_dir, scratch, dropout)
-        model = SentenceClassifier(encoder, 1 if data.regression else len(data.label_names), pooling, dropout)
-        per_seed.append(train_classifier(model.to(device), data, train_ids, eval_ids, flags, tokenizer.pad_token_id,
-                                         device, seed))
+        if seed in earlier:
+            per_seed.append(earlier[seed])
+        else:
+            progress["phase"] = f"training seed {seed}"
+            torch.manual_seed(seed)  # the head's (and with --scratch the encoder's) initial weights, and dropout
+            encoder = load_encoder(model_dir, scratch, flags["dropout"])
+            model = SentenceClassifier(encoder, 1 if data.regression else len(data.label_names), pooling,
+                                       flags["dropout"])
+            per_seed.append(train_classifier(model.to(device), data, train_ids, eval_ids, flags,
+                                             tokenizer.pad_token_id, device, seed))
         results = {"task": name, "eval_split": data.eval_split, "metric": metric_name, "scratch": scratch,
                    "model_dir": model_dir, "pooling": pooling, "summary": summary(per_seed, metric_names),
                    "seeds": per_seed}
         atomic_write(output / "results.json", lambda file: json.dump(results, file, indent=2), mode="w")
+        progress["finished"].append(seed)
     for reported in metric_names:
         values = " / ".join(f"{run[reported]:.4f}" for run in per_seed)
         logger.info(f"{data.eval_split} {reported}: seeds {','.join(map(str, seed_list))}: {values}; median "

@@ -2,8 +2,11 @@
 
 import json
 import random
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +251,62 @@ def test_downstream_bad_inputs_give_one_error_line(change, expected, tiny_model,
     result = run_cli("benchmarks/downstream.py", flags, timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-2000:]
+
+
+def without_timing(run: dict) -> dict:
+    return {name: value for name, value in run.items() if name != "train_time_s"}
+
+
+def test_the_same_command_again_keeps_the_finished_seeds_and_equals_an_uninterrupted_run(tiny_model, task, tmp_path):
+    """A folder where seed 0 finished (a run stopped during seed 1 leaves exactly that): the same flags with seeds 0,1
+    keep seed 0's result as it was and train seed 1, which equals seed 1 of an uninterrupted run. Other flags
+    replace the folder's results instead."""
+    uninterrupted = json.loads(Path(finetune.finetune(**flags(tiny_model, task, tmp_path / "whole", epochs=1,
+                                                              seeds=(0, 1))), "results.json").read_text())
+    output = tmp_path / "continued"
+    finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=0))
+    seed_0 = json.loads((output / "results.json").read_text())["seeds"][0]
+    seed_0["train_time_s"] = -1.0  # a mark: kept, not trained again
+    (output / "results.json").write_text(json.dumps({"seeds": [seed_0]}))
+    continued = json.loads(Path(finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1))),
+                                "results.json").read_text())
+    assert continued["seeds"][0] == seed_0
+    assert without_timing(continued["seeds"][1]) == without_timing(uninterrupted["seeds"][1])
+    assert continued["summary"] == uninterrupted["summary"]
+
+    other = json.loads(Path(finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1), lr=5e-4)),
+                            "results.json").read_text())
+    assert other["seeds"][0]["train_time_s"] != -1.0, "other flags: seed 0 is trained again"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_with_one_line_and_the_printed_command_finishes_the_other_seeds(tiny_model, task, tmp_path):
+    """SIGTERM during seed 1 of 0,1,2: exit 143, one line naming what was saved and the command to continue, no
+    traceback; that command, run as printed, keeps seed 0's result and trains seeds 1 and 2."""
+    output = tmp_path / "out"
+    command = [sys.executable, "finetune.py", *[f"--{name}={value}" for name, value in flags(
+        tiny_model, task, output, seeds="0,1,2", time_budget="3").items()]]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (output / "results.json").exists():  # seed 0 is finished once its results are written
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(0.05)
+        seed_0 = json.loads((output / "results.json").read_text())["seeds"]
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    expected = f"stopped by SIGTERM while training seed 1; {output / 'results.json'} holds seed(s) 0. Continue with"
+    assert last.startswith(expected), last
+    printed = last.split("(finished seeds are kept): ", 1)[1]
+    assert [run["seed"] for run in json.loads((output / "results.json").read_text())["seeds"]] == [0]
+
+    result = subprocess.run(shlex.split(printed), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert [run["seed"] for run in results["seeds"]] == [0, 1, 2]
+    assert results["seeds"][:1] == seed_0
+    assert "keeping seed(s) 0, finished earlier" in result.stderr
