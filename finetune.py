@@ -362,7 +362,8 @@ def predict(model: SentenceClassifier, ids: list[list[int]], batch_size: int, pa
     """The model's outputs (logits, or the predicted number) for every sequence, in order, in fp32 on the CPU."""
     model.eval()
     outputs = []
-    for start in range(0, len(ids), batch_size):
+    starts = range(0, len(ids), batch_size)
+    for start in tqdm(starts, desc="evaluating", unit="batch", file=sys.stderr, leave=False, disable=None):
         input_ids, attention_mask = pad_batch(ids[start:start + batch_size], pad_id)
         with autocast():
             outputs.append(model(input_ids.to(device), attention_mask.to(device)).float().cpu())
@@ -606,6 +607,7 @@ def run_finetuning(flags: dict[str, Any], seed_list: list[int], progress: dict[s
     classifier_config(model_dir)  # a bad model folder is reported before any tokenizing
     tokenizer = load_tokenizer(model_dir)
     length = usable_length(flags["max_length"], tokenizer)
+    logger.info(f"tokenizing {len(data.train_texts):,} train and {len(data.eval_texts):,} {data.eval_split} texts")
     train_ids, eval_ids = tokenize(tokenizer, data.train_texts, length), tokenize(tokenizer, data.eval_texts, length)
     output = Path(flags["output_dir"])
     output.mkdir(parents=True, exist_ok=True)
