@@ -397,14 +397,28 @@ def two_rank_runs(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> dict[str, di
         root = tmp_path_factory.mktemp(name)
         flags = {**RUN_FLAGS, **ds_flags, "dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer),
                  "checkpoint_dir": str(root / "experiments")}
-        result = run_torchrun(flags)
-        assert result.returncode == 0, result.stderr[-3000:]
-        uninterrupted = only_experiment(root / "experiments")
-        resumed = copy_as_interrupted(uninterrupted, 4, root / "resumed")
-        result = run_torchrun({"load_checkpoint_dir": str(resumed)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = {"uninterrupted": uninterrupted, "resumed": resumed}
+        runs[name] = run_and_resume_on_two_ranks(flags, root)
     return runs
+
+
+def run_and_resume_on_two_ranks(flags: dict, root: Path) -> dict[str, Path]:
+    """An uninterrupted 8-step run on 2 ranks in `root`, and a copy of it interrupted at step 4 then resumed."""
+    result = run_torchrun(flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = only_experiment(root / "experiments")
+    resumed = copy_as_interrupted(uninterrupted, 4, root / "resumed")
+    result = run_torchrun({"load_checkpoint_dir": str(resumed)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"uninterrupted": uninterrupted, "resumed": resumed}
+
+
+def assert_resume_equals_uninterrupted(uninterrupted: Path, resumed: Path) -> None:
+    """The same loss, gradient norm and learning rate at every step, the same evaluations, the same final weights."""
+    keys = ("step", "loss", "grad_norm", "lr")
+    expected = [tuple(record[key] for key in keys) for record in metric_records(uninterrupted, "loss")]
+    assert [tuple(record[key] for key in keys) for record in metric_records(resumed, "loss")] == expected
+    assert metric_records(resumed, "eval_loss") == metric_records(uninterrupted, "eval_loss")
+    assert_same_weights(exported_weights(resumed), exported_weights(uninterrupted))
 
 
 @pytest.mark.slow
@@ -415,12 +429,7 @@ def test_two_ranks_resume_exactly(config, two_rank_runs):
     The step, the data position, the LR schedule, the offloaded optimizer partitions and every rank's RNG state all
     come back from the checkpoint; a miss in any of them changes the losses after step 4.
     """
-    uninterrupted, resumed = two_rank_runs[config]["uninterrupted"], two_rank_runs[config]["resumed"]
-    keys = ("step", "loss", "grad_norm", "lr")
-    expected = [tuple(record[key] for key in keys) for record in metric_records(uninterrupted, "loss")]
-    assert [tuple(record[key] for key in keys) for record in metric_records(resumed, "loss")] == expected
-    assert metric_records(resumed, "eval_loss") == metric_records(uninterrupted, "eval_loss")
-    assert_same_weights(exported_weights(resumed), exported_weights(uninterrupted))
+    assert_resume_equals_uninterrupted(two_rank_runs[config]["uninterrupted"], two_rank_runs[config]["resumed"])
 
 
 @pytest.mark.slow
@@ -503,18 +512,10 @@ def test_two_ranks_bf16_optimizer_resume_exactly_and_export_the_fp32_master_weig
     (tmp_path / "config.json").write_text(json.dumps(config))
     flags = {**RUN_FLAGS, "dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer), "zero_stage": 1,
              "checkpoint_dir": str(tmp_path / "experiments"), "ds_config": str(tmp_path / "config.json")}
-    result = run_torchrun(flags)
-    assert result.returncode == 0, result.stderr[-3000:]
-    uninterrupted = only_experiment(tmp_path / "experiments")
+    runs = run_and_resume_on_two_ranks(flags, tmp_path)
+    uninterrupted = runs["uninterrupted"]
     assert len(list((uninterrupted / "global_step8").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
-    resumed = copy_as_interrupted(uninterrupted, 4, tmp_path / "resumed")
-    result = run_torchrun({"load_checkpoint_dir": str(resumed)})
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    keys = ("step", "loss", "grad_norm", "lr")
-    expected = [tuple(record[key] for key in keys) for record in metric_records(uninterrupted, "loss")]
-    assert [tuple(record[key] for key in keys) for record in metric_records(resumed, "loss")] == expected
-    assert_same_weights(exported_weights(resumed), exported_weights(uninterrupted))
+    assert_resume_equals_uninterrupted(uninterrupted, runs["resumed"])
     assert_exports_fp32_masters_of_bf16_weights(uninterrupted, "global_step8")
 
 
