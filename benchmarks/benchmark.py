@@ -79,8 +79,13 @@ def cpu_suite(batch_size: int, seq: int) -> list[dict[str, Any]]:
     """Upstream's model at one batch/length: the upstream-style baseline first, then each of our speed-ups."""
     dims = {**UPSTREAM_DIMS, "batch_size": batch_size, "max_seq_length": seq}
     return [
-        row("upstream-style (padded lines, eager attention, Adam), fp32", "upstream-style", **dims, dtype="fp32",
-            dropout=0.1),
+        row(
+            "upstream-style (padded lines, eager attention, Adam), fp32",
+            "upstream-style",
+            **dims,
+            dtype="fp32",
+            dropout=0.1,
+        ),
         row("train_bert.py fp32, dropout 0.1", "plain", **dims, dtype="fp32", dropout=0.1, compile=False),
         row("train_bert.py fp32, dropout 0", "plain", **dims, dtype="fp32", dropout=0.0, compile=False),
         row("train_bert.py bf16, dropout 0", "plain", **dims, dtype="bf16", dropout=0.0, compile=False),
@@ -95,8 +100,15 @@ def ds_rows(dims: dict[str, Any], dtype: str, **extra: Any) -> list[dict[str, An
     return [
         row(f"train_bert_ds.py ZeRO-0 {dtype}", "ds", **dims, dtype=dtype, zero_stage=0, **extra),
         row(f"train_bert_ds.py ZeRO-1 {dtype}", "ds", **dims, dtype=dtype, zero_stage=1, **extra),
-        row(f"train_bert_ds.py ZeRO-1 + CPU offload {dtype}", "ds", **dims, dtype=dtype, zero_stage=1,
-            offload_optimizer="cpu", **extra),
+        row(
+            f"train_bert_ds.py ZeRO-1 + CPU offload {dtype}",
+            "ds",
+            **dims,
+            dtype=dtype,
+            zero_stage=1,
+            offload_optimizer="cpu",
+            **extra,
+        ),
         row(f"train_bert_ds.py ZeRO-2 {dtype}", "ds", **dims, dtype=dtype, zero_stage=2, **extra),
     ]
 
@@ -113,8 +125,13 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
     cpu_dims = {**UPSTREAM_DIMS, "batch_size": 32, "max_seq_length": 128}
     gpu_dims = {**BERT_BASE_DIMS, "batch_size": 64, "max_seq_length": 128, "local_rank": 0}
     memory_dims = {**BERT_BASE_DIMS, "batch_size": 32, "max_seq_length": 128, "local_rank": 0}
-    offload_dims = {**OFFLOAD_DIMS, "batch_size": 8, "max_seq_length": 128, "local_rank": 0,
-                    "memory_cap_gib": OFFLOAD_GPU_GIB}
+    offload_dims = {
+        **OFFLOAD_DIMS,
+        "batch_size": 8,
+        "max_seq_length": 128,
+        "local_rank": 0,
+        "memory_cap_gib": OFFLOAD_GPU_GIB,
+    }
     if dry_run:
         gpu_dims = memory_dims = offload_dims = {**TINY_DIMS, "batch_size": 4, "max_seq_length": 32, "local_rank": -1}
     suites = {
@@ -123,12 +140,18 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
         "cpu": cpu_suite(32, 128),
         "cpu512": cpu_suite(8, 512),
         # train_bert.py's default model (batch 16 x 128): what --dtype auto and --compile buy on this CPU.
-        "cpu-default": [throughput_config(row(f"train_bert.py {dtype}{' + compile' if compile else ''}", "plain",
-                                              dtype=dtype, compile=compile))
-                        for compile in (False, True) for dtype in ("fp32", "bf16")],
+        "cpu-default": [
+            throughput_config(
+                row(f"train_bert.py {dtype}{' + compile' if compile else ''}", "plain", dtype=dtype, compile=compile)
+            )
+            for compile in (False, True)
+            for dtype in ("fp32", "bf16")
+        ],
         # The DeepSpeed script on the CPU (DeepSpeed's CPU accelerator), next to the plain script.
-        "cpu-ds": [row("train_bert.py bf16", "plain", **cpu_dims, dtype="bf16", compile=False),
-                   *ds_rows(cpu_dims, "bf16")],
+        "cpu-ds": [
+            row("train_bert.py bf16", "plain", **cpu_dims, dtype="bf16", compile=False),
+            *ds_rows(cpu_dims, "bf16"),
+        ],
         # BERT-base on one GPU: throughput and MFU, both scripts, compile off/on.
         "gpu": [
             row("train_bert.py bf16", "plain", **gpu_dims, dtype="bf16", compile=False),
@@ -140,10 +163,21 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
         # BERT-base at batch 256 x 128: enough work per step to hide the host's kernel launches; with and without
         # dropout (without it, attention can use the fused flash kernel under compile too).
         "gpu-batch256": [
-            row("train_bert.py bf16 + compile, batch 256", "plain", **{**gpu_dims, "batch_size": 256}, dtype="bf16",
-                compile=True),
-            row("train_bert.py bf16 + compile, batch 256, dropout 0", "plain", **{**gpu_dims, "batch_size": 256},
-                dtype="bf16", compile=True, dropout=0.0),
+            row(
+                "train_bert.py bf16 + compile, batch 256",
+                "plain",
+                **{**gpu_dims, "batch_size": 256},
+                dtype="bf16",
+                compile=True,
+            ),
+            row(
+                "train_bert.py bf16 + compile, batch 256, dropout 0",
+                "plain",
+                **{**gpu_dims, "batch_size": 256},
+                dtype="bf16",
+                compile=True,
+                dropout=0.0,
+            ),
         ],
         # One model's peak memory by precision and ZeRO (BERT-base, batch 32 x 128).
         "gpu-memory": [
@@ -151,23 +185,42 @@ def suite_rows(name: str, dry_run: bool = False) -> list[dict[str, Any]]:
             row("train_bert.py fp16", "plain", **memory_dims, dtype="fp16", compile=False),
             row("train_bert.py bf16", "plain", **memory_dims, dtype="bf16", compile=False),
             row("train_bert_ds.py ZeRO-1 bf16", "ds", **memory_dims, dtype="bf16", zero_stage=1),
-            row("train_bert_ds.py ZeRO-1 + CPU offload bf16", "ds", **memory_dims, dtype="bf16", zero_stage=1,
-                offload_optimizer="cpu"),
+            row(
+                "train_bert_ds.py ZeRO-1 + CPU offload bf16",
+                "ds",
+                **memory_dims,
+                dtype="bf16",
+                zero_stage=1,
+                offload_optimizer="cpu",
+            ),
         ],
         # A 1.27B model on a GPU capped at OFFLOAD_GPU_GIB: out of memory without ZeRO-Offload, trains with it.
         "gpu-offload": [
-            row(f"train_bert_ds.py ZeRO-1 bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB", "ds", **offload_dims,
-                dtype="bf16", zero_stage=1),
-            row(f"train_bert_ds.py ZeRO-1 + CPU offload bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB", "ds",
-                **offload_dims, dtype="bf16", zero_stage=1, offload_optimizer="cpu"),
+            row(
+                f"train_bert_ds.py ZeRO-1 bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB",
+                "ds",
+                **offload_dims,
+                dtype="bf16",
+                zero_stage=1,
+            ),
+            row(
+                f"train_bert_ds.py ZeRO-1 + CPU offload bf16, GPU capped at {OFFLOAD_GPU_GIB} GiB",
+                "ds",
+                **offload_dims,
+                dtype="bf16",
+                zero_stage=1,
+                offload_optimizer="cpu",
+            ),
         ],
         # Tiny dims: a quick end-to-end check of every kind of row (tests, dry runs).
         "smoke": [
             row("upstream-style fp32", "upstream-style", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="fp32"),
-            row("train_bert.py fp32", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="fp32",
-                compile=False),
-            row("train_bert.py bf16", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="bf16",
-                compile=False),
+            row(
+                "train_bert.py fp32", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="fp32", compile=False
+            ),
+            row(
+                "train_bert.py bf16", "plain", **TINY_DIMS, batch_size=4, max_seq_length=32, dtype="bf16", compile=False
+            ),
         ],
     }
     if name not in suites:
@@ -201,8 +254,9 @@ def synthetic_corpus(directory: Path, num_lines: int = 40_000, num_words: int = 
     nothing, its speed is what a real corpus of the same token count gives.
     """
     rng = random.Random(seed)
-    syllables = [consonant + vowel for consonant in "bcdfghjklmnprstvwz" for vowel in ("a", "e", "i", "o", "u", "ai",
-                                                                                       "ou")]
+    syllables = [
+        consonant + vowel for consonant in "bcdfghjklmnprstvwz" for vowel in ("a", "e", "i", "o", "u", "ai", "ou")
+    ]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(num_words)]
     weights = [1 / (rank + 1) for rank in range(num_words)]
     directory.mkdir(parents=True, exist_ok=True)
@@ -236,9 +290,18 @@ def script_flags(config: dict[str, Any], data: dict[str, str], work_dir: Path) -
     flags = dict(config["flags"])
     flags.pop("memory_cap_gib", None)
     steps = window * (1 + windows)
-    return {"checkpoint_dir": str(work_dir / "experiments"), "dataset": data["dataset"], "dataset_config": None,
-            "tokenizer": data["tokenizer"], "num_iterations": steps, "log_every": window, "eval_every": steps,
-            "checkpoint_every": steps, "keep_last": 1, **flags}
+    return {
+        "checkpoint_dir": str(work_dir / "experiments"),
+        "dataset": data["dataset"],
+        "dataset_config": None,
+        "tokenizer": data["tokenizer"],
+        "num_iterations": steps,
+        "log_every": window,
+        "eval_every": steps,
+        "checkpoint_every": steps,
+        "keep_last": 1,
+        **flags,
+    }
 
 
 def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -271,8 +334,9 @@ def measure_script(config: dict[str, Any], data: dict[str, Any], work_dir: Path)
         "computed_tokens_per_sec": tokens_per_step * data["window"] * len(timed) / sum(seconds),
         "step_time_ms": 1000 * sum(seconds) / (data["window"] * len(timed)),
         "cpu_ms_per_step": 1000 * (cpu_seconds[-1] - cpu_seconds[0]) / (data["window"] * len(timed)),
-        "real_tokens_per_cpu_second": (tokens_per_step * data["window"] * len(timed)
-                                       / (cpu_seconds[-1] - cpu_seconds[0])),
+        "real_tokens_per_cpu_second": (
+            tokens_per_step * data["window"] * len(timed) / (cpu_seconds[-1] - cpu_seconds[0])
+        ),
         "mfu": None if None in mfus else sum(m * s for m, s in zip(mfus, seconds)) / sum(seconds),
         "peak_memory_mib": timed[-1]["peak_memory_mib"],
         "loss": timed[-1]["loss"],
@@ -289,11 +353,20 @@ def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_di
     texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
     model = upstream_style.upstream_style_model(
-        tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"], flags.get("dropout", 0.1),
-        flags["max_seq_length"]).to(device)
-    batches = (train_bert.to_device(batch, device)
-               for batch in upstream_style.upstream_style_batches(texts, tokenizer, flags["batch_size"],
-                                                                  flags["max_seq_length"]))
+        tokenizer,
+        flags["num_layers"],
+        flags["num_heads"],
+        flags["ff_dim"],
+        flags["h_dim"],
+        flags.get("dropout", 0.1),
+        flags["max_seq_length"],
+    ).to(device)
+    batches = (
+        train_bert.to_device(batch, device)
+        for batch in upstream_style.upstream_style_batches(
+            texts, tokenizer, flags["batch_size"], flags["max_seq_length"]
+        )
+    )
     warmup, timed = data["window"], data["window"] * data["windows"]
     steps: list[tuple[float, int, int, float]] = []
     cpu_seconds: list[float] = []  # the process's CPU time after each step
@@ -302,8 +375,9 @@ def measure_upstream_style(config: dict[str, Any], data: dict[str, Any], work_di
         steps.append((seconds, real, padded, loss))
         cpu_seconds.append(time.process_time())
 
-    upstream_style.train_upstream_style(model, batches, tokenizer.pad_token_id,
-                                        should_stop=lambda done, _: done >= warmup + timed, on_step=on_step)
+    upstream_style.train_upstream_style(
+        model, batches, tokenizer.pad_token_id, should_stop=lambda done, _: done >= warmup + timed, on_step=on_step
+    )
     measured = steps[warmup:]
     seconds = sum(s for s, _, _, _ in measured)
     cpu = cpu_seconds[-1] - cpu_seconds[warmup - 1]
@@ -335,7 +409,8 @@ def measure_upstream_script(config: dict[str, Any], data: dict[str, Any], work_d
             sys.modules[name] = stub()
     original_load = datasets.load_dataset
     datasets.load_dataset = lambda path, *args, **kwargs: original_load(
-        data["original_dataset"] if path == "wikitext" else path, *args, **kwargs)
+        data["original_dataset"] if path == "wikitext" else path, *args, **kwargs
+    )
     spec = importlib.util.spec_from_file_location("upstream_train_bert", data["upstream_script"])
     upstream = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(upstream)
@@ -352,9 +427,16 @@ def measure_upstream_script(config: dict[str, Any], data: dict[str, Any], work_d
 
             def __next__(self) -> dict[str, torch.Tensor]:
                 batch = next(iterator)
-                stamps.append((time.perf_counter(), int(batch["attention_mask"].sum()), batch["src_tokens"].numel(),
-                               time.process_time()))
+                stamps.append(
+                    (
+                        time.perf_counter(),
+                        int(batch["attention_mask"].sum()),
+                        batch["src_tokens"].numel(),
+                        time.process_time(),
+                    )
+                )
                 return batch
+
         return Timed()
 
     upstream.create_data_iterator = timed_iterator
@@ -363,11 +445,19 @@ def measure_upstream_script(config: dict[str, Any], data: dict[str, Any], work_d
     torch.manual_seed(42)  # the seeds of upstream's __main__
     upstream.np.random.seed(0)
     random.seed(0)
-    upstream.train(checkpoint_dir=str(work_dir / "upstream"), tokenizer=data["tokenizer"],
-                   max_seq_length=flags["max_seq_length"], batch_size=flags["batch_size"],
-                   num_layers=flags["num_layers"], num_heads=flags["num_heads"], ff_dim=flags["ff_dim"],
-                   h_dim=flags["h_dim"], num_iterations=warmup + timed + 1, checkpoint_every=10**9,
-                   log_every=data["window"])
+    upstream.train(
+        checkpoint_dir=str(work_dir / "upstream"),
+        tokenizer=data["tokenizer"],
+        max_seq_length=flags["max_seq_length"],
+        batch_size=flags["batch_size"],
+        num_layers=flags["num_layers"],
+        num_heads=flags["num_heads"],
+        ff_dim=flags["ff_dim"],
+        h_dim=flags["h_dim"],
+        num_iterations=warmup + timed + 1,
+        checkpoint_every=10**9,
+        log_every=data["window"],
+    )
     # Batch k is trained between stamps k and k + 1.
     measured = [(stamps[k + 1][0] - stamps[k][0], stamps[k][1], stamps[k][2]) for k in range(warmup, warmup + timed)]
     seconds = sum(s for s, _, _ in measured)
@@ -400,8 +490,12 @@ def upstream_stub_sh() -> types.ModuleType:
     return module
 
 
-MEASURE = {"plain": measure_script, "ds": measure_script, "upstream-style": measure_upstream_style,
-           "upstream": measure_upstream_script}
+MEASURE = {
+    "plain": measure_script,
+    "ds": measure_script,
+    "upstream-style": measure_upstream_style,
+    "upstream": measure_upstream_script,
+}
 
 
 def read_job(job: str) -> tuple[Path, dict, dict]:
@@ -435,6 +529,7 @@ LIVE_CHILDREN: list[subprocess.Popen] = []
 
 def stop_children_on_exit() -> None:
     """When the benchmark itself is stopped (Ctrl-C, SIGTERM, an error), stop the runs it started too."""
+
     def stop_children() -> None:
         for process in LIVE_CHILDREN:
             if process.poll() is None:
@@ -444,8 +539,9 @@ def stop_children_on_exit() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 
 
-def run_child(command: str, config: dict[str, Any], data: dict[str, Any], work_dir: Path, timeout_s: float
-              ) -> subprocess.Popen:
+def run_child(
+    command: str, config: dict[str, Any], data: dict[str, Any], work_dir: Path, timeout_s: float
+) -> subprocess.Popen:
     """Start `benchmark.py <command>` for one job in `work_dir` (its output goes to work_dir/log.txt)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / "job.json").write_text(json.dumps({"config": config, "data": data}))
@@ -454,8 +550,21 @@ def run_child(command: str, config: dict[str, Any], data: dict[str, Any], work_d
         env.setdefault("DS_ACCELERATOR", "cpu")
     log = open(work_dir / "log.txt", "w")
     process = subprocess.Popen(
-        ["timeout", "--signal=KILL", str(int(timeout_s)), sys.executable, str(Path(__file__).resolve()), command,
-         "--job", str(work_dir / "job.json")], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        [
+            "timeout",
+            "--signal=KILL",
+            str(int(timeout_s)),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            command,
+            "--job",
+            str(work_dir / "job.json"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
+    )
     process.log = log
     LIVE_CHILDREN.append(process)
     return process
@@ -496,11 +605,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     machine shared with other work they stay comparable while wall-clock figures follow the load.
     """
     on_cpu = all(result["config"]["flags"].get("local_rank", -1) < 0 for result in rows)
-    cpu_head, cpu_rule = (" CPU s/step | real tokens per CPU-second | x row 1 (CPU) |", "---:|---:|---:|") if on_cpu \
-        else ("", "")
-    lines = ["| # | configuration | model, batch x seq | real tokens/s | x row 1 | tokens/s incl. padding | step (ms) |"
-             f"{cpu_head} MFU | peak memory (MiB) |",
-             f"|---|---|---|---:|---:|---:|---:|{cpu_rule}---:|---:|"]
+    cpu_head, cpu_rule = (
+        (" CPU s/step | real tokens per CPU-second | x row 1 (CPU) |", "---:|---:|---:|") if on_cpu else ("", "")
+    )
+    lines = [
+        "| # | configuration | model, batch x seq | real tokens/s | x row 1 | tokens/s incl. padding | step (ms) |"
+        f"{cpu_head} MFU | peak memory (MiB) |",
+        f"|---|---|---|---:|---:|---:|---:|{cpu_rule}---:|---:|",
+    ]
     reference = rows[0].get("real_tokens_per_sec") if rows else None
     cpu_reference = rows[0].get("real_tokens_per_cpu_second") if rows else None
     for number, result in enumerate(rows, start=1):
@@ -516,16 +628,21 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         cpu = ""
         if on_cpu:
             cpu_ratio = f"{result['real_tokens_per_cpu_second'] / cpu_reference:.2f}x" if cpu_reference else "n/a"
-            cpu = (f" {result['cpu_ms_per_step'] / 1000:,.2f} | {result['real_tokens_per_cpu_second']:,.0f} "
-                   f"| {cpu_ratio} |")
+            cpu = (
+                f" {result['cpu_ms_per_step'] / 1000:,.2f} | {result['real_tokens_per_cpu_second']:,.0f} "
+                f"| {cpu_ratio} |"
+            )
         lines.append(
             f"| {number} | {config['name']} | {describe(config)} | {result['real_tokens_per_sec']:,.0f}{spread_text} "
             f"| {ratio} | {result['computed_tokens_per_sec']:,.0f} | {result['step_time_ms']:,.0f} |{cpu} {mfu} "
-            f"| {result['peak_memory_mib']:,.0f} |")
+            f"| {result['peak_memory_mib']:,.0f} |"
+        )
     if any(result.get("mfu") is not None for result in rows):
-        lines.append("\nMFU = model FLOPs per step / step time / the GPU's dense peak for the dtype (PEAK_FLOPS); "
-                     "FLOPs per step = 6·N_dense·tokens + 12·L·d·T·tokens + 6·(d² + d·V)·predicted tokens, "
-                     "N_dense = L·(4·d² + 2·d·ff) (training_flops).")
+        lines.append(
+            "\nMFU = model FLOPs per step / step time / the GPU's dense peak for the dtype (PEAK_FLOPS); "
+            "FLOPs per step = 6·N_dense·tokens + 12·L·d·T·tokens + 6·(d² + d·V)·predicted tokens, "
+            "N_dense = L·(4·d² + 2·d·ff) (training_flops)."
+        )
     return "\n".join(lines)
 
 
@@ -539,8 +656,10 @@ def machine_description() -> str:
                 break
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) "
-            "at the end")
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores{gpu}; torch {torch.__version__}; load average {load} (1/5/15 min) "
+        "at the end"
+    )
 
 
 def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
@@ -549,8 +668,15 @@ def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return measurements[-1]
     combined = {"status": "ok", "rounds": measurements}
-    for key in ("real_tokens_per_sec", "computed_tokens_per_sec", "step_time_ms", "peak_memory_mib", "mfu",
-                "cpu_ms_per_step", "real_tokens_per_cpu_second"):
+    for key in (
+        "real_tokens_per_sec",
+        "computed_tokens_per_sec",
+        "step_time_ms",
+        "peak_memory_mib",
+        "mfu",
+        "cpu_ms_per_step",
+        "real_tokens_per_cpu_second",
+    ):
         values = [m[key] for m in good if m.get(key) is not None]
         combined[key] = statistics.median(values) if values else None
     values = [m["real_tokens_per_sec"] for m in good]
@@ -558,8 +684,9 @@ def median_over_rounds(measurements: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
-def data_settings(dataset: str, dataset_config: str | None, tokenizer: str, work_dir: Path, **extra: Any
-                  ) -> dict[str, Any]:
+def data_settings(
+    dataset: str, dataset_config: str | None, tokenizer: str, work_dir: Path, **extra: Any
+) -> dict[str, Any]:
     """Resolve the benchmark's data: "synthetic" makes a corpus and a BPE tokenizer; a dataset gets a short copy."""
     if dataset == "synthetic":  # made once per work_dir, reused by later calls with the same work_dir
         corpus = work_dir / "synthetic_corpus"
@@ -571,8 +698,13 @@ def data_settings(dataset: str, dataset_config: str | None, tokenizer: str, work
                 bpe_tokenizer_folder(corpus, tokenizer, vocab_size=32768)
         return {"dataset": str(corpus), "original_dataset": str(corpus), "tokenizer": str(tokenizer), **extra}
     corpus = prepare_corpus(dataset, dataset_config, work_dir / "corpus")
-    return {"dataset": str(corpus), "original_dataset": dataset, "original_dataset_config": dataset_config,
-            "tokenizer": tokenizer, **extra}
+    return {
+        "dataset": str(corpus),
+        "original_dataset": dataset,
+        "original_dataset_config": dataset_config,
+        "tokenizer": tokenizer,
+        **extra,
+    }
 
 
 def throughput(
@@ -621,13 +753,26 @@ def throughput(
     stop_children_on_exit()
     rows = json.loads(Path(configs).read_text()) if configs else suite_rows(suite, dry_run)
     if upstream_script:  # right after the upstream-style row, with its dims, batch and length
-        baseline = rows[0] if rows[0]["kind"] == "upstream-style" else row("", "", **UPSTREAM_DIMS, batch_size=32,
-                                                                           max_seq_length=128)
-        rows.insert(1 if rows[0]["kind"] == "upstream-style" else 0,
-                    {**baseline, "name": "upstream's train_bert.py, unchanged, fp32", "kind": "upstream"})
+        baseline = (
+            rows[0]
+            if rows[0]["kind"] == "upstream-style"
+            else row("", "", **UPSTREAM_DIMS, batch_size=32, max_seq_length=128)
+        )
+        rows.insert(
+            1 if rows[0]["kind"] == "upstream-style" else 0,
+            {**baseline, "name": "upstream's train_bert.py, unchanged, fp32", "kind": "upstream"},
+        )
     with working_directory(work_dir) as directory:
-        data = data_settings(dataset, dataset_config, tokenizer, directory, window=window, windows=windows,
-                             threads=threads, upstream_script=upstream_script)
+        data = data_settings(
+            dataset,
+            dataset_config,
+            tokenizer,
+            directory,
+            window=window,
+            windows=windows,
+            threads=threads,
+            upstream_script=upstream_script,
+        )
         measurements: list[list[dict[str, Any]]] = [[] for _ in rows]
         for round_number in range(rounds):
             for index, config in enumerate(rows):
@@ -638,9 +783,12 @@ def throughput(
                     continue
                 result = child_result(run_child("run_one", config, data, job_dir, min(timeout_s, left)), job_dir)
                 measurements[index].append(result)
-                print(f"[round {round_number + 1}/{rounds}] {config['name']}: "
-                      f"{format_value(result.get('real_tokens_per_sec'))} real tokens/s ({result['status']})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[round {round_number + 1}/{rounds}] {config['name']}: "
+                    f"{format_value(result.get('real_tokens_per_sec'))} real tokens/s ({result['status']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
     results = [{"config": config, **median_over_rounds(m)} for config, m in zip(rows, measurements)]
     table = markdown_table(results)
     header = f"Machine: {machine_description()}.\nCommand: `{command_line()}`\n"
@@ -648,8 +796,9 @@ def throughput(
     if markdown_path:
         Path(markdown_path).write_text(header + "\n" + table + "\n")
     if json_path:
-        Path(json_path).write_text(json.dumps({"machine": machine_description(), "command": command_line(),
-                                               "results": results}, indent=2))
+        Path(json_path).write_text(
+            json.dumps({"machine": machine_description(), "command": command_line(), "results": results}, indent=2)
+        )
 
 
 def command_line() -> str:
@@ -713,8 +862,12 @@ def profile(
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    dims = {"default": {}, "upstream": UPSTREAM_DIMS, "bert-base": BERT_BASE_DIMS,
-            "bert-base-rotary": {**BERT_BASE_DIMS, "positions": "rotary"}}.get(model)
+    dims = {
+        "default": {},
+        "upstream": UPSTREAM_DIMS,
+        "bert-base": BERT_BASE_DIMS,
+        "bert-base-rotary": {**BERT_BASE_DIMS, "positions": "rotary"},
+    }.get(model)
     if dims is None:
         raise errors.ConfigError(f"--model must be default, upstream, bert-base or bert-base-rotary; got {model!r}")
     if threads:
@@ -737,19 +890,32 @@ def profile(
     MetricsLogger.log = log
     with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
         data = data_settings(dataset, dataset_config, tokenizer, directory)
-        train_bert.train(checkpoint_dir=str(directory), dataset=data["dataset"],
-                         dataset_config=None, tokenizer=data["tokenizer"], **dims,
-                         batch_size=batch_size, max_seq_length=max_seq_length, dtype=dtype, dropout=dropout,
-                         compile=compile, local_rank=local_rank, log_every=window, num_iterations=3 * window,
-                         eval_every=3 * window, checkpoint_every=3 * window)
+        train_bert.train(
+            checkpoint_dir=str(directory),
+            dataset=data["dataset"],
+            dataset_config=None,
+            tokenizer=data["tokenizer"],
+            **dims,
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            dtype=dtype,
+            dropout=dropout,
+            compile=compile,
+            local_rank=local_rank,
+            log_every=window,
+            num_iterations=3 * window,
+            eval_every=3 * window,
+            checkpoint_every=3 * window,
+        )
     mfu = f", MFU {100 * logged[-1]['mfu']:.1f}%" if logged[-1].get("mfu") else ""
     print(f"{model}, {window} steps, {logged[-1]['step_time_ms']:.0f} ms/step{mfu} ({machine_description()}):")
     sort_by = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
     print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
-def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_length: int = 128,
-            vocab_size: int = 50265) -> None:
+def ceiling(
+    threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_length: int = 128, vocab_size: int = 50265
+) -> None:
     """The fastest a training step could be here: large-matmul FLOP/s per dtype against the model's FLOPs per token.
 
     Prints the best of 5 [size x size] @ [size x size] products in fp32 and bf16 with `threads` threads, the
@@ -767,16 +933,19 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
     from transformers import RobertaConfig
 
     torch.set_num_threads(threads)
-    config = RobertaConfig(vocab_size=vocab_size, hidden_size=UPSTREAM_DIMS["h_dim"],
-                           num_hidden_layers=UPSTREAM_DIMS["num_layers"], intermediate_size=UPSTREAM_DIMS["ff_dim"],
-                           num_attention_heads=UPSTREAM_DIMS["num_heads"])
+    config = RobertaConfig(
+        vocab_size=vocab_size,
+        hidden_size=UPSTREAM_DIMS["h_dim"],
+        num_hidden_layers=UPSTREAM_DIMS["num_layers"],
+        intermediate_size=UPSTREAM_DIMS["ff_dim"],
+        num_attention_heads=UPSTREAM_DIMS["num_heads"],
+    )
     tokens = batch_size * max_seq_length
     predicted = 0.15 * batch_size * (max_seq_length - 2)
     per_token = training_flops(config, tokens, predicted, max_seq_length) / tokens
     print(f"{machine_description()}; {threads} thread(s)")
-    shape = describe(row('', '', **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))
-    print(f"training FLOPs per token, {shape}"
-          f", vocab {vocab_size}: {per_token / 1e6:.1f} MFLOP")
+    shape = describe(row("", "", **UPSTREAM_DIMS, batch_size=batch_size, max_seq_length=max_seq_length))
+    print(f"training FLOPs per token, {shape}, vocab {vocab_size}: {per_token / 1e6:.1f} MFLOP")
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
         a @ b
@@ -793,10 +962,20 @@ def ceiling(threads: int = 1, size: int = 2048, batch_size: int = 32, max_seq_le
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train_bert.PREDICTION_BUCKET,
-           num_layers: int = 6, h_dim: int = 256, ff_dim: int = 1024, num_heads: int = 8, batch_size: int = 32,
-           max_seq_length: int = 128, dataset: str = DEFAULT_DATASET, dataset_config: str | None = "wikitext-2-v1",
-           tokenizer: str = DEFAULT_TOKENIZER) -> None:
+def memory(
+    steps: int = 120,
+    log_every: int = 10,
+    prediction_bucket: int = train_bert.PREDICTION_BUCKET,
+    num_layers: int = 6,
+    h_dim: int = 256,
+    ff_dim: int = 1024,
+    num_heads: int = 8,
+    batch_size: int = 32,
+    max_seq_length: int = 128,
+    dataset: str = DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    tokenizer: str = DEFAULT_TOKENIZER,
+) -> None:
     """Train `steps` steps and print the resident memory (RSS, now and peak) at each log line: it must stay flat.
 
     `--prediction_bucket 1` turns off the padding of the predicted positions (sparse_batch), which brings back a
@@ -831,17 +1010,33 @@ def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train
 
     MetricsLogger.log = log
     with working_directory(None) as directory, contextlib.suppress(MeasurementDone):
-        train_bert.train(checkpoint_dir=str(directory), dataset=dataset, dataset_config=dataset_config,
-                         tokenizer=tokenizer, num_layers=num_layers, h_dim=h_dim, ff_dim=ff_dim, num_heads=num_heads,
-                         batch_size=batch_size, max_seq_length=max_seq_length, num_iterations=steps,
-                         log_every=log_every, eval_every=10**9, checkpoint_every=10**9)
-    print(f"{num_layers}L/{h_dim}/{ff_dim}/{num_heads}h, batch {batch_size} x {max_seq_length}, prediction bucket "
-          f"{prediction_bucket}; {machine_description()}\n")
+        train_bert.train(
+            checkpoint_dir=str(directory),
+            dataset=dataset,
+            dataset_config=dataset_config,
+            tokenizer=tokenizer,
+            num_layers=num_layers,
+            h_dim=h_dim,
+            ff_dim=ff_dim,
+            num_heads=num_heads,
+            batch_size=batch_size,
+            max_seq_length=max_seq_length,
+            num_iterations=steps,
+            log_every=log_every,
+            eval_every=10**9,
+            checkpoint_every=10**9,
+        )
+    print(
+        f"{num_layers}L/{h_dim}/{ff_dim}/{num_heads}h, batch {batch_size} x {max_seq_length}, prediction bucket "
+        f"{prediction_bucket}; {machine_description()}\n"
+    )
     print("| step | RSS (MiB) | peak RSS (MiB) |\n|---:|---:|---:|")
     for step, rss, peak in rows:
         print(f"| {step} | {rss:,.0f} | {peak:,.0f} |")
-    print(f"\nRSS from step {rows[0][0]} to {rows[-1][0]}: {rows[-1][1] - rows[0][1]:+,.0f} MiB; peak "
-          f"{rows[-1][2] - rows[0][2]:+,.0f} MiB")
+    print(
+        f"\nRSS from step {rows[0][0]} to {rows[-1][0]}: {rows[-1][1] - rows[0][1]:+,.0f} MiB; peak "
+        f"{rows[-1][2] - rows[0][2]:+,.0f} MiB"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -849,12 +1044,26 @@ def memory(steps: int = 120, log_every: int = 10, prediction_bucket: int = train
 # ----------------------------------------------------------------------------------------------------------------------
 
 # Upstream's defaults (HelloDeepSpeed train_bert.py): batch 8 of lines up to 512 tokens, ff 512, Adam lr 1e-4.
-UPSTREAM_RECIPE = row("upstream-style defaults", "upstream-style", **UPSTREAM_DIMS, batch_size=8, max_seq_length=512,
-                      dropout=0.1)
+UPSTREAM_RECIPE = row(
+    "upstream-style defaults", "upstream-style", **UPSTREAM_DIMS, batch_size=8, max_seq_length=512, dropout=0.1
+)
 EVAL_BATCH_SIZE, EVAL_SEED = 32, 1234
 # The flags a ttq table shows for a train_bert.py / train_bert_ds.py recipe, as the run resolved them.
-TTQ_KEY_FLAGS = ("lr", "warmup_steps", "num_iterations", "time_budget", "batch_size", "dtype", "compile", "dropout",
-                 "num_layers", "h_dim", "ff_dim", "positions", "max_seq_length")
+TTQ_KEY_FLAGS = (
+    "lr",
+    "warmup_steps",
+    "num_iterations",
+    "time_budget",
+    "batch_size",
+    "dtype",
+    "compile",
+    "dropout",
+    "num_layers",
+    "h_dim",
+    "ff_dim",
+    "positions",
+    "max_seq_length",
+)
 
 
 def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
@@ -871,8 +1080,9 @@ def recipe(spec: str | dict[str, Any]) -> dict[str, Any]:
     if spec == "default":
         return row("train_bert.py defaults", "plain")
     if spec == "run_mlm":
-        shape = {name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim", "num_heads",
-                                                             "max_seq_length")}
+        shape = {
+            name: train_bert_default(name) for name in ("num_layers", "h_dim", "ff_dim", "num_heads", "max_seq_length")
+        }
         return row("Hugging Face run_mlm.py defaults, same model", "run_mlm", **shape)
     if isinstance(spec, dict):
         flags = {key: value for key, value in spec.items() if key not in ("name", "kind")}
@@ -889,8 +1099,12 @@ def ttq_one(job: str) -> None:
     try:
         trained = trainers.get(config["kind"], train_script_for_budget)(config, data, work_dir)
         model, tokenizer = trained.pop("model"), trained.pop("tokenizer")
-        result = {"status": "ok", **trained, **validation_losses(model, tokenizer, data),
-                  "fill_mask": fill_mask_predictions(model, tokenizer, work_dir)}
+        result = {
+            "status": "ok",
+            **trained,
+            **validation_losses(model, tokenizer, data),
+            "fill_mask": fill_mask_predictions(model, tokenizer, work_dir),
+        }
     except Exception as error:  # noqa: BLE001
         result = {"status": f"failed: {type(error).__name__}: {str(error)[:300]}"}
     (work_dir / "result.json").write_text(json.dumps(result))
@@ -905,8 +1119,15 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
     starts when the training loop starts (after data and model are ready, as for the baselines).
     """
     module = train_bert if config["kind"] == "plain" else importlib.import_module("train_bert_ds")
-    flags = {"checkpoint_dir": str(work_dir / "experiments"), "dataset": data["dataset"], "dataset_config": None,
-             "tokenizer": data["tokenizer"], "keep_last": 1, "log_every": 50, **config["flags"]}
+    flags = {
+        "checkpoint_dir": str(work_dir / "experiments"),
+        "dataset": data["dataset"],
+        "dataset_config": None,
+        "tokenizer": data["tokenizer"],
+        "keep_last": 1,
+        "log_every": 50,
+        **config["flags"],
+    }
     own_budget = config["kind"] == "plain" and "num_iterations" not in flags
     if own_budget:
         flags["time_budget"] = data["budget_s"]
@@ -946,17 +1167,31 @@ def train_script_for_budget(config: dict[str, Any], data: dict[str, Any], work_d
         steps = hparams[safeguards.COMPLETED_KEY]
     else:
         checkpoint = safeguards.load_latest_checkpoint(experiment_dir)
-        model = train_bert.create_model(resolved["num_layers"], resolved["num_heads"], resolved["ff_dim"],
-                                        resolved["h_dim"], resolved["dropout"], tokenizer, resolved["max_seq_length"],
-                                        resolved.get("init_from"), positions=resolved["positions"])
+        model = train_bert.create_model(
+            resolved["num_layers"],
+            resolved["num_heads"],
+            resolved["ff_dim"],
+            resolved["h_dim"],
+            resolved["dropout"],
+            tokenizer,
+            resolved["max_seq_length"],
+            resolved.get("init_from"),
+            positions=resolved["positions"],
+        )
         model.load_state_dict(checkpoint["model"])
         steps = checkpoint["step"]
-    return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": timing["seconds"],
-            "tokens_trained": (steps * resolved["batch_size"] * resolved["max_seq_length"]
-                               * resolved["grad_accum_steps"]),
-            "flags": {key: resolved[key] for key in TTQ_KEY_FLAGS
-                      if resolved.get(key) is not None
-                      and not (key == "num_iterations" and resolved.get("time_budget"))}}
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "steps": steps,
+        "train_seconds": timing["seconds"],
+        "tokens_trained": (steps * resolved["batch_size"] * resolved["max_seq_length"] * resolved["grad_accum_steps"]),
+        "flags": {
+            key: resolved[key]
+            for key in TTQ_KEY_FLAGS
+            if resolved.get(key) is not None and not (key == "num_iterations" and resolved.get("time_budget"))
+        },
+    }
 
 
 def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -967,19 +1202,40 @@ def train_upstream_style_for_budget(config: dict[str, Any], data: dict[str, Any]
     tokenizer = load_tokenizer(data["tokenizer"])
     texts = [text for text in load_text_dataset(data["dataset"], None)["train"]["text"] if text.strip()]
     torch.manual_seed(42)
-    model = upstream_style.upstream_style_model(tokenizer, flags["num_layers"], flags["num_heads"], flags["ff_dim"],
-                                                flags["h_dim"], flags.get("dropout", 0.1), flags["max_seq_length"])
+    model = upstream_style.upstream_style_model(
+        tokenizer,
+        flags["num_layers"],
+        flags["num_heads"],
+        flags["ff_dim"],
+        flags["h_dim"],
+        flags.get("dropout", 0.1),
+        flags["max_seq_length"],
+    )
     batches = upstream_style.upstream_style_batches(texts, tokenizer, flags["batch_size"], flags["max_seq_length"])
     real_tokens = []
     start = time.perf_counter()
     steps = upstream_style.train_upstream_style(
-        model, batches, tokenizer.pad_token_id, should_stop=lambda _, seconds: seconds >= data["budget_s"],
-        on_step=lambda step, seconds, real, padded, loss: real_tokens.append(real))
-    return {"model": model, "tokenizer": tokenizer, "steps": steps, "train_seconds": time.perf_counter() - start,
-            "tokens_trained": sum(real_tokens),
-            "flags": {"lr": upstream_style.UPSTREAM_LR, "batch_size": flags["batch_size"], "dtype": "fp32",
-                      "dropout": flags.get("dropout", 0.1), "ff_dim": flags["ff_dim"],
-                      "max_seq_length": flags["max_seq_length"]}}
+        model,
+        batches,
+        tokenizer.pad_token_id,
+        should_stop=lambda _, seconds: seconds >= data["budget_s"],
+        on_step=lambda step, seconds, real, padded, loss: real_tokens.append(real),
+    )
+    return {
+        "model": model,
+        "tokenizer": tokenizer,
+        "steps": steps,
+        "train_seconds": time.perf_counter() - start,
+        "tokens_trained": sum(real_tokens),
+        "flags": {
+            "lr": upstream_style.UPSTREAM_LR,
+            "batch_size": flags["batch_size"],
+            "dtype": "fp32",
+            "dropout": flags.get("dropout", 0.1),
+            "ff_dim": flags["ff_dim"],
+            "max_seq_length": flags["max_seq_length"],
+        },
+    }
 
 
 def train_run_mlm_for_budget(config: dict[str, Any], data: dict[str, Any], work_dir: Path) -> dict[str, Any]:
@@ -1017,13 +1273,34 @@ def train_run_mlm_for_budget(config: dict[str, Any], data: dict[str, Any], work_
 
     transformers.Trainer.__init__ = init_with_budget
     output_dir = work_dir / "run_mlm"
-    overrides = (f"num_hidden_layers={flags['num_layers']},hidden_size={flags['h_dim']},"
-                 f"intermediate_size={flags['ff_dim']},num_attention_heads={flags['num_heads']}")
-    sys.argv = ["run_mlm.py", "--model_type", "roberta", "--config_overrides", overrides,
-                "--tokenizer_name", data["tokenizer"], "--train_file", str(Path(data["dataset"]) / "train.txt"),
-                "--validation_file", str(Path(data["dataset"]) / "validation.txt"),
-                "--max_seq_length", str(flags["max_seq_length"]), "--do_train", "--output_dir", str(output_dir),
-                "--save_strategy", "no", "--report_to", "none", "--logging_steps", "50"]
+    overrides = (
+        f"num_hidden_layers={flags['num_layers']},hidden_size={flags['h_dim']},"
+        f"intermediate_size={flags['ff_dim']},num_attention_heads={flags['num_heads']}"
+    )
+    sys.argv = [
+        "run_mlm.py",
+        "--model_type",
+        "roberta",
+        "--config_overrides",
+        overrides,
+        "--tokenizer_name",
+        data["tokenizer"],
+        "--train_file",
+        str(Path(data["dataset"]) / "train.txt"),
+        "--validation_file",
+        str(Path(data["dataset"]) / "validation.txt"),
+        "--max_seq_length",
+        str(flags["max_seq_length"]),
+        "--do_train",
+        "--output_dir",
+        str(output_dir),
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "50",
+    ]
     spec = importlib.util.spec_from_file_location("run_mlm", data["run_mlm_script"])
     run_mlm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_mlm)
@@ -1034,12 +1311,23 @@ def train_run_mlm_for_budget(config: dict[str, Any], data: dict[str, Any], work_
     model = AutoModelForMaskedLM.from_pretrained(output_dir, attn_implementation="sdpa")
     trainer_state = json.loads((output_dir / "trainer_state.json").read_text())
     batch_size = trainer_state.get("train_batch_size") or 8
-    return {"model": model, "tokenizer": AutoTokenizer.from_pretrained(output_dir), "steps": timing["steps"],
-            "train_seconds": timing["seconds"],
-            "tokens_trained": timing["steps"] * batch_size * flags["max_seq_length"],
-            "flags": {"lr": 5e-5, "batch_size": batch_size, "dtype": "fp32", "dropout": 0.1,
-                      "num_layers": flags["num_layers"], "h_dim": flags["h_dim"], "ff_dim": flags["ff_dim"],
-                      "max_seq_length": flags["max_seq_length"]}}
+    return {
+        "model": model,
+        "tokenizer": AutoTokenizer.from_pretrained(output_dir),
+        "steps": timing["steps"],
+        "train_seconds": timing["seconds"],
+        "tokens_trained": timing["steps"] * batch_size * flags["max_seq_length"],
+        "flags": {
+            "lr": 5e-5,
+            "batch_size": batch_size,
+            "dtype": "fp32",
+            "dropout": 0.1,
+            "num_layers": flags["num_layers"],
+            "h_dim": flags["h_dim"],
+            "ff_dim": flags["ff_dim"],
+            "max_seq_length": flags["max_seq_length"],
+        },
+    }
 
 
 def fill_mask_predictions(model: torch.nn.Module, tokenizer: Any, work_dir: Path) -> list[list[str]]:
@@ -1087,8 +1375,11 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
             packed += torch.tensor([float(loss_sum), int(predicted.sum())], dtype=torch.float64)
             shown = batch["input_ids"].flatten().index_select(0, batch["masked_positions"])
             right = logits.argmax(-1) == labels
-            for kind, where in (("mask", shown == tokenizer.mask_token_id), ("unchanged", shown == labels),
-                                ("random", (shown != tokenizer.mask_token_id) & (shown != labels))):
+            for kind, where in (
+                ("mask", shown == tokenizer.mask_token_id),
+                ("unchanged", shown == labels),
+                ("random", (shown != tokenizer.mask_token_id) & (shown != labels)),
+            ):
                 by_input[kind][0] += int((right & where & predicted).sum())
                 by_input[kind][1] += int((where & predicted).sum())
     correct = sum(right for right, _ in by_input.values())
@@ -1101,18 +1392,29 @@ def validation_losses(model: torch.nn.Module, tokenizer: Any, data: dict[str, An
     totals = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for start in range(0, len(lines), EVAL_BATCH_SIZE):
-            encoded = tokenizer(lines[start : start + EVAL_BATCH_SIZE], truncation=True, max_length=seq_length,
-                                padding=True, return_tensors="pt")
+            encoded = tokenizer(
+                lines[start : start + EVAL_BATCH_SIZE],
+                truncation=True,
+                max_length=seq_length,
+                padding=True,
+                return_tensors="pt",
+            )
             masked, labels = train_bert.masking_function(encoded["input_ids"], tokenizer, generator=generator)
             labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
             batch = {"input_ids": masked, "labels": labels, "attention_mask": encoded["attention_mask"]}
             loss_sum = upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id, reduction="sum")
-            totals += torch.tensor([float(loss_sum), float((labels != tokenizer.pad_token_id).sum())],
-                                   dtype=torch.float64)
-    return {"val_loss_packed": float(packed[0] / packed[1]), "val_loss_lines": float(totals[0] / totals[1]),
-            "val_accuracy_packed": correct / float(packed[1]), "val_most_frequent_token_share": most_frequent_share,
-            "val_accuracy_by_input": by_input,
-            "val_tokens_packed": int(packed[1]), "val_tokens_lines": int(totals[1])}
+            totals += torch.tensor(
+                [float(loss_sum), float((labels != tokenizer.pad_token_id).sum())], dtype=torch.float64
+            )
+    return {
+        "val_loss_packed": float(packed[0] / packed[1]),
+        "val_loss_lines": float(totals[0] / totals[1]),
+        "val_accuracy_packed": correct / float(packed[1]),
+        "val_most_frequent_token_share": most_frequent_share,
+        "val_accuracy_by_input": by_input,
+        "val_tokens_packed": int(packed[1]),
+        "val_tokens_lines": int(totals[1]),
+    }
 
 
 def ttq(
@@ -1160,8 +1462,10 @@ def ttq(
     """
     rows = [recipe(spec) for spec in ([recipes] if isinstance(recipes, (str, dict)) else recipes)]
     if any(config["kind"] == "run_mlm" for config in rows) and not (run_mlm_script and Path(run_mlm_script).is_file()):
-        raise errors.ConfigError(f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
-                                 f"Face's run_mlm.py); got {run_mlm_script!r}")
+        raise errors.ConfigError(
+            f"the run_mlm recipe needs --run_mlm_script PATH (a local copy of Hugging "
+            f"Face's run_mlm.py); got {run_mlm_script!r}"
+        )
     previous = [previous_json] if isinstance(previous_json, str) else list(previous_json)
     missing = [path for path in previous if not Path(path).is_file()]
     if missing:
@@ -1169,28 +1473,50 @@ def ttq(
     stop_children_on_exit()
     threads = threads or (max(1, (os.cpu_count() or 1) // len(rows)) if side_by_side else None)
     with working_directory(work_dir) as directory:
-        data = data_settings(dataset, dataset_config, tokenizer, directory, budget_s=budget_s, threads=threads,
-                             window=5, windows=2, validation_lines=validation_lines, eval_seq_length=eval_seq_length,
-                             run_mlm_script=str(Path(run_mlm_script).resolve()) if run_mlm_script else None)
+        data = data_settings(
+            dataset,
+            dataset_config,
+            tokenizer,
+            directory,
+            budget_s=budget_s,
+            threads=threads,
+            window=5,
+            windows=2,
+            validation_lines=validation_lines,
+            eval_seq_length=eval_seq_length,
+            run_mlm_script=str(Path(run_mlm_script).resolve()) if run_mlm_script else None,
+        )
         if fit_schedule:
             fit_num_iterations(rows, data, directory, side_by_side)
         results = run_jobs("ttq_one", rows, data, directory / "ttq", side_by_side, timeout_s=budget_s * 3 + 1200)
     table = ttq_table(rows, results, budget_s)
-    header = (f"Machine: {machine_description()}; {threads or 'all'} thread(s) per recipe"
-              f"{', recipes side by side' if side_by_side else ''}.\nCommand: `{command_line()}`\n")
+    header = (
+        f"Machine: {machine_description()}; {threads or 'all'} thread(s) per recipe"
+        f"{', recipes side by side' if side_by_side else ''}.\nCommand: `{command_line()}`\n"
+    )
     print(header + "\n" + table)
     if markdown_path:
         Path(markdown_path).write_text(header + "\n" + table + "\n")
-    report = {"machine": machine_description(), "command": command_line(), "budget_s": budget_s, "rows": rows,
-              "results": results}
+    report = {
+        "machine": machine_description(),
+        "command": command_line(),
+        "budget_s": budget_s,
+        "rows": rows,
+        "results": results,
+    }
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2))
     if png_path:
         plot_reports([json.loads(Path(path).read_text()) for path in previous] + [report], png_path)
 
 
-def evaluate(*model_dirs: str, dataset: str = DEFAULT_DATASET, dataset_config: str | None = "wikitext-2-v1",
-             validation_lines: int | None = None, eval_seq_length: int = 128) -> None:
+def evaluate(
+    *model_dirs: str,
+    dataset: str = DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    validation_lines: int | None = None,
+    eval_seq_length: int = 128,
+) -> None:
     """Evaluate exported masked LMs (hf_model/ folders) exactly as `ttq` evaluates its recipes; print JSON lines.
 
     Args:
@@ -1202,8 +1528,12 @@ def evaluate(*model_dirs: str, dataset: str = DEFAULT_DATASET, dataset_config: s
     """
     from transformers import AutoModelForMaskedLM
 
-    data = {"original_dataset": dataset, "original_dataset_config": dataset_config,
-            "validation_lines": validation_lines, "eval_seq_length": eval_seq_length}
+    data = {
+        "original_dataset": dataset,
+        "original_dataset_config": dataset_config,
+        "validation_lines": validation_lines,
+        "eval_seq_length": eval_seq_length,
+    }
     for model_dir in model_dirs:
         if not (Path(model_dir) / "config.json").is_file():
             raise errors.ConfigError(f"{model_dir!r} is not a saved model folder (no config.json)")
@@ -1229,7 +1559,8 @@ def plot_reports(reports: list[dict[str, Any]], png_path: str) -> None:
         for config, result in zip(report["rows"], report["results"]):
             if result.get("status") == "ok":
                 curves.setdefault(config["name"], []).append(
-                    (report["budget_s"] / 60, result["val_loss_packed"], 100 * result["val_accuracy_packed"]))
+                    (report["budget_s"] / 60, result["val_loss_packed"], 100 * result["val_accuracy_packed"])
+                )
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for index, (name, points) in enumerate(curves.items()):
         minutes, losses, accuracies = zip(*sorted(points))
@@ -1249,26 +1580,38 @@ def plot_reports(reports: list[dict[str, Any]], png_path: str) -> None:
     plt.close(figure)
 
 
-def run_jobs(command: str, rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool,
-             timeout_s: float) -> list[dict[str, Any]]:
+def run_jobs(
+    command: str,
+    rows: list[dict[str, Any]],
+    data: dict[str, Any],
+    directory: Path,
+    side_by_side: bool,
+    timeout_s: float,
+) -> list[dict[str, Any]]:
     """Run one child per row, all at once or one after the other; return their results in order."""
     job_dirs = [directory / f"row{index}" for index in range(len(rows))]
     if side_by_side:
         processes = [run_child(command, config, data, job_dir, timeout_s) for config, job_dir in zip(rows, job_dirs)]
         return [child_result(process, job_dir) for process, job_dir in zip(processes, job_dirs)]
-    return [child_result(run_child(command, config, data, job_dir, timeout_s), job_dir)
-            for config, job_dir in zip(rows, job_dirs)]
+    return [
+        child_result(run_child(command, config, data, job_dir, timeout_s), job_dir)
+        for config, job_dir in zip(rows, job_dirs)
+    ]
 
 
 def fit_num_iterations(rows: list[dict[str, Any]], data: dict[str, Any], directory: Path, side_by_side: bool) -> None:
     """Set num_iterations of each train_bert_ds.py recipe that has none to the steps its measured speed fits."""
-    to_fit = [index for index, config in enumerate(rows)
-              if config["kind"] == "ds" and "num_iterations" not in config["flags"]]
+    to_fit = [
+        index for index, config in enumerate(rows) if config["kind"] == "ds" and "num_iterations" not in config["flags"]
+    ]
     if not to_fit:
         return
     # Calibrate every recipe at once when they will run side by side, so each sees the load it will see.
-    calibration_rows = [throughput_config(config) for config in rows] if side_by_side else \
-        [throughput_config(rows[index]) for index in to_fit]
+    calibration_rows = (
+        [throughput_config(config) for config in rows]
+        if side_by_side
+        else [throughput_config(rows[index]) for index in to_fit]
+    )
     for config in calibration_rows:
         config["flags"].pop("warmup_fraction", None)
     results = run_jobs("run_one", calibration_rows, data, directory / "calibration", side_by_side, timeout_s=1800)
@@ -1281,8 +1624,11 @@ def fit_num_iterations(rows: list[dict[str, Any]], data: dict[str, Any], directo
         rows[index]["flags"]["num_iterations"] = steps
         if "warmup_fraction" in rows[index]["flags"]:  # a warmup scaled to the steps that fit
             rows[index]["flags"]["warmup_steps"] = int(rows[index]["flags"].pop("warmup_fraction") * steps)
-        print(f"{rows[index]['name']}: {result['step_time_ms']:.0f} ms/step -> --num_iterations {steps}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{rows[index]['name']}: {result['step_time_ms']:.0f} ms/step -> --num_iterations {steps}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def train_bert_default(name: str) -> Any:
@@ -1302,33 +1648,54 @@ def throughput_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def ttq_table(rows: list[dict[str, Any]], results: list[dict[str, Any]], budget_s: float) -> str:
     """Time-to-quality results as a markdown table."""
-    lines = ["| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | masked-token accuracy "
-             "| accuracy where the input shows <mask> / the token unchanged | val loss, single lines "
-             "| fill-mask top 5 (each <mask>) | key flags |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| recipe | steps | tokens trained | train time (s) | val loss, packed blocks | masked-token accuracy "
+        "| accuracy where the input shows <mask> / the token unchanged | val loss, single lines "
+        "| fill-mask top 5 (each <mask>) | key flags |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for config, result in zip(rows, results):
         if result.get("status") != "ok":
             lines.append(f"| {config['name']} | {result['status']} | | | | | | | | |")
             continue
-        by_input = {kind: f"{100 * right / max(1, predicted):.2f}%" for kind, (right, predicted)
-                    in result.get("val_accuracy_by_input", {}).items()}  # absent from reports made before the split
+        by_input = {
+            kind: f"{100 * right / max(1, predicted):.2f}%"
+            for kind, (right, predicted) in result.get("val_accuracy_by_input", {}).items()
+        }  # absent from reports made before the split
         flags = ", ".join(f"{key} {value}" for key, value in result["flags"].items())
-        fill_mask = " / ".join(" ".join(f"`{token}`" if token else "`␣`" for token in candidates)
-                               for candidates in result.get("fill_mask") or [])
-        lines.append(f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
-                     f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
-                     f"{100 * result['val_accuracy_packed']:.2f}% | {by_input.get('mask', '-')} / "
-                     f"{by_input.get('unchanged', '-')} | {result['val_loss_lines']:.3f} | {fill_mask} "
-                     f"| {flags} |")
+        fill_mask = " / ".join(
+            " ".join(f"`{token}`" if token else "`␣`" for token in candidates)
+            for candidates in result.get("fill_mask") or []
+        )
+        lines.append(
+            f"| {config['name']} | {result['steps']:,} | {result['tokens_trained']:,} | "
+            f"{result['train_seconds']:.0f} | {result['val_loss_packed']:.3f} | "
+            f"{100 * result['val_accuracy_packed']:.2f}% | {by_input.get('mask', '-')} / "
+            f"{by_input.get('unchanged', '-')} | {result['val_loss_lines']:.3f} | {fill_mask} "
+            f"| {flags} |"
+        )
     shares = [result["val_most_frequent_token_share"] for result in results if result.get("status") == "ok"]
     if shares:
-        lines.append(f"\nPredicting the most frequent masked token everywhere (the unigram plateau) scores "
-                     f"{100 * shares[0]:.2f}% masked-token accuracy on these masks.")
+        lines.append(
+            f"\nPredicting the most frequent masked token everywhere (the unigram plateau) scores "
+            f"{100 * shares[0]:.2f}% masked-token accuracy on these masks."
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire({"throughput": throughput, "ttq": ttq, "evaluate": evaluate, "plot": plot, "profile": profile,
-               "ceiling": ceiling, "memory": memory, "run_one": run_one, "ttq_one": ttq_one})
+    fire.Fire(
+        {
+            "throughput": throughput,
+            "ttq": ttq,
+            "evaluate": evaluate,
+            "plot": plot,
+            "profile": profile,
+            "ceiling": ceiling,
+            "memory": memory,
+            "run_one": run_one,
+            "ttq_one": ttq_one,
+        }
+    )

@@ -94,8 +94,11 @@ def run_child(command: list[str], first_step_file: Path | None = None) -> dict:
         first_step = None
         while True:  # wait4 (not poll) so the child's resource usage is ours to read
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if first_step is None and first_step_file is not None and any(
-                    os.path.getsize(path) > 0 for path in glob.glob(str(first_step_file))):
+            if (
+                first_step is None
+                and first_step_file is not None
+                and any(os.path.getsize(path) > 0 for path in glob.glob(str(first_step_file)))
+            ):
                 first_step = time.time() - start
             if pid:
                 break
@@ -104,8 +107,12 @@ def run_child(command: list[str], first_step_file: Path | None = None) -> dict:
         stdout, stderr = out.read(), err.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-3000:]}")
-    result = {"wall_s": time.time() - start, "peak_rss_mib": usage.ru_maxrss / 1024, "first_step_s": first_step,
-              "stderr": stderr}
+    result = {
+        "wall_s": time.time() - start,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "first_step_s": first_step,
+        "stderr": stderr,
+    }
     json_lines = [line for line in stdout.splitlines() if line.startswith("{")]
     return {**result, **(json.loads(json_lines[-1]) if json_lines else {})}
 
@@ -136,10 +143,12 @@ def child_tokenize(corpus: str, store: str, num_proc: int) -> None:
     start, cpu_start = time.perf_counter(), os.times()
     tokens, _ = token_store.open_token_store(corpus, None, tokenizer, store, num_proc, raw)
     cpu = os.times()
-    cpu_seconds = sum(getattr(cpu, name) - getattr(cpu_start, name)
-                      for name in ("user", "system", "children_user", "children_system"))
-    print(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds,
-                      "tokens": len(tokens["train"])}))
+    cpu_seconds = sum(
+        getattr(cpu, name) - getattr(cpu_start, name) for name in ("user", "system", "children_user", "children_system")
+    )
+    print(
+        json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds, "tokens": len(tokens["train"])})
+    )
 
 
 def child_peer(corpus: str, cache: str, num_proc: int, train: bool, first_step_file: str) -> None:
@@ -161,21 +170,37 @@ def child_peer(corpus: str, cache: str, num_proc: int, train: bool, first_step_f
     def group_texts(examples):  # run_mlm.py's, verbatim in substance: concatenate each batch, drop its remainder
         concatenated = {k: sum(examples[k], []) for k in examples.keys()}
         total_length = (len(concatenated[list(examples.keys())[0]]) // block_size) * block_size
-        return {k: [t[i : i + block_size] for i in range(0, total_length, block_size)]
-                for k, t in concatenated.items()}
+        return {k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()}
 
-    tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"],
-                        cache_file_names={s: f"{cache}/{s}-tokenized.arrow" for s in raw})
-    grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc,
-                            cache_file_names={s: f"{cache}/{s}-grouped.arrow" for s in raw})
+    tokenized = raw.map(
+        tokenize_function,
+        batched=True,
+        num_proc=num_proc,
+        remove_columns=["text"],
+        cache_file_names={s: f"{cache}/{s}-tokenized.arrow" for s in raw},
+    )
+    grouped = tokenized.map(
+        group_texts, batched=True, num_proc=num_proc, cache_file_names={s: f"{cache}/{s}-grouped.arrow" for s in raw}
+    )
     prepared = time.perf_counter() - start
     if train:
         torch.manual_seed(0)
-        model = train_bert.create_model(TINY_MODEL["num_layers"], TINY_MODEL["num_heads"], TINY_MODEL["ff_dim"],
-                                        TINY_MODEL["h_dim"], 0.1, tokenizer, block_size)
+        model = train_bert.create_model(
+            TINY_MODEL["num_layers"],
+            TINY_MODEL["num_heads"],
+            TINY_MODEL["ff_dim"],
+            TINY_MODEL["h_dim"],
+            0.1,
+            tokenizer,
+            block_size,
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loader = torch.utils.data.DataLoader(grouped["train"].with_format("torch"), batch_size=TINY_MODEL["batch_size"],
-                                             shuffle=True, collate_fn=DataCollatorForLanguageModeling(tokenizer))
+        loader = torch.utils.data.DataLoader(
+            grouped["train"].with_format("torch"),
+            batch_size=TINY_MODEL["batch_size"],
+            shuffle=True,
+            collate_fn=DataCollatorForLanguageModeling(tokenizer),
+        )
         for step, batch in zip(range(STEPS), loader):
             loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
             loss.backward()
@@ -231,9 +256,18 @@ def measure_warm_start(corpus: Path, store: Path, work: Path) -> dict:
     """`train_bert.py` on a prepared store, WARM_RUNS times: median time to the first step, largest peak RSS."""
     experiments = work / "experiments"
     shutil.rmtree(experiments, ignore_errors=True)
-    flags = {**TINY_MODEL, "checkpoint_dir": str(experiments), "dataset": str(corpus), "tokenizer": str(TOKENIZER),
-             "data_cache": str(store), "num_iterations": STEPS, "log_every": 1, "eval_every": STEPS,
-             "checkpoint_every": STEPS, "warmup_steps": 2}
+    flags = {
+        **TINY_MODEL,
+        "checkpoint_dir": str(experiments),
+        "dataset": str(corpus),
+        "tokenizer": str(TOKENIZER),
+        "data_cache": str(store),
+        "num_iterations": STEPS,
+        "log_every": 1,
+        "eval_every": STEPS,
+        "checkpoint_every": STEPS,
+        "warmup_steps": 2,
+    }
     command = [sys.executable, str(ROOT / "train_bert.py"), *[f"--{k}={v}" for k, v in flags.items()]]
     warm = []
     for _ in range(WARM_RUNS):
@@ -241,8 +275,10 @@ def measure_warm_start(corpus: Path, store: Path, work: Path) -> dict:
         if "token store: reusing" not in warm[-1]["stderr"]:
             raise RuntimeError(f"the warm run did not reuse the store:\n{warm[-1]['stderr'][-3000:]}")
         shutil.rmtree(experiments, ignore_errors=True)
-    return {"warm_first_step_s": statistics.median(run["first_step_s"] for run in warm),
-            "train_rss_mib": max(run["peak_rss_mib"] for run in warm)}
+    return {
+        "warm_first_step_s": statistics.median(run["first_step_s"] for run in warm),
+        "train_rss_mib": max(run["peak_rss_mib"] for run in warm),
+    }
 
 
 def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
@@ -261,8 +297,9 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
     source_root = work / f"store_{source_mb}mb_{os.cpu_count()}proc"
     [source] = [path for path in source_root.iterdir() if path.is_dir()]
     tokenizer = load_tokenizer(str(TOKENIZER))
-    store = token_store.token_store_dir(token_store.corpus_sources(str(corpus), None)[0], tokenizer,
-                                        str(work / f"store_{size_mb}mb_tiled"))
+    store = token_store.token_store_dir(
+        token_store.corpus_sources(str(corpus), None)[0], tokenizer, str(work / f"store_{size_mb}mb_tiled")
+    )
     shutil.rmtree(store.parent, ignore_errors=True)
     store.mkdir(parents=True)
     meta = json_module.loads((source / "meta.json").read_text())
@@ -270,14 +307,23 @@ def tiled_store(size_mb: int, source_mb: int, work: Path) -> dict:
         tokens = np.load(source / f"{split}.tokens.npy", mmap_mode="r")
         target = int(len(tokens) * folder_mib(corpus) / folder_mib(work / f"corpus_{source_mb}mb"))
         repeats = -(-target // len(tokens))
-        token_store.write_npy(store / f"{split}.tokens.npy", tokens.dtype, target,
-                              (np.asarray(tokens[: min(len(tokens),
-                                                       target - i * len(tokens))]) for i in range(repeats)))
+        token_store.write_npy(
+            store / f"{split}.tokens.npy",
+            tokens.dtype,
+            target,
+            (np.asarray(tokens[: min(len(tokens), target - i * len(tokens))]) for i in range(repeats)),
+        )
         np.save(store / f"{split}.line_ends.npy", np.zeros(0, dtype=np.int64))  # not read by training
         info.update(tokens=target)
     (store / "meta.json").write_text(json_module.dumps(meta))
-    row = {"size_mb": size_mb, "text_mib": folder_mib(corpus), "tokens": meta["splits"]["train"]["tokens"],
-           "store_mib": folder_mib(store), "tiled_from_mb": source_mb, "num_cores": os.cpu_count()}
+    row = {
+        "size_mb": size_mb,
+        "text_mib": folder_mib(corpus),
+        "tokens": meta["splits"]["train"]["tokens"],
+        "store_mib": folder_mib(store),
+        "tiled_from_mb": source_mb,
+        "num_cores": os.cpu_count(),
+    }
     return {**row, **measure_warm_start(corpus, store.parent, work)}
 
 
@@ -288,10 +334,13 @@ def fmt(value, digits: int = 1) -> str:
 def report(rows: list[dict]) -> str:
     """The markdown tables: one row per size, a ratio line, and the extrapolation."""
     cores = rows[0]["num_cores"]
-    lines = [f"| text (MB) | tokens | text → Arrow, once (s) | tokenize, 1 process (s) | tokenize, {cores} processes "
-             f"(s [CPU-s]) | speed-up | store on disk (MiB) | warm: start → first step (s) | training peak RSS (MiB) | "
-             f"run_mlm recipe: prepare, {cores} processes (s) | its disk (MiB) | its start → first step (s) | "
-             f"its peak RSS (MiB) |", "|" + "---|" * 13]
+    lines = [
+        f"| text (MB) | tokens | text → Arrow, once (s) | tokenize, 1 process (s) | tokenize, {cores} processes "
+        f"(s [CPU-s]) | speed-up | store on disk (MiB) | warm: start → first step (s) | training peak RSS (MiB) | "
+        f"run_mlm recipe: prepare, {cores} processes (s) | its disk (MiB) | its start → first step (s) | "
+        f"its peak RSS (MiB) |",
+        "|" + "---|" * 13,
+    ]
     for row in rows:
         one, many = row.get("tokenize_1proc_s"), row.get(f"tokenize_{cores}proc_s")
         lines.append(
@@ -301,15 +350,22 @@ def report(rows: list[dict]) -> str:
             f"{fmt(one / many if one else None, 2)}{'x' if one else ''} | {fmt(row['store_mib'])} | "
             f"{fmt(row['warm_first_step_s'])} | {fmt(row['train_rss_mib'], 0)} | {fmt(row.get('peer_prepare_s'))} | "
             f"{fmt(row.get('peer_disk_mib'))} | {fmt(row.get('peer_first_step_s'))} | "
-            f"{fmt(row.get('peer_train_rss_mib'), 0)} |")
+            f"{fmt(row.get('peer_train_rss_mib'), 0)} |"
+        )
     small, large = rows[0], rows[-1]
     if "tiled_from_mb" in large:
-        lines += ["", f"*Warm figures only: the store of the {large['size_mb']:,} MB corpus was tiled from the "
-                  f"{large['tiled_from_mb']:,} MB corpus's store, to the token count the text would give (see "
-                  "`tiled_store`); it was not tokenized."]
-    lines += ["", f"Largest vs smallest ({large['size_mb']:,} MB vs {small['size_mb']:,} MB): training peak RSS "
-              f"{large['train_rss_mib'] - small['train_rss_mib']:+.0f} MiB, warm time to the first step "
-              f"{large['warm_first_step_s'] / small['warm_first_step_s']:.2f}x."]
+        lines += [
+            "",
+            f"*Warm figures only: the store of the {large['size_mb']:,} MB corpus was tiled from the "
+            f"{large['tiled_from_mb']:,} MB corpus's store, to the token count the text would give (see "
+            "`tiled_store`); it was not tokenized.",
+        ]
+    lines += [
+        "",
+        f"Largest vs smallest ({large['size_mb']:,} MB vs {small['size_mb']:,} MB): training peak RSS "
+        f"{large['train_rss_mib'] - small['train_rss_mib']:+.0f} MiB, warm time to the first step "
+        f"{large['warm_first_step_s'] / small['warm_first_step_s']:.2f}x.",
+    ]
     tokenized = [row for row in rows if f"tokenize_{cores}proc_s" in row]
     if len(rows) >= 2:
         lines += ["", extrapolation(small, tokenized[-1], large, cores)]
@@ -323,24 +379,30 @@ def extrapolation(small: dict, tokenized: dict, large: dict, cores: int) -> str:
     store_per_mb, tokens_per_mb = tokenized["store_mib"] / mb(tokenized), tokenized["tokens"] / mb(tokenized)
     prep_per_mb = tokenized[f"tokenize_{cores}proc_s"] / mb(tokenized)
     rss_per_mb = max(0.0, (large["train_rss_mib"] - small["train_rss_mib"]) / (mb(large) - mb(small)))  # noise: < 0
-    lines = [f"| corpus | text | token store on disk | datasets' Arrow copy of the text | training RAM (RSS) | of "
-             f"which the epoch's block order | preparation, {cores} cores | preparation, 64 cores |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| corpus | text | token store on disk | datasets' Arrow copy of the text | training RAM (RSS) | of "
+        f"which the epoch's block order | preparation, {cores} cores | preparation, 64 cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     order_mib_per_mb = tokens_per_mb / (TINY_MODEL["max_seq_length"] - 2) * 8 / MIB  # int64 per block
     other_rss_per_mb = max(0.0, rss_per_mb - order_mib_per_mb)  # what the measured slope leaves unexplained
     for name, size_mb in (("Wikipedia + BookCorpus", 16_000), ("100 GB", 100_000)):
         order_mib = order_mib_per_mb * size_mb
         rss = large["train_rss_mib"] + (order_mib_per_mb + other_rss_per_mb) * (size_mb - mb(large))
         hours = prep_per_mb * size_mb / 3600
-        lines.append(f"| {name} | {size_mb / 1000:,.0f} GB | {store_per_mb * size_mb / 1024:,.1f} GiB | "
-                     f"~{size_mb / 1000 * 1.0:,.0f} GB | ~{rss:,.0f} MiB | {order_mib:,.0f} MiB | {hours:,.1f} h | "
-                     f"{hours * cores / 64 * 60:,.0f} min |")
-    lines.append(f"\nSlopes from the measured sizes: {store_per_mb:.2f} MiB of store and {tokens_per_mb:,.0f} tokens "
-                 f"per MB of text; {prep_per_mb:.2f} s of preparation per MB with {cores} processes; training RSS "
-                 f"{rss_per_mb * 1000:+.1f} MiB per GB of text measured, of which the epoch's shuffled block order (a "
-                 f"torch.randperm, 8 bytes per 128-token block) explains {order_mib_per_mb * 1000:.1f}; training RAM = "
-                 f"the largest size's RSS + that order's growth + {other_rss_per_mb * 1000:.1f} MiB per GB for the "
-                 f"rest. 64 cores assumes tokenization keeps scaling with processes.")
+        lines.append(
+            f"| {name} | {size_mb / 1000:,.0f} GB | {store_per_mb * size_mb / 1024:,.1f} GiB | "
+            f"~{size_mb / 1000 * 1.0:,.0f} GB | ~{rss:,.0f} MiB | {order_mib:,.0f} MiB | {hours:,.1f} h | "
+            f"{hours * cores / 64 * 60:,.0f} min |"
+        )
+    lines.append(
+        f"\nSlopes from the measured sizes: {store_per_mb:.2f} MiB of store and {tokens_per_mb:,.0f} tokens "
+        f"per MB of text; {prep_per_mb:.2f} s of preparation per MB with {cores} processes; training RSS "
+        f"{rss_per_mb * 1000:+.1f} MiB per GB of text measured, of which the epoch's shuffled block order (a "
+        f"torch.randperm, 8 bytes per 128-token block) explains {order_mib_per_mb * 1000:.1f}; training RAM = "
+        f"the largest size's RSS + that order's growth + {other_rss_per_mb * 1000:.1f} MiB per GB for the "
+        f"rest. 64 cores assumes tokenization keeps scaling with processes."
+    )
     return "\n".join(lines)
 
 
@@ -348,19 +410,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes_mb", default="10,100", help="corpus sizes in MB of train text, comma-separated")
     parser.add_argument("--work_dir", default="/tmp/data_benchmark", help="corpora, stores and caches go here")
-    parser.add_argument("--single_proc_up_to_mb", type=int, default=10**9,
-                        help="measure 1-process tokenization only up to this size (it is the slowest part)")
+    parser.add_argument(
+        "--single_proc_up_to_mb",
+        type=int,
+        default=10**9,
+        help="measure 1-process tokenization only up to this size (it is the slowest part)",
+    )
     parser.add_argument("--peer_up_to_mb", type=int, default=10**9, help="run the run_mlm recipe up to this size")
-    parser.add_argument("--tiled_mb", type=int, default=None,
-                        help="also this size, warm figures only, its store tiled from the largest measured one's "
-                        "(see tiled_store)")
+    parser.add_argument(
+        "--tiled_mb",
+        type=int,
+        default=None,
+        help="also this size, warm figures only, its store tiled from the largest measured one's (see tiled_store)",
+    )
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HF_DATASETS_CACHE"] = str(work / "hf_datasets_cache")  # the corpora's Arrow copies stay in work
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-          f"{os.cpu_count()} cores; uptime before: {uptime}", flush=True)
+    print(
+        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
+        f"{os.cpu_count()} cores; uptime before: {uptime}",
+        flush=True,
+    )
     rows = []
     for size_mb in map(int, args.sizes_mb.split(",")):
         rows.append(measure_size(size_mb, work, size_mb <= args.single_proc_up_to_mb, size_mb <= args.peer_up_to_mb))

@@ -34,22 +34,42 @@ DEFAULT_TASK = str(HERE.parent.parent / "shared" / "data" / "sst2")
 SIMILARITY_TEXTS = 256  # the first train texts of the task whose vectors are compared (their pairs: ~33,000)
 
 
-def pretrain(budget_s: float, recipes: Any, threads: int | None, work_dir: Path, dataset: str,
-             dataset_config: str | None, tokenizer: str) -> list[dict[str, Any]]:
+def pretrain(
+    budget_s: float,
+    recipes: Any,
+    threads: int | None,
+    work_dir: Path,
+    dataset: str,
+    dataset_config: str | None,
+    tokenizer: str,
+) -> list[dict[str, Any]]:
     """Run `benchmark.py ttq` for the recipes; each recipe's name, saved model folder, steps and MLM figures."""
     report_path = work_dir / "ttq.json"
-    benchmark.ttq(budget_s=budget_s, recipes=recipes, threads=threads, dataset=dataset,
-                  dataset_config=dataset_config, tokenizer=tokenizer,
-                  json_path=str(report_path), work_dir=str(work_dir))
+    benchmark.ttq(
+        budget_s=budget_s,
+        recipes=recipes,
+        threads=threads,
+        dataset=dataset,
+        dataset_config=dataset_config,
+        tokenizer=tokenizer,
+        json_path=str(report_path),
+        work_dir=str(work_dir),
+    )
     report = json.loads(report_path.read_text())
     encoders = []
     for index, (config, result) in enumerate(zip(report["rows"], report["results"])):
         if result.get("status") != "ok":
             raise RuntimeError(f"pretraining {config['name']} failed: {result['status']}")
         # Every recipe's trained model is saved there, with its tokenizer, for the fill-mask demo.
-        encoders.append({"name": config["name"], "model_dir": str(work_dir / "ttq" / f"row{index}" / "final_model"),
-                         "steps": result["steps"], "val_loss": result["val_loss_packed"],
-                         "val_accuracy": result["val_accuracy_packed"]})
+        encoders.append(
+            {
+                "name": config["name"],
+                "model_dir": str(work_dir / "ttq" / f"row{index}" / "final_model"),
+                "steps": result["steps"],
+                "val_loss": result["val_loss_packed"],
+                "val_accuracy": result["val_accuracy_packed"],
+            }
+        )
     return encoders
 
 
@@ -61,25 +81,40 @@ def evaluate_exports(models: dict[str, str], dataset: str, dataset_config: str |
     encoders = []
     for name, model_dir in models.items():
         if not (Path(model_dir) / "config.json").is_file():
-            raise errors.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no "
-                                     "config.json)")
+            raise errors.ConfigError(f"--models {name!r}: {model_dir!r} is not a saved model folder (no config.json)")
         hparams = Path(model_dir).parent / "hparams.json"
         steps = json.loads(hparams.read_text()).get(safeguards.COMPLETED_KEY) if hparams.is_file() else None
         tokenizer = corpus.load_tokenizer(model_dir)
         # ttq's 128-token blocks, or the model's own length if shorter (the export records it)
-        data = {"original_dataset": dataset, "original_dataset_config": dataset_config,
-                "eval_seq_length": min(128, tokenizer.model_max_length)}
+        data = {
+            "original_dataset": dataset,
+            "original_dataset_config": dataset_config,
+            "eval_seq_length": min(128, tokenizer.model_max_length),
+        }
         figures = benchmark.validation_losses(AutoModelForMaskedLM.from_pretrained(model_dir), tokenizer, data)
-        encoders.append({"name": name, "model_dir": model_dir, "steps": steps, "val_loss": figures["val_loss_packed"],
-                         "val_accuracy": figures["val_accuracy_packed"]})
+        encoders.append(
+            {
+                "name": name,
+                "model_dir": model_dir,
+                "steps": steps,
+                "val_loss": figures["val_loss_packed"],
+                "val_accuracy": figures["val_accuracy_packed"],
+            }
+        )
     return encoders
 
 
 def architecture(model_dir: str) -> str:
     """The model's config without its bookkeeping: equal strings mean one random-weights baseline serves both."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return json.dumps({key: value for key, value in config.items()
-                       if key not in ("architectures", "transformers_version", "dtype", "torch_dtype")}, sort_keys=True)
+    return json.dumps(
+        {
+            key: value
+            for key, value in config.items()
+            if key not in ("architectures", "transformers_version", "dtype", "torch_dtype")
+        },
+        sort_keys=True,
+    )
 
 
 def slug(name: str) -> str:
@@ -105,15 +140,22 @@ def vector_similarity(model_dir: str, scratch: bool, texts: list[tuple[str, ...]
     return similarity
 
 
-def fine_tune_all(encoders: list[dict[str, Any]], work_dir: Path, finetune_flags: dict[str, Any]
-                  ) -> list[dict[str, Any]]:
+def fine_tune_all(
+    encoders: list[dict[str, Any]], work_dir: Path, finetune_flags: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Fine-tune each encoder and, once per architecture, its random-weights baseline; one row each."""
     rows, baselines = [], {}
     for encoder in encoders:
         kind = architecture(encoder["model_dir"])
         if kind not in baselines:
-            baselines[kind] = {"name": f"random weights ({encoder['name']}'s architecture)", "scratch": True,
-                               "model_dir": encoder["model_dir"], "steps": 0, "val_loss": None, "val_accuracy": None}
+            baselines[kind] = {
+                "name": f"random weights ({encoder['name']}'s architecture)",
+                "scratch": True,
+                "model_dir": encoder["model_dir"],
+                "steps": 0,
+                "val_loss": None,
+                "val_accuracy": None,
+            }
             rows.append(baselines[kind])
         rows.append({**encoder, "scratch": False, "baseline": baselines[kind]["name"]})
     name, task_rows, _ = finetune.load_task_rows(finetune_flags["task"], None, None, None)
@@ -121,8 +163,12 @@ def fine_tune_all(encoders: list[dict[str, Any]], work_dir: Path, finetune_flags
     texts = [tuple(row[column] for column in columns) for row in task_rows["train"][:SIMILARITY_TEXTS]]
     for row in rows:
         row["similarity"] = vector_similarity(row["model_dir"], row["scratch"], texts)
-        output = finetune.finetune(model_dir=row["model_dir"], scratch=row["scratch"],
-                                   output_dir=str(work_dir / "finetune" / slug(row["name"])), **finetune_flags)
+        output = finetune.finetune(
+            model_dir=row["model_dir"],
+            scratch=row["scratch"],
+            output_dir=str(work_dir / "finetune" / slug(row["name"])),
+            **finetune_flags,
+        )
         row["finetune"] = json.loads(Path(output, "results.json").read_text())
     return rows
 
@@ -132,9 +178,11 @@ def downstream_table(rows: list[dict[str, Any]]) -> str:
     metric = rows[0]["finetune"]["metric"]
     medians = {row["name"]: row["finetune"]["summary"][metric]["median"] for row in rows}
     split = rows[0]["finetune"]["eval_split"]
-    lines = [f"| encoder | pretraining steps | MLM val loss | masked-token accuracy | cosine between texts' vectors, "
-             f"<s> / mean | {split} {metric}: median (min-max) | each seed | gain over random weights |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        f"| encoder | pretraining steps | MLM val loss | masked-token accuracy | cosine between texts' vectors, "
+        f"<s> / mean | {split} {metric}: median (min-max) | each seed | gain over random weights |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for row in rows:
         summary = row["finetune"]["summary"][metric]
         seeds = ", ".join(f"{100 * run[metric]:.1f}" for run in row["finetune"]["seeds"])
@@ -142,8 +190,10 @@ def downstream_table(rows: list[dict[str, Any]]) -> str:
         mlm = ("-", "-") if row["val_loss"] is None else (f"{row['val_loss']:.3f}", f"{100 * row['val_accuracy']:.2f}%")
         steps = "-" if row["steps"] is None else f"{row['steps']:,}"
         similarity = f"{row['similarity']['cls']:.2f} / {row['similarity']['mean']:.2f}"
-        lines.append(f"| {row['name']} | {steps} | {mlm[0]} | {mlm[1]} | {similarity} | {100 * summary['median']:.1f}% "
-                     f"({100 * summary['min']:.1f}-{100 * summary['max']:.1f}) | {seeds} | {gain} |")
+        lines.append(
+            f"| {row['name']} | {steps} | {mlm[0]} | {mlm[1]} | {similarity} | {100 * summary['median']:.1f}% "
+            f"({100 * summary['min']:.1f}-{100 * summary['max']:.1f}) | {seeds} | {gain} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,19 +281,32 @@ def downstream(
         encoders = pretrain(budget_s, recipes, threads, directory, dataset, dataset_config, tokenizer)
     defaults = {name: parameter.default for name, parameter in inspect.signature(finetune.finetune).parameters.items()}
     chosen = {"epochs": epochs, "lr": lr, "pooling": pooling, "dropout": dropout, "max_length": max_length}
-    flags = {"task": task, "seeds": seeds, "train_rows": train_rows, "holdout": holdout,
-             **{name: defaults[name] if value is None else value for name, value in chosen.items()}}
+    flags = {
+        "task": task,
+        "seeds": seeds,
+        "train_rows": train_rows,
+        "holdout": holdout,
+        **{name: defaults[name] if value is None else value for name, value in chosen.items()},
+    }
     rows = fine_tune_all(encoders, directory, flags)
-    header = (f"Machine: {benchmark.machine_description()}.\nCommand: `{benchmark.command_line()}`\n"
-              f"Fine-tuning: {Path(task).name}, {train_rows or 'all'} train rows, "
-              + ", ".join(f"{name} {flags[name]}" for name in chosen) + f", seeds {finetune.parse_seeds(seeds)}.\n")
+    header = (
+        f"Machine: {benchmark.machine_description()}.\nCommand: `{benchmark.command_line()}`\n"
+        f"Fine-tuning: {Path(task).name}, {train_rows or 'all'} train rows, "
+        + ", ".join(f"{name} {flags[name]}" for name in chosen)
+        + f", seeds {finetune.parse_seeds(seeds)}.\n"
+    )
     table = downstream_table(rows)
     print(header + "\n" + table)
     if markdown_path:
         Path(markdown_path).write_text(header + "\n" + table + "\n")
     if json_path:
-        report = {"machine": benchmark.machine_description(), "command": benchmark.command_line(),
-                  "budget_s": None if models else budget_s, "finetune_flags": flags, "rows": rows}
+        report = {
+            "machine": benchmark.machine_description(),
+            "command": benchmark.command_line(),
+            "budget_s": None if models else budget_s,
+            "finetune_flags": flags,
+            "rows": rows,
+        }
         Path(json_path).write_text(json.dumps(report, indent=2))
     if png_path:
         plot_rows(rows, png_path, f"{Path(task).name}: fine-tuned after pretraining, and from random weights")

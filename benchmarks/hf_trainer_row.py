@@ -47,8 +47,12 @@ def blocks_from_wikitext(dataset: str, dataset_config: str, tokenizer: Any, seq_
     def tokenize_and_cut(rows: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = [token for text in rows["text"] for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
         cut = len(ids) // body * body
-        return {"input_ids": [[tokenizer.cls_token_id, *ids[start:start + body], tokenizer.sep_token_id]
-                              for start in range(0, cut, body)]}
+        return {
+            "input_ids": [
+                [tokenizer.cls_token_id, *ids[start : start + body], tokenizer.sep_token_id]
+                for start in range(0, cut, body)
+            ]
+        }
 
     # One batch of 2,000 lines leaves at most one short run per batch behind (under 1% of WikiText-2).
     return train.map(tokenize_and_cut, batched=True, batch_size=2000, remove_columns=train.column_names)
@@ -80,9 +84,18 @@ def trainer_callback(timer: StepTimer) -> Any:
     return Callback()
 
 
-def run(out_dir: str, steps: int = 60, timed_from: int = 30, batch_size: int = 256, seq_len: int = 128,
-        dataset: str = "../shared/data/wikitext", dataset_config: str = "wikitext-2-v1",
-        tokenizer: str = "../shared/data/roberta-base", num_workers: int = 0, dry_run: bool = False) -> None:
+def run(
+    out_dir: str,
+    steps: int = 60,
+    timed_from: int = 30,
+    batch_size: int = 256,
+    seq_len: int = 128,
+    dataset: str = "../shared/data/wikitext",
+    dataset_config: str = "wikitext-2-v1",
+    tokenizer: str = "../shared/data/roberta-base",
+    num_workers: int = 0,
+    dry_run: bool = False,
+) -> None:
     """Train with the Trainer for `steps` steps and write the row (see the module docstring)."""
     import transformers
 
@@ -102,41 +115,74 @@ def run(out_dir: str, steps: int = 60, timed_from: int = 30, batch_size: int = 2
     if dry_run:
         blocks = blocks.select(range(steps * batch_size))
     shape = TINY if dry_run else BERT_BASE
-    config = transformers.RobertaConfig(vocab_size=len(tok), max_position_embeddings=seq_len + 2, type_vocab_size=1,
-                                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, **shape)
+    config = transformers.RobertaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=seq_len + 2,
+        type_vocab_size=1,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **shape,
+    )
     model = transformers.RobertaForMaskedLM(config)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
     timer = StepTimer(timed_from, device)
     with tempfile.TemporaryDirectory(prefix="hf_trainer_row.") as scratch:
         args = transformers.TrainingArguments(
-            output_dir=scratch, max_steps=steps, per_device_train_batch_size=batch_size, bf16=True,
-            torch_compile=True, dataloader_drop_last=True, dataloader_num_workers=num_workers,
-            learning_rate=5e-4, warmup_steps=min(10, steps // 2), weight_decay=0.01, adam_beta1=0.9,
-            adam_beta2=0.98, adam_epsilon=1e-6, max_grad_norm=1.0, optim="adamw_torch_fused", logging_steps=10,
-            save_strategy="no", eval_strategy="no", report_to="none", use_cpu=use_cpu, seed=0,
-            disable_tqdm=True)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=blocks, data_collator=collator,
-                                       callbacks=[trainer_callback(timer)])
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            bf16=True,
+            torch_compile=True,
+            dataloader_drop_last=True,
+            dataloader_num_workers=num_workers,
+            learning_rate=5e-4,
+            warmup_steps=min(10, steps // 2),
+            weight_decay=0.01,
+            adam_beta1=0.9,
+            adam_beta2=0.98,
+            adam_epsilon=1e-6,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused",
+            logging_steps=10,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            use_cpu=use_cpu,
+            seed=0,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=blocks, data_collator=collator, callbacks=[trainer_callback(timer)]
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         output = trainer.train()
     seconds = timer.ends[steps] - timer.ends[timed_from]
     tokens = (steps - timed_from) * batch_size * seq_len
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    row = {"name": "transformers Trainer, RobertaForMaskedLM" + (" (dry run: tiny, CPU)" if dry_run else ""),
-           "outcome": "measured", "command": " ".join(["python", *sys.argv]),
-           "tokens_per_s": tokens / seconds, "step_ms": 1000 * seconds / (steps - timed_from),
-           "first_steps_s": timer.ends[timed_from] - timer.started, "timed_steps": f"{timed_from + 1}-{steps}",
-           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "last_logged_loss": losses[-1] if losses else output.training_loss,
-           "train_runtime_s": output.metrics.get("train_runtime"),
-           "parameters": parameters, "blocks": len(blocks), "batch": f"{batch_size} x {seq_len}",
-           "transformers": transformers.__version__, "torch": torch.__version__,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "wall_s": time.perf_counter() - started}
+    row = {
+        "name": "transformers Trainer, RobertaForMaskedLM" + (" (dry run: tiny, CPU)" if dry_run else ""),
+        "outcome": "measured",
+        "command": " ".join(["python", *sys.argv]),
+        "tokens_per_s": tokens / seconds,
+        "step_ms": 1000 * seconds / (steps - timed_from),
+        "first_steps_s": timer.ends[timed_from] - timer.started,
+        "timed_steps": f"{timed_from + 1}-{steps}",
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "last_logged_loss": losses[-1] if losses else output.training_loss,
+        "train_runtime_s": output.metrics.get("train_runtime"),
+        "parameters": parameters,
+        "blocks": len(blocks),
+        "batch": f"{batch_size} x {seq_len}",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "wall_s": time.perf_counter() - started,
+    }
     write_row(out, row)
 
 
@@ -145,13 +191,24 @@ def write_row(out: Path, row: dict[str, Any]) -> None:
     (out / "trainer.json").write_text(json.dumps([row], indent=2))
     peak = f"{row['peak_memory_gib']:.1f}" if row["peak_memory_gib"] is not None else "n/a"
     loss = row["last_logged_loss"]
-    lines = [("| row | parameters | batch | tokens/s | step (ms) | steps timed | first steps incl. compile (s) | "
-              "peak memory (GiB) | last logged loss | outcome |"), "|---|---:|---|---:|---:|---|---:|---:|---:|---|",
-             (f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['tokens_per_s']:,.0f} | "
-              f"{row['step_ms']:.1f} | {row['timed_steps']} | {row['first_steps_s']:.0f} | {peak} | "
-              f"{loss if loss is None else round(loss, 3)} | {row['outcome']} |"), "",
-             (f"Command: `{row['command']}` ({row['device']}, transformers {row['transformers']}, torch "
-              f"{row['torch']}; {row['wall_s']:.0f} s in all)."), ""]
+    lines = [
+        (
+            "| row | parameters | batch | tokens/s | step (ms) | steps timed | first steps incl. compile (s) | "
+            "peak memory (GiB) | last logged loss | outcome |"
+        ),
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---|",
+        (
+            f"| {row['name']} | {row['parameters'] / 1e6:.1f}M | {row['batch']} | {row['tokens_per_s']:,.0f} | "
+            f"{row['step_ms']:.1f} | {row['timed_steps']} | {row['first_steps_s']:.0f} | {peak} | "
+            f"{loss if loss is None else round(loss, 3)} | {row['outcome']} |"
+        ),
+        "",
+        (
+            f"Command: `{row['command']}` ({row['device']}, transformers {row['transformers']}, torch "
+            f"{row['torch']}; {row['wall_s']:.0f} s in all)."
+        ),
+        "",
+    ]
     (out / "trainer.md").write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -33,13 +33,15 @@ MODELS = [
 ]
 
 
-def meta_model(tokenizer, num_layers: int, num_heads: int, h_dim: int, ff_dim: int, max_seq_length: int
-               ) -> torch.nn.Module:
+def meta_model(
+    tokenizer, num_layers: int, num_heads: int, h_dim: int, ff_dim: int, max_seq_length: int
+) -> torch.nn.Module:
     """The model train_bert.create_model builds, with shapes only (no memory, no initialisation cost); learned
     positions, as BERT and RoBERTa were published."""
     with torch.device("meta"):
-        return train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, 0.1, tokenizer, max_seq_length,
-                                       positions="learned")
+        return train_bert.create_model(
+            num_layers, num_heads, ff_dim, h_dim, 0.1, tokenizer, max_seq_length, positions="learned"
+        )
 
 
 def largest_layer_params(model: torch.nn.Module) -> int:
@@ -70,18 +72,23 @@ def main(tokenizer: str = "roberta-base", gpus: int = 1, gpu_gib: float = 16.0, 
         model = meta_model(loaded, layers, heads, h_dim, ff_dim, max_seq_length)
         rows.append((name, train_bert.count_parameters(model), largest_layer_params(model)))
 
-    print(f"Model states per GPU, ZeRO paper's formula (mixed-precision Adam, 16 bytes/parameter), {gpus} GPU(s), "
-          "GiB:\n")
+    print(
+        f"Model states per GPU, ZeRO paper's formula (mixed-precision Adam, 16 bytes/parameter), {gpus} GPU(s), GiB:\n"
+    )
     print("| model | parameters | ZeRO-0: 16Ψ | ZeRO-1: 4Ψ+12Ψ/N | ZeRO-2: 2Ψ+14Ψ/N | ZeRO-3: 16Ψ/N |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, params, _ in rows:
         cells = " | ".join(fits(paper_bytes(params, stage, gpus) / GIB, gpu_gib) for stage in range(4))
         print(f"| {name} | {params / 1e6:,.1f}M | {cells} |")
 
-    print(f"\nDeepSpeed's estimators (estimate_zero2/zero3_model_states_mem_needs), {gpus} GPU(s), "
-          "GiB per GPU / GiB of CPU RAM for the node:\n")
-    print("| model | ZeRO-2 | ZeRO-2 + offload optimizer | ZeRO-3 | ZeRO-3 + offload optimizer "
-          "| ZeRO-3 + offload optimizer and parameters |")
+    print(
+        f"\nDeepSpeed's estimators (estimate_zero2/zero3_model_states_mem_needs), {gpus} GPU(s), "
+        "GiB per GPU / GiB of CPU RAM for the node:\n"
+    )
+    print(
+        "| model | ZeRO-2 | ZeRO-2 + offload optimizer | ZeRO-3 | ZeRO-3 + offload optimizer "
+        "| ZeRO-3 + offload optimizer and parameters |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name, params, largest in rows:
         cells = []
@@ -89,8 +96,9 @@ def main(tokenizer: str = "roberta-base", gpus: int = 1, gpu_gib: float = 16.0, 
             cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus, 1, cpu_offload=offload)
             cells.append(f"{fits(gpu / GIB, gpu_gib)} / {cpu / GIB:.1f}")
         for offload, offload_params in ((False, False), (True, False), (True, True)):
-            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest, gpus, 1, cpu_offload=offload,
-                                                                cpu_offload_params=offload_params)
+            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                params, largest, gpus, 1, cpu_offload=offload, cpu_offload_params=offload_params
+            )
             cells.append(f"{fits(gpu / GIB, gpu_gib)} / {cpu / GIB:.1f}")
         print(f"| {name} | {' | '.join(cells)} |")
 

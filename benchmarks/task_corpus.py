@@ -28,8 +28,14 @@ from pretraining import cli, corpus, safeguards  # noqa: E402
 from pretraining.errors import ConfigError  # noqa: E402
 
 
-def task_corpus(task: str, output_dir: str, holdout: float = 0.0, dataset: str = benchmark.DEFAULT_DATASET,
-                dataset_config: str | None = "wikitext-2-v1", task_config: str | None = None) -> str:
+def task_corpus(
+    task: str,
+    output_dir: str,
+    holdout: float = 0.0,
+    dataset: str = benchmark.DEFAULT_DATASET,
+    dataset_config: str | None = "wikitext-2-v1",
+    task_config: str | None = None,
+) -> str:
     """Write `output_dir`/train.txt, validation.txt and test.txt; return the folder.
 
     Args:
@@ -54,9 +60,11 @@ def task_corpus(task: str, output_dir: str, holdout: float = 0.0, dataset: str =
             continue
         lines = [text.rstrip("\n") for text in raw[split]["text"]] + (task_lines if split == "train" else [])
         safeguards.atomic_write(folder / f"{split}.txt", lambda file: file.write("\n".join(lines) + "\n"), mode="w")
-    print(f"{folder}: {len(raw['train']):,} corpus lines and {len(task_lines):,} {name} texts in train.txt "
-          f"({len(task_data.train_texts):,} train rows; {len(task_data.eval_texts):,} "
-          f"{'held out' if holdout else 'dev'} rows left out)")
+    print(
+        f"{folder}: {len(raw['train']):,} corpus lines and {len(task_lines):,} {name} texts in train.txt "
+        f"({len(task_data.train_texts):,} train rows; {len(task_data.eval_texts):,} "
+        f"{'held out' if holdout else 'dev'} rows left out)"
+    )
     return str(folder)
 
 

@@ -33,8 +33,16 @@ UPSTREAM_LR = 1e-4  # upstream's optimizer: torch.optim.Adam(model.parameters(),
 class UpstreamStyleLines(torch.utils.data.Dataset):
     """Item i: line i of `texts`, tokenized and masked now (upstream's `WikiTextMLMDataset` + `masking_function`)."""
 
-    def __init__(self, texts: list[str], tokenizer: Any, max_seq_length: int, mask_prob: float = 0.15,
-                 random_replace_prob: float = 0.1, unmask_replace_prob: float = 0.1, seed: int = 0):
+    def __init__(
+        self,
+        texts: list[str],
+        tokenizer: Any,
+        max_seq_length: int,
+        mask_prob: float = 0.15,
+        random_replace_prob: float = 0.1,
+        unmask_replace_prob: float = 0.1,
+        seed: int = 0,
+    ):
         self.texts, self.tokenizer, self.max_seq_length = texts, tokenizer, max_seq_length
         self.mask_prob, self.random_replace_prob = mask_prob, random_replace_prob
         self.unmask_replace_prob = unmask_replace_prob
@@ -47,8 +55,9 @@ class UpstreamStyleLines(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         tokenizer, rng = self.tokenizer, self.rng
-        body = tokenizer.encode(self.texts[index], add_special_tokens=False, truncation=True,
-                                max_length=self.max_seq_length - 2)
+        body = tokenizer.encode(
+            self.texts[index], add_special_tokens=False, truncation=True, max_length=self.max_seq_length - 2
+        )
         ids = np.array([tokenizer.bos_token_id, *body, tokenizer.eos_token_id])
         inner = np.arange(1, len(ids) - 1)  # <s> and </s> are never masked
         count = min(len(inner), max(int(self.mask_prob * len(inner) + rng.random()), 1))
@@ -76,27 +85,36 @@ def pad_batch(samples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict
     return {"input_ids": input_ids, "labels": labels, "attention_mask": input_ids.ne(pad_id).long()}
 
 
-def upstream_style_batches(texts: list[str], tokenizer: Any, batch_size: int, max_seq_length: int, seed: int = 0
-                           ) -> Iterator[dict[str, torch.Tensor]]:
+def upstream_style_batches(
+    texts: list[str], tokenizer: Any, batch_size: int, max_seq_length: int, seed: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches of padded lines forever (upstream's DataLoader(shuffle=True) in an InfiniteIterator)."""
     dataset = UpstreamStyleLines(texts, tokenizer, max_seq_length, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     while True:
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
-                                               collate_fn=lambda samples: pad_batch(samples, tokenizer.pad_token_id))
+        yield from torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=lambda samples: pad_batch(samples, tokenizer.pad_token_id),
+        )
 
 
-def upstream_style_model(tokenizer: Any, num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float,
-                         max_seq_length: int) -> torch.nn.Module:
+def upstream_style_model(
+    tokenizer: Any, num_layers: int, num_heads: int, ff_dim: int, h_dim: int, dropout: float, max_seq_length: int
+) -> torch.nn.Module:
     """Our `create_model` (the same RoBERTa, tied decoder) switched to eager attention, as upstream ran it."""
-    model = train_bert.create_model(num_layers, num_heads, ff_dim, h_dim, dropout, tokenizer, max_seq_length,
-                                    positions="learned")
+    model = train_bert.create_model(
+        num_layers, num_heads, ff_dim, h_dim, dropout, tokenizer, max_seq_length, positions="learned"
+    )
     model.config._attn_implementation = "eager"
     return model
 
 
-def upstream_style_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], pad_id: int,
-                        reduction: str = "mean") -> torch.Tensor:
+def upstream_style_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], pad_id: int, reduction: str = "mean"
+) -> torch.Tensor:
     """Upstream's forward: encoder over the padded batch, masked positions found with `nonzero` in the step."""
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     flat_labels = batch["labels"].flatten()
@@ -105,9 +123,13 @@ def upstream_style_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return torch.nn.functional.cross_entropy(logits.float(), flat_labels[positions], reduction=reduction)
 
 
-def train_upstream_style(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], pad_id: int,
-                         should_stop: Callable[[int, float], bool],
-                         on_step: Callable[[int, float, int, int, float], None] | None = None) -> int:
+def train_upstream_style(
+    model: torch.nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    pad_id: int,
+    should_stop: Callable[[int, float], bool],
+    on_step: Callable[[int, float, int, int, float], None] | None = None,
+) -> int:
     """Upstream's loop: zero_grad, forward, backward, Adam step, loss.item(); until `should_stop(steps, seconds)`.
 
     `on_step(step, seconds, real_tokens, padded_tokens, loss)` sees every step, with `seconds` the time since the

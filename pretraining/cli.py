@@ -16,12 +16,16 @@ from pretraining.logs import console_logging
 def command_line_flags(function: Callable, shared: Callable | None = None) -> dict[str, inspect.Parameter]:
     """The flags of `function`: its own keyword parameters, then (where it takes `**flags`) those of `shared` that
     it does not declare itself."""
-    own = {name: parameter for name, parameter in inspect.signature(function).parameters.items()
-           if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+    own = {
+        name: parameter
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
     if shared is None:
         return own
-    return own | {name: parameter for name,
-                  parameter in inspect.signature(shared).parameters.items() if name not in own}
+    return own | {
+        name: parameter for name, parameter in inspect.signature(shared).parameters.items() if name not in own
+    }
 
 
 def check_command_line(argv: list[str], function: Callable, shared: Callable | None = None) -> None:
@@ -66,9 +70,12 @@ def help_text(function: Callable, program: str, shared: Callable | None = None) 
     sections = [("Flags:", own)]
     if shared is not None:
         meanings = {arg.name: arg.description for arg in docstrings.parse(inspect.getdoc(shared)).args} | meanings
-        sections.append((f"Flags of {shared.__module__}.py, the same here:",
-                         {name: parameter for name,
-                          parameter in command_line_flags(shared).items() if name not in own}))
+        sections.append(
+            (
+                f"Flags of {shared.__module__}.py, the same here:",
+                {name: parameter for name, parameter in command_line_flags(shared).items() if name not in own},
+            )
+        )
     lines = [f"{program}: {doc.summary}", "", doc.description or ""]
     for heading, flags in sections:
         lines += ["", heading]
@@ -76,8 +83,7 @@ def help_text(function: Callable, program: str, shared: Callable | None = None) 
             # The annotation as written: a string under `from __future__ import annotations`.
             default = "required" if parameter.default is inspect.Parameter.empty else f"default: {parameter.default!r}"
             lines.append(f"  --{name} {parameter.annotation}  ({default})")
-            lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6,
-                                   subsequent_indent=" " * 6)
+            lines += textwrap.wrap(meanings.get(name, ""), width=100, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -90,7 +96,7 @@ def main(function: Callable, shared: Callable | None = None) -> None:
 
     console_logging()  # the lines before an experiment's logs start (data preparation) look like the rest
     arguments = sys.argv[1:]
-    if any(arg in ("-h", "--help") for arg in arguments[:arguments.index("--") if "--" in arguments else None]):
+    if any(arg in ("-h", "--help") for arg in arguments[: arguments.index("--") if "--" in arguments else None]):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `--help | head` ends quietly
         print(help_text(function, f"python {Path(sys.argv[0]).name}", shared))
         return
@@ -115,5 +121,9 @@ def main(function: Callable, shared: Callable | None = None) -> None:
     except TrainingInterrupted as error:
         report(str(error), shared=True, exit_code=128 + error.signum)
     except KeyboardInterrupt:  # a second Ctrl-C
-        report("error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
-               "--load_checkpoint_dir EXPERIMENT_DIR", shared=True, exit_code=128 + signal.SIGINT)
+        report(
+            "error: interrupted by Ctrl-C without saving; a run resumes from its last checkpoint with "
+            "--load_checkpoint_dir EXPERIMENT_DIR",
+            shared=True,
+            exit_code=128 + signal.SIGINT,
+        )

@@ -30,8 +30,11 @@ def text_files(dataset: str) -> dict[str, Path]:
     if path.is_file() and path.suffix == ".txt":
         return {"train": path}
     if path.is_dir() and (path / "train.txt").is_file():
-        return {split: path / f"{split}.txt" for split in ("train", "validation",
-                                                           "test") if (path / f"{split}.txt").is_file()}
+        return {
+            split: path / f"{split}.txt"
+            for split in ("train", "validation", "test")
+            if (path / f"{split}.txt").is_file()
+        }
     return {}
 
 
@@ -47,9 +50,11 @@ def check_text_file(path: Path) -> None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as error:
                 line += chunk.count(b"\n", 0, error.start)
-                raise ConfigError(f"--dataset file {str(path)!r} is not UTF-8 text: byte {offset + error.start} (line "
-                                  f"{line}, 0x{chunk[error.start]:02x}) cannot be decoded: {error.reason}; convert "
-                                  "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from error
+                raise ConfigError(
+                    f"--dataset file {str(path)!r} is not UTF-8 text: byte {offset + error.start} (line "
+                    f"{line}, 0x{chunk[error.start]:02x}) cannot be decoded: {error.reason}; convert "
+                    "the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from error
             offset, line = offset + len(chunk), line + chunk.count(b"\n")
 
 
@@ -62,17 +67,22 @@ def split_single_file(lines: "datasets.Dataset", dataset: str) -> "datasets.Data
         raise ConfigError(
             f"--dataset {dataset!r} has {len(lines)} line(s): a single .txt file is split by lines, its last 5% (at "
             f"least one line) validating, so no line is left to train on; give a file of many lines, or a folder "
-            "with train.txt and validation.txt")
-    return datasets.DatasetDict(train=lines.select(range(len(lines) - num_validation)),
-                                validation=lines.select(range(len(lines) - num_validation, len(lines))))
+            "with train.txt and validation.txt"
+        )
+    return datasets.DatasetDict(
+        train=lines.select(range(len(lines) - num_validation)),
+        validation=lines.select(range(len(lines) - num_validation, len(lines))),
+    )
 
 
 def describe_split(dataset: str, rows: dict[str, int], split: str) -> str:
     """How a split came about, for error messages: one .txt file is split by lines, other corpora have real splits.
     `rows` is each split's number of lines (empty ones included)."""
     if Path(dataset).is_file():
-        return (f"the {split} split ({rows[split]} of the {rows['train'] + rows['validation']} lines of {dataset!r}: "
-                "the first 95% train, the last 5% validate)")
+        return (
+            f"the {split} split ({rows[split]} of the {rows['train'] + rows['validation']} lines of {dataset!r}: "
+            "the first 95% train, the last 5% validate)"
+        )
     return f"the {split} split"
 
 
@@ -112,8 +122,13 @@ def train_bpe_tokenizer(texts: "datasets.Dataset", vocab_size: int) -> "transfor
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
     return RobertaTokenizerFast(
         tokenizer_object=bpe._tokenizer,
-        bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
     )
 
 
@@ -125,8 +140,7 @@ def load_tokenizer(tokenizer: str) -> "transformers.PreTrainedTokenizerBase":
         loaded = AutoTokenizer.from_pretrained(tokenizer)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. "
-                          f"{offline_hint()}") from error
+        raise ConfigError(f"could not load --tokenizer {tokenizer!r}: {first_line[:300]}. {offline_hint()}") from error
     check_tokenizer(loaded, tokenizer)
     return loaded
 
@@ -138,10 +152,14 @@ def check_tokenizer(tokenizer: "transformers.PreTrainedTokenizerBase", name: str
         for role, token_id in (
             ("mask_token", tokenizer.mask_token_id),
             ("pad_token", tokenizer.pad_token_id),
-            ("bos_token or cls_token",
-             tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id),
-            ("eos_token or sep_token",
-             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id),
+            (
+                "bos_token or cls_token",
+                tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id,
+            ),
+            (
+                "eos_token or sep_token",
+                tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+            ),
         )
         if token_id is None
     ]
@@ -164,8 +182,9 @@ def datasets_splits(raw: Any, names: tuple[str, ...]) -> Any:
     return type(raw)({split: raw[split] for split in raw if split in names})
 
 
-def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool = False
-                      ) -> "datasets.DatasetDict | datasets.IterableDatasetDict":
+def load_text_dataset(
+    dataset: str, dataset_config: str | None, streaming: bool = False
+) -> "datasets.DatasetDict | datasets.IterableDatasetDict":
     """Load `dataset` as a DatasetDict with a `text` column and at least `train` and `validation` splits.
 
     `dataset` is a Hub name ("wikitext"), a folder `datasets.load_dataset` understands (../shared/data/wikitext), a
@@ -183,14 +202,23 @@ def load_text_dataset(dataset: str, dataset_config: str | None, streaming: bool 
             raise ConfigError(f"--dataset {dataset!r} is a file but not a .txt file; give a .txt file or a folder")
         if files:
             # Lines keep their "\n", as the Hub's text datasets (wikitext) do: the same text gives the same tokens.
-            raw = datasets.load_dataset("text", data_files={split: str(file) for split, file in files.items()},
-                                        keep_linebreaks=True, streaming=streaming)
+            raw = datasets.load_dataset(
+                "text",
+                data_files={split: str(file) for split, file in files.items()},
+                keep_linebreaks=True,
+                streaming=streaming,
+            )
         else:
             raw = datasets.load_dataset(dataset, dataset_config, streaming=streaming)
         if streaming:  # a stream's columns may be unknown until read: then it must have a `text` one
-            return datasets.IterableDatasetDict({
-                split: raw[split].select_columns(["text"]) if raw[split].features is None
-                else with_text_column(raw[split], dataset) for split in raw})
+            return datasets.IterableDatasetDict(
+                {
+                    split: raw[split].select_columns(["text"])
+                    if raw[split].features is None
+                    else with_text_column(raw[split], dataset)
+                    for split in raw
+                }
+            )
     except ConfigError:
         raise
     except Exception as error:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError…)
@@ -224,8 +252,10 @@ def word_start_table(tokenizer: "transformers.PreTrainedTokenizerBase") -> torch
     elif any(begins):
         starts = begins
     else:
-        raise ConfigError("--whole_word_mask needs a tokenizer that marks word boundaries (WordPiece '##' pieces, "
-                          "byte-level BPE 'Ġ' or SentencePiece '▁'); this tokenizer has none")
+        raise ConfigError(
+            "--whole_word_mask needs a tokenizer that marks word boundaries (WordPiece '##' pieces, "
+            "byte-level BPE 'Ġ' or SentencePiece '▁'); this tokenizer has none"
+        )
     table = torch.tensor(starts, dtype=torch.bool)
     table[sorted(set(tokenizer.all_special_ids))] = True
     return table

@@ -52,8 +52,9 @@ def load_ds_config(path: str) -> dict[str, Any]:
     return config
 
 
-def effective_ds_config(flags: dict[str, Any], config: dict[str, Any], world_size: int,
-                        plain_defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def effective_ds_config(
+    flags: dict[str, Any], config: dict[str, Any], world_size: int, plain_defaults: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Merge flags and config both ways; return (resolved flags, the config DeepSpeed runs with). A flag neither
     given nor in the config takes its default in `plain_defaults` (train_bert.py's).
 
@@ -82,7 +83,8 @@ def effective_ds_config(flags: dict[str, Any], config: dict[str, Any], world_siz
         raise ConfigError(
             f"--ds_config sets train_batch_size {config['train_batch_size']}, but --batch_size {flags['batch_size']} "
             f"x --grad_accum_steps {flags['grad_accum_steps']} x {world_size} rank(s) = {train_batch_size}; "
-            "remove train_batch_size (it is derived) or make them agree")
+            "remove train_batch_size (it is derived) or make them agree"
+        )
     config["train_batch_size"] = train_batch_size
     return flags, config
 
@@ -96,8 +98,9 @@ def fields_from_config(flags: dict[str, Any], config: dict[str, Any]) -> dict[st
             section = section.get(key) if isinstance(section, dict) else None
         if flags[flag] is None and section is not None:
             fields[flag] = ".".join(path)
-    enabled = [dtype for dtype in ("fp16", "bf16")
-               if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")]
+    enabled = [
+        dtype for dtype in ("fp16", "bf16") if isinstance(config.get(dtype), dict) and config[dtype].get("enabled")
+    ]
     if flags["dtype"] is None and enabled:
         fields["dtype"] = f"{enabled[0]}.enabled"
     return fields
@@ -119,22 +122,30 @@ def errors_named_after_config(fields: dict[str, str], ds_config: str) -> Iterato
 def validate_ds_flags(flags: dict[str, Any]) -> None:
     """Reject bad values of the DeepSpeed flags with one line each (train_bert.validate_flags checks the rest)."""
     if flags["dtype"] not in DTYPES:  # train_bert.py's "auto": here ds_config.json decides
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)} here, or left out (ds_config.json's "
-                          f"fp16 / bf16 \"enabled\" decides); got {flags['dtype']!r}")
+        raise ConfigError(
+            f"--dtype must be one of {', '.join(DTYPES)} here, or left out (ds_config.json's "
+            f'fp16 / bf16 "enabled" decides); got {flags["dtype"]!r}'
+        )
     if flags["zero_stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"--zero_stage must be 0, 1, 2 or 3; got {flags['zero_stage']!r}")
     for name in ("offload_optimizer", "offload_param"):
         if flags[name] not in OFFLOAD_DEVICES:
             raise ConfigError(f"--{name} must be one of {', '.join(OFFLOAD_DEVICES)}; got {flags[name]!r}")
     if flags["offload_optimizer"] != "none" and flags["zero_stage"] == 0:
-        raise ConfigError("--offload_optimizer cpu needs ZeRO (--zero_stage 1, 2 or 3): only a partitioned optimizer "
-                          "can live in CPU memory")
+        raise ConfigError(
+            "--offload_optimizer cpu needs ZeRO (--zero_stage 1, 2 or 3): only a partitioned optimizer "
+            "can live in CPU memory"
+        )
     if flags["offload_param"] != "none" and flags["zero_stage"] != 3:
-        raise ConfigError(f"--offload_param cpu needs --zero_stage 3 (only stage 3 partitions the parameters); "
-                          f"got --zero_stage {flags['zero_stage']}")
+        raise ConfigError(
+            f"--offload_param cpu needs --zero_stage 3 (only stage 3 partitions the parameters); "
+            f"got --zero_stage {flags['zero_stage']}"
+        )
     if flags["compile"] and flags["zero_stage"] == 3:
-        raise ConfigError("--compile is not supported with --zero_stage 3 here (ZeRO-3 gathers parameters in "
-                          "module hooks that torch.compile would trace); use --zero_stage 0, 1 or 2")
+        raise ConfigError(
+            "--compile is not supported with --zero_stage 3 here (ZeRO-3 gathers parameters in "
+            "module hooks that torch.compile would trace); use --zero_stage 0, 1 or 2"
+        )
 
 
 def check_dtype_supported(dtype: str) -> None:
@@ -145,12 +156,15 @@ def check_dtype_supported(dtype: str) -> None:
     supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
     if not supported[dtype]:
         hint = "use --dtype bf16 or fp32" if supported["bf16"] else "use --dtype fp16 or fp32"
-        raise ConfigError(f"--dtype {dtype} is not supported by DeepSpeed's {accelerator.device_name()} accelerator "
-                          f"on this machine; {hint}")
+        raise ConfigError(
+            f"--dtype {dtype} is not supported by DeepSpeed's {accelerator.device_name()} accelerator "
+            f"on this machine; {hint}"
+        )
 
 
-def resolve_ds_flags(flags: dict[str, Any], defaults: dict[str, Any], plain_defaults: dict[str, Any]
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_ds_flags(
+    flags: dict[str, Any], defaults: dict[str, Any], plain_defaults: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """train_bert_ds.py's flags resolved and checked before any rank starts: a resume's saved flags, ds_config.json
     merged with the flags (see `effective_ds_config`), every value validated. Returns (flags, effective config).
 
@@ -171,7 +185,8 @@ def resolve_ds_flags(flags: dict[str, Any], defaults: dict[str, Any], plain_defa
                 f"the checkpoint in {experiment_dir} was saved by {hparams['world_size']} rank(s), this run has "
                 f"{world_size}: ZeRO partitions the optimizer state per rank, so resume with {hparams['world_size']} "
                 f"process(es); to change the rank count, convert the checkpoint to fp32 weights with "
-                f"python {experiment_dir / 'zero_to_fp32.py'} {experiment_dir} OUTPUT_DIR and start a new run")
+                f"python {experiment_dir / 'zero_to_fp32.py'} {experiment_dir} OUTPUT_DIR and start a new run"
+            )
     config = load_ds_config(flags["ds_config"])
     with errors_named_after_config(fields_from_config(flags, config), flags["ds_config"]):
         flags, config = effective_ds_config(flags, config, world_size, plain_defaults)
@@ -180,8 +195,10 @@ def resolve_ds_flags(flags: dict[str, Any], defaults: dict[str, Any], plain_defa
         validate_flags(flags)
         validate_ds_flags(flags)
         if flags["device"] not in ("auto", "cpu"):
-            raise ConfigError(f"--device {flags['device']!r}: train_bert_ds.py puts each rank on the GPU its launcher "
-                              "gives it (LOCAL_RANK); --device takes auto (that GPU, or the CPU without CUDA) or cpu")
+            raise ConfigError(
+                f"--device {flags['device']!r}: train_bert_ds.py puts each rank on the GPU its launcher "
+                "gives it (LOCAL_RANK); --device takes auto (that GPU, or the CPU without CUDA) or cpu"
+            )
         if flags["device"] == "cpu":  # read when deepspeed is first imported (in init_distributed)
             os.environ["DS_ACCELERATOR"] = "cpu"
         check_dtype_supported(flags["dtype"])

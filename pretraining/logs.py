@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 def training_flops(config: "transformers.PretrainedConfig", tokens: int, predicted: int, seq_length: int) -> float:
     """FLOPs of one forward+backward pass, the usual 6·N·tokens estimate made specific to a sparse-head encoder.
 
-        6 · N_dense · tokens            N_dense = L·(4·d² + 2·d·f): attention projections and feed-forward matrices
-      + 12 · L · d · T · tokens         attention scores (QKᵀ) and weighted values, forward and backward
-      + 6 · (d² + d·V) · predicted      the MLM head (transform + decoder), only at the predicted positions
+      6 · N_dense · tokens            N_dense = L·(4·d² + 2·d·f): attention projections and feed-forward matrices
+    + 12 · L · d · T · tokens         attention scores (QKᵀ) and weighted values, forward and backward
+    + 6 · (d² + d·V) · predicted      the MLM head (transform + decoder), only at the predicted positions
     """
     layers, d, ff, vocab = config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size
     dense = dense_parameters(layers, d, ff)
@@ -102,8 +102,14 @@ def library_versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-            "datasets": datasets.__version__, "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": np.__version__,
+    }
 
 
 class MetricsLogger:
@@ -139,8 +145,11 @@ def drop_lines_after_step(jsonl_path: Path, step: int) -> None:
     if not jsonl_path.is_file():
         return
     records = [(line, json.loads(line)) for line in jsonl_path.read_text().splitlines(keepends=True) if line.strip()]
-    kept = [line for line, record in records
-            if record["step"] < step or (record["step"] == step and "test_loss" not in record)]
+    kept = [
+        line
+        for line, record in records
+        if record["step"] < step or (record["step"] == step and "test_loss" not in record)
+    ]
     atomic_write(jsonl_path, lambda file: file.writelines(kept), mode="w")
 
 
@@ -155,10 +164,18 @@ def format_number(value: Any, digits: int = 3) -> str:
 
 
 # How each metric reads in a log line: (label, unit); the metrics.jsonl record keeps every key and full precision.
-LOG_LINE_FIELDS = {"loss": ("loss", ""), "lr": ("lr", ""), "grad_norm": ("grad", ""), "loss_scale": ("scale", ""),
-                   "tokens_per_sec": ("", " tok/s"), "step_time_ms": ("", " ms/step"), "mfu": ("MFU", "%"),
-                   "peak_memory_mib": ("mem", " MiB"), "eta_s": ("eta", ""),
-                   "budget_spent_s": ("spent", " s")}
+LOG_LINE_FIELDS = {
+    "loss": ("loss", ""),
+    "lr": ("lr", ""),
+    "grad_norm": ("grad", ""),
+    "loss_scale": ("scale", ""),
+    "tokens_per_sec": ("", " tok/s"),
+    "step_time_ms": ("", " ms/step"),
+    "mfu": ("MFU", "%"),
+    "peak_memory_mib": ("mem", " MiB"),
+    "eta_s": ("eta", ""),
+    "budget_spent_s": ("spent", " s"),
+}
 
 
 def log_line(record: dict[str, Any]) -> str:
@@ -179,14 +196,20 @@ def log_line(record: dict[str, Any]) -> str:
 def console_logging() -> int:
     """loguru to stderr, short lines, through tqdm (so a progress bar stays intact); returns the sink id."""
     logger.remove()
-    return logger.add(lambda message: tqdm.write(message, end="", file=sys.stderr), level="INFO", colorize=False,
-                      format="{time:HH:mm:ss} | {level: <7} | {message}")
+    return logger.add(
+        lambda message: tqdm.write(message, end="", file=sys.stderr),
+        level="INFO",
+        colorize=False,
+        format="{time:HH:mm:ss} | {level: <7} | {message}",
+    )
 
 
 def setup_logging(experiment_dir: Path) -> list[int]:
     """loguru to stderr and to train.log; returns the sink ids."""
-    return [console_logging(),
-            logger.add(experiment_dir / "train.log", level="DEBUG", format="{time} | {level: <7} | {message}")]
+    return [
+        console_logging(),
+        logger.add(experiment_dir / "train.log", level="DEBUG", format="{time} | {level: <7} | {message}"),
+    ]
 
 
 @contextlib.contextmanager
@@ -223,7 +246,8 @@ class LossWindow:
         self.loss += loss.detach() / self.grad_accum_steps
         self.predicted += (masked_labels >= 0).sum()  # not the padding (-100)
         self.first_nonfinite_step = torch.where(
-            (self.first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_nonfinite_step)
+            (self.first_nonfinite_step < 0) & ~torch.isfinite(loss.detach()), step, self.first_nonfinite_step
+        )
         self.micro_batches += 1
 
     def raise_if_nonfinite(self, experiment_dir: Path) -> None:
@@ -232,9 +256,16 @@ class LossWindow:
         if self.check_finite and bad_step >= 0:
             raise nonfinite_error(f"the loss became non-finite (NaN or inf) at step {bad_step}", experiment_dir)
 
-    def record(self, step: int, lr: float, grad_norm: float | None, flags: dict[str, Any],
-               model_config: "transformers.PretrainedConfig", device: torch.device, num_ranks: int = 1
-               ) -> dict[str, Any]:
+    def record(
+        self,
+        step: int,
+        lr: float,
+        grad_norm: float | None,
+        flags: dict[str, Any],
+        model_config: "transformers.PretrainedConfig",
+        device: torch.device,
+        num_ranks: int = 1,
+    ) -> dict[str, Any]:
         """The log line for the steps since the previous one, then start a new window.
 
         Throughput counts the tokens of all `num_ranks` ranks (the loss and predicted count must already be summed
@@ -247,7 +278,10 @@ class LossWindow:
         flops = training_flops(model_config, tokens_per_step, int(self.predicted) / steps, flags["max_seq_length"])
         peak = peak_flops(device, flags["dtype"])
         record = {
-            "step": step, "loss": float(self.loss) / steps, "lr": lr, "grad_norm": grad_norm,
+            "step": step,
+            "loss": float(self.loss) / steps,
+            "lr": lr,
+            "grad_norm": grad_norm,
             "tokens_per_sec": tokens_per_step / seconds_per_step,
             "samples_per_sec": tokens_per_step / flags["max_seq_length"] / seconds_per_step,
             "step_time_ms": 1000 * seconds_per_step,
@@ -259,5 +293,3 @@ class LossWindow:
         self.loss.zero_(), self.predicted.zero_()
         self.micro_batches, self.start = 0, time.perf_counter()
         return {key: value for key, value in record.items() if value is not None}
-
-

@@ -78,8 +78,9 @@ def init_distributed(local_rank: int) -> tuple[int, int, torch.device]:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
-                               timeout=COLLECTIVE_TIMEOUT)
+    deepspeed.init_distributed(
+        dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False, timeout=COLLECTIVE_TIMEOUT
+    )
     device = torch.device(accelerator.device_name(local_rank) if accelerator.device_name() != "cpu" else "cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -98,8 +99,11 @@ def stop_when_the_launcher_dies() -> None:
     """
     import psutil
 
-    launchers = [process for process in psutil.Process().parents()
-                 if any(name in " ".join(process.cmdline()) for name in LAUNCHER_NAMES)]
+    launchers = [
+        process
+        for process in psutil.Process().parents()
+        if any(name in " ".join(process.cmdline()) for name in LAUNCHER_NAMES)
+    ]
 
     def watch() -> None:
         while all(process.is_running() for process in launchers):
@@ -131,8 +135,12 @@ def run_on_rank0(function: Callable[[], Any], rank: int) -> Any:
 
 def is_peer_failure(error: BaseException) -> bool:
     """A collective failed because another rank is gone (closed connection) or silent (timeout)."""
-    return isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and any(
-        sign in str(error) for sign in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")))
+    return isinstance(error, getattr(dist, "DistError", ())) or (
+        isinstance(error, RuntimeError)
+        and any(
+            sign in str(error) for sign in ("gloo", "NCCL", "Connection closed by peer", "Connection reset by peer")
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -152,14 +160,18 @@ def reported_peer_failures(rank: int, progress: RunProgress) -> Iterator[None]:
         detail = re.sub(r"\[[^\]]*\.\w+:\d+\] ", "", str(error).strip().splitlines()[0]).split(". ")[0][:160]
         experiment_dir = progress.experiment_dir
         if experiment_dir is not None and (experiment_dir / LATEST_POINTER).is_file():
-            outcome = (f"a resume uses the last complete checkpoint, {(experiment_dir / LATEST_POINTER).read_text()} "
-                       f"in {experiment_dir}: {resume_command(experiment_dir)}")
+            outcome = (
+                f"a resume uses the last complete checkpoint, {(experiment_dir / LATEST_POINTER).read_text()} "
+                f"in {experiment_dir}: {resume_command(experiment_dir)}"
+            )
         elif rank == 0 or experiment_dir is None:
             outcome = stop_outcome(experiment_dir, progress.created)
         else:
             outcome = f"no checkpoint had been saved yet. Start again with: {start_command()}"
-        raise CheckpointError(f"rank {rank}: another rank stopped ({detail}); a DeepSpeed checkpoint needs every "
-                              f"rank, so this one cannot save alone and stops; {outcome}") from None
+        raise CheckpointError(
+            f"rank {rank}: another rank stopped ({detail}); a DeepSpeed checkpoint needs every "
+            f"rank, so this one cannot save alone and stops; {outcome}"
+        ) from None
 
 
 def any_rank(value: int, group: Any) -> int:
@@ -253,20 +265,28 @@ def prepare_op_build() -> None:
             holders = processes_holding(lock)
             if not holders and lock.exists():
                 lock.unlink()
-                logger.warning(f"removed the stale build lock {lock}: no process holds it (a start was killed while "
-                               "it built DeepSpeed's op)")
+                logger.warning(
+                    f"removed the stale build lock {lock}: no process holds it (a start was killed while "
+                    "it built DeepSpeed's op)"
+                )
         if not holders:  # gone, or removed: look again (another start may have taken it since)
             continue
         if holders != waiting_for:
             waiting_for = holders
-            logger.info(f"waiting for process {', '.join(map(str, holders))}, which is building DeepSpeed's op in "
-                        f"{build_directory} (about a minute)")
+            logger.info(
+                f"waiting for process {', '.join(map(str, holders))}, which is building DeepSpeed's op in "
+                f"{build_directory} (about a minute)"
+            )
         if time.monotonic() > deadline:
-            raise ConfigError(f"DeepSpeed's op in {build_directory} has been building for over "
-                              f"{OP_BUILD_WAIT.total_seconds() / 60:.0f} minutes (process "
-                              f"{', '.join(map(str, holders))}); stop that process, or delete {build_directory}, "
-                              "then start again")
+            raise ConfigError(
+                f"DeepSpeed's op in {build_directory} has been building for over "
+                f"{OP_BUILD_WAIT.total_seconds() / 60:.0f} minutes (process "
+                f"{', '.join(map(str, holders))}); stop that process, or delete {build_directory}, "
+                "then start again"
+            )
         time.sleep(1)
     if not list(build_directory.glob("*.so")):
-        logger.info(f"building DeepSpeed's {build_directory.name} op in {build_directory}, about a minute the first "
-                    "time (later starts reuse it)")
+        logger.info(
+            f"building DeepSpeed's {build_directory.name} op in {build_directory}, about a minute the first "
+            "time (later starts reuse it)"
+        )

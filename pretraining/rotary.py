@@ -12,9 +12,13 @@ if TYPE_CHECKING:
     import transformers
 
 
-def rotary_sdpa_attention(self: torch.nn.Module, hidden_states: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None,
-                          sinusoidal_pos: torch.Tensor | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+def rotary_sdpa_attention(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    sinusoidal_pos: torch.Tensor | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
     """RoFormer's self-attention with the same weights and rotations, computed by `scaled_dot_product_attention`.
 
     transformers' RoFormer writes attention out (QKᵀ, softmax, dropout, ·V: the [tokens x tokens] matrices of every
@@ -22,14 +26,16 @@ def rotary_sdpa_attention(self: torch.nn.Module, hidden_states: torch.Tensor,
     fused kernel (flash attention on GPUs, a fused kernel on CPUs) computes the same function in one pass.
     """
     batch_shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)
-    query, key, value = (projection(hidden_states).view(batch_shape).transpose(1, 2)
-                         for projection in (self.query, self.key, self.value))
+    query, key, value = (
+        projection(hidden_states).view(batch_shape).transpose(1, 2) for projection in (self.query, self.key, self.value)
+    )
     if self.rotary_value:
         query, key, value = self.apply_rotary_position_embeddings(sinusoidal_pos, query, key, value)
     else:
         query, key = self.apply_rotary_position_embeddings(sinusoidal_pos, query, key)
-    context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             dropout_p=self.dropout.p if self.training else 0.0)
+    context = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
+    )
     return context.transpose(1, 2).flatten(2), None
 
 

@@ -32,6 +32,7 @@ from pretraining.token_store import end_forked_helper
 
 if TYPE_CHECKING:
     from pretraining.time_budget import StepLimit, TimeBudget
+
     pass
 
 # An experiment folder's checkpoint files, and the file that names the newest checkpoint.
@@ -101,8 +102,10 @@ def removed_unless_complete(experiment_dir: Path) -> Iterator[None]:
         yield
     except OSError as error:
         shutil.rmtree(experiment_dir, ignore_errors=True)
-        raise CheckpointError(f"could not write the experiment directory {experiment_dir} "
-                              f"({error.strerror or error}); nothing was kept. Free space and start again") from error
+        raise CheckpointError(
+            f"could not write the experiment directory {experiment_dir} "
+            f"({error.strerror or error}); nothing was kept. Free space and start again"
+        ) from error
     except BaseException:  # a stop signal
         shutil.rmtree(experiment_dir, ignore_errors=True)
         raise
@@ -137,8 +140,10 @@ class StopSignal:
         if self.at_once:
             raise StoppedAtOnce(f"stopped by {signal.Signals(signum).name}", signum)
         # A raw write, not the logger: the signal may have interrupted a log call, and loguru is not re-entrant.
-        os.write(sys.stderr.fileno(),
-                 f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint\n".encode())
+        os.write(
+            sys.stderr.fileno(),
+            f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint\n".encode(),
+        )
 
     def __exit__(self, _type: Any, error: BaseException | None, _traceback: Any) -> None:
         # A stopping run has saved what it can and only has to say so and exit; a launcher stopping the other ranks
@@ -152,7 +157,9 @@ class StopSignal:
         logger.warning(f"received {signal.Signals(self.signum).name}: stopping after the checkpoint of step {step}")
         return TrainingInterrupted(
             f"stopped by {signal.Signals(self.signum).name} after step {step}; checkpoint saved. Resume with: "
-            f"{resume_command(experiment_dir)}", self.signum)
+            f"{resume_command(experiment_dir)}",
+            self.signum,
+        )
 
 
 LOCK_FILE = "experiment.lock"
@@ -196,17 +203,19 @@ def experiment_lock(experiment_dir: Path) -> Iterator[None]:
     try:
         lock = open(path, "a+")
     except OSError as error:
-        raise ConfigError(f"cannot open the lock file {path} ({error.strerror}); the experiment directory must be "
-                          "writable") from error
+        raise ConfigError(
+            f"cannot open the lock file {path} ({error.strerror}); the experiment directory must be writable"
+        ) from error
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
-            raise ConfigError(f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to "
-                              "an experiment: wait for it to end or stop it (it saves a checkpoint), then resume"
-                              ) from None
+            raise ConfigError(
+                f"experiment {experiment_dir} is in use by {holder}; one run at a time may write to "
+                "an experiment: wait for it to end or stop it (it saves a checkpoint), then resume"
+            ) from None
         try:
             lock.truncate(0)
             lock.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
@@ -221,14 +230,18 @@ def saved_step(experiment_dir: Path) -> int | None:
     """The step of the checkpoint a resume starts from: the number in the name `latest` holds (a checkpoint file's or
     folder's), else in the newest checkpoint file's; None if there is none."""
     pointer = experiment_dir / LATEST_POINTER
-    names = [pointer.read_text().strip()] if pointer.is_file() else sorted(
-        path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))
+    names = (
+        [pointer.read_text().strip()]
+        if pointer.is_file()
+        else sorted(path.name for path in experiment_dir.glob(CHECKPOINT_PATTERN))
+    )
     digits = "".join(character for character in (names or [""])[-1] if character.isdigit())
     return int(digits) if digits else None
 
 
-def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
-                        ) -> bool:
+def check_resume_target(
+    flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
+) -> bool:
     """Whether the resume has anything to do: False if the run is finished (said in one line), an error if
     --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test evaluation and
     export that a stop interrupted)."""
@@ -236,18 +249,26 @@ def check_resume_target(flags: dict[str, Any], step: int | None, experiment_dir:
         return True  # load_latest_checkpoint explains what is missing
     if flags["time_budget"] is not None:  # a budgeted run ends when its time is spent, at whatever step
         if completed_step == step:
-            print(f"experiment {experiment_dir} is finished: trained for its --time_budget {flags['time_budget']} "
-                  f"to step {step}, evaluated and exported to {experiment_dir / 'hf_model'}. To train further, start "
-                  f"a new run with --init_from {experiment_dir / 'hf_model'}", file=sys.stderr)
+            print(
+                f"experiment {experiment_dir} is finished: trained for its --time_budget {flags['time_budget']} "
+                f"to step {step}, evaluated and exported to {experiment_dir / 'hf_model'}. To train further, start "
+                f"a new run with --init_from {experiment_dir / 'hf_model'}",
+                file=sys.stderr,
+            )
             return False
         return True
     if flags["num_iterations"] < step:
-        raise ConfigError(f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
-                          f"{experiment_dir} has reached; give --num_iterations {step} or more")
+        raise ConfigError(
+            f"--num_iterations {flags['num_iterations']} is below step {step}, which the checkpoint in "
+            f"{experiment_dir} has reached; give --num_iterations {step} or more"
+        )
     if step == flags["num_iterations"] and completed_step == step:
-        print(f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
-              f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
-              f"{resume_command(experiment_dir)} --num_iterations N (N > {step})", file=sys.stderr)
+        print(
+            f"experiment {experiment_dir} is finished: trained to step {step} of --num_iterations {step}, "
+            f"evaluated and exported to {experiment_dir / 'hf_model'}. To train further: "
+            f"{resume_command(experiment_dir)} --num_iterations N (N > {step})",
+            file=sys.stderr,
+        )
         return False
     return True
 
@@ -272,15 +293,18 @@ def stop_outcome(experiment_dir: Path | None, created_here: bool) -> str:
         return f"{experiment_dir} is unchanged. Resume with: {resume_command(experiment_dir)}"
     if experiment_dir is not None:
         shutil.rmtree(experiment_dir, ignore_errors=True)
-        return (f"nothing had been trained, so the new experiment directory {experiment_dir} was removed. Start "
-                f"again with: {start_command()}")
+        return (
+            f"nothing had been trained, so the new experiment directory {experiment_dir} was removed. Start "
+            f"again with: {start_command()}"
+        )
     return f"nothing was created. Start again with: {start_command()}"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
     """torch.OutOfMemoryError (CUDA), or the CPU allocator's failure (a RuntimeError), or Python's MemoryError."""
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+    )
 
 
 def out_of_memory(error: BaseException, flags: dict[str, Any], phase: str, outcome: str) -> OutOfMemory:
@@ -289,7 +313,8 @@ def out_of_memory(error: BaseException, flags: dict[str, Any], phase: str, outco
     return OutOfMemory(
         f"out of memory {phase} ({detail}); lower --batch_size (now {flags['batch_size']}; --grad_accum_steps keeps "
         f"the effective batch) or --max_seq_length (now {flags['max_seq_length']}), or make the model smaller "
-        f"(--num_layers, --h_dim, --ff_dim); {outcome}")
+        f"(--num_layers, --h_dim, --ff_dim); {outcome}"
+    )
 
 
 def estimate_step_memory(flags: dict[str, Any], attention_matrices: bool) -> tuple[int, int]:
@@ -320,14 +345,19 @@ def check_memory(flags: dict[str, Any], device: torch.device) -> None:
     import psutil
 
     needed, attention = estimate_step_memory(flags, attention_matrices=device.type == "cpu")
-    available = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available)
+    available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     if needed > available:
-        attention_part = (f" ({attention / 2**30:.1f} GiB of it attention matrices of --max_seq_length "
-                          f"{flags['max_seq_length']} squared, per layer and head)" if attention else "")
+        attention_part = (
+            f" ({attention / 2**30:.1f} GiB of it attention matrices of --max_seq_length "
+            f"{flags['max_seq_length']} squared, per layer and head)"
+            if attention
+            else ""
+        )
         raise ConfigError(
             f"one training step needs about {needed / 2**30:.1f} GiB{attention_part}, more than the "
             f"{available / 2**30:.1f} GiB available on {device}; lower --max_seq_length or --batch_size (now "
-            f"{flags['batch_size']}; --grad_accum_steps keeps the effective batch)")
+            f"{flags['batch_size']}; --grad_accum_steps keeps the effective batch)"
+        )
 
 
 def check_sequence_limits(flags: dict[str, Any]) -> None:
@@ -343,9 +373,11 @@ def check_sequence_limits(flags: dict[str, Any]) -> None:
     # RoBERTa-style models number positions from pad_token_id + 1: two of their positions are never used.
     limit = positions - (config.get("pad_token_id", 1) + 1 if "roberta" in config.get("model_type", "") else 0)
     if flags["max_seq_length"] > limit:
-        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} positions of the "
-                          f"model that comes with --tokenizer {flags['tokenizer']!r} (max_position_embeddings "
-                          f"{positions} in {model_config}); give --max_seq_length {limit} or less")
+        raise ConfigError(
+            f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} positions of the "
+            f"model that comes with --tokenizer {flags['tokenizer']!r} (max_position_embeddings "
+            f"{positions} in {model_config}); give --max_seq_length {limit} or less"
+        )
 
 
 def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -368,10 +400,12 @@ def load_latest_checkpoint(experiment_dir: Path, map_location: str | torch.devic
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # truncated zip, bad pickle, wrong format...
-            logger.warning(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
-                           "trying an older one")
-    raise CheckpointError(f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are "
-                          "unreadable")
+            logger.warning(
+                f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); trying an older one"
+            )
+    raise CheckpointError(
+        f"no intact checkpoint in {experiment_dir}: all of {[p.name for p in candidates]} are unreadable"
+    )
 
 
 def check_resumable(experiment_dir: Path, checkpoints: str = CHECKPOINT_PATTERN) -> None:
@@ -389,7 +423,8 @@ def check_resumable(experiment_dir: Path, checkpoints: str = CHECKPOINT_PATTERN)
             raise ConfigError(
                 f"--load_checkpoint_dir {str(experiment_dir)!r} cannot be resumed by this user (uid {os.getuid()}): "
                 f"{path} is not writable (owner uid {info.st_uid}, mode {info.st_mode & 0o777:o}); run as its owner "
-                "or give this user write access to the experiment directory")
+                "or give this user write access to the experiment directory"
+            )
 
 
 def nearest_existing(path: Path) -> Path:
@@ -406,8 +441,10 @@ def check_disk_space(directory: Path, num_parameters: int) -> None:
     needed = 2 * 3 * 4 * num_parameters
     free = shutil.disk_usage(nearest_existing(directory)).free
     if free < needed:
-        raise ConfigError(f"{directory} has {free / 2**20:.0f} MiB free; checkpoints of this model need about "
-                          f"{needed / 2**20:.0f} MiB. Free space or choose another --checkpoint_dir")
+        raise ConfigError(
+            f"{directory} has {free / 2**20:.0f} MiB free; checkpoints of this model need about "
+            f"{needed / 2**20:.0f} MiB. Free space or choose another --checkpoint_dir"
+        )
 
 
 def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
@@ -418,8 +455,10 @@ def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
     """
     for part in (Path(directory).absolute(), *Path(directory).absolute().parents):
         if part.is_symlink() and not part.exists():  # mkdir would fail on it after all the data loading
-            raise ConfigError(f"{flag} {directory!r}: {part} is a symbolic link to {os.readlink(part)!r}, which does "
-                              "not exist; create its target or choose another directory")
+            raise ConfigError(
+                f"{flag} {directory!r}: {part} is a symbolic link to {os.readlink(part)!r}, which does "
+                "not exist; create its target or choose another directory"
+            )
     path = nearest_existing(Path(directory))
     try:
         if not path.is_dir():
@@ -427,27 +466,37 @@ def check_writable(directory: str, flag: str = "--checkpoint_dir") -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise ConfigError(f"{flag} {directory!r} is not writable: {path} cannot hold new files ({error.strerror}); "
-                          "choose a writable directory") from error
+        raise ConfigError(
+            f"{flag} {directory!r} is not writable: {path} cannot hold new files ({error.strerror}); "
+            "choose a writable directory"
+        ) from error
 
 
 def load_hparams(experiment_dir: Path) -> dict[str, Any]:
     """An experiment's hparams.json (its resolved flags first); an error if the folder is not an experiment."""
     hparams_path = experiment_dir / "hparams.json"
     if not experiment_dir.is_dir():
-        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} does not exist; give a bert_pretrain.* "
-                          "folder made by --checkpoint_dir")
+        raise ConfigError(
+            f"--load_checkpoint_dir {str(experiment_dir)!r} does not exist; give a bert_pretrain.* "
+            "folder made by --checkpoint_dir"
+        )
     if not hparams_path.is_file():
-        raise ConfigError(f"--load_checkpoint_dir {str(experiment_dir)!r} is not an experiment directory "
-                          "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir")
+        raise ConfigError(
+            f"--load_checkpoint_dir {str(experiment_dir)!r} is not an experiment directory "
+            "(no hparams.json); give a bert_pretrain.* folder made by --checkpoint_dir"
+        )
     try:
         hparams = json.loads(hparams_path.read_text())
     except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ConfigError(f"{hparams_path} cannot be read as JSON ({error}); it is written by --checkpoint_dir runs: "
-                          "restore it from a backup or start a new experiment") from error
+        raise ConfigError(
+            f"{hparams_path} cannot be read as JSON ({error}); it is written by --checkpoint_dir runs: "
+            "restore it from a backup or start a new experiment"
+        ) from error
     if not isinstance(hparams, dict) or not isinstance(hparams.get("flags"), dict):
-        raise ConfigError(f"{hparams_path} has no \"flags\" object (it holds {json.dumps(hparams)[:100]}); it is "
-                          "written by --checkpoint_dir runs: restore it from a backup or start a new experiment")
+        raise ConfigError(
+            f'{hparams_path} has no "flags" object (it holds {json.dumps(hparams)[:100]}); it is '
+            "written by --checkpoint_dir runs: restore it from a backup or start a new experiment"
+        )
     return hparams
 
 
@@ -478,8 +527,9 @@ def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[Non
         if stop.signum is not None:  # StoppedAtOnce, or what a library's cleanup raised over it (see end_forked_helper)
             phase = run_phase(flags, progress)
             outcome = stop_outcome(progress.experiment_dir, progress.created)
-            raise TrainingInterrupted(f"stopped by {signal.Signals(stop.signum).name} {phase}; {outcome}",
-                                      stop.signum) from None
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(stop.signum).name} {phase}; {outcome}", stop.signum
+            ) from None
         if not isinstance(error, (RuntimeError, MemoryError)) or not is_out_of_memory(error):
             raise
         phase = run_phase(flags, progress)
@@ -489,16 +539,19 @@ def reported_stops(flags: dict[str, Any], progress: RunProgress) -> Iterator[Non
 def run_phase(flags: dict[str, Any], progress: RunProgress) -> str:
     """Where the run was, in words: before training, during it, or in the end phase after the last step."""
     if not progress.started:
-        return "before the first step" if progress.created or progress.experiment_dir is None else \
-            "before training resumed"
+        return (
+            "before the first step"
+            if progress.created or progress.experiment_dir is None
+            else "before training resumed"
+        )
     if progress.end is not None:
         training_ended = progress.end.training_ended
     else:
-        training_ended = (progress.experiment_dir / LATEST_POINTER).is_file() and \
-            saved_step(progress.experiment_dir) == flags["num_iterations"]
+        training_ended = (progress.experiment_dir / LATEST_POINTER).is_file() and saved_step(
+            progress.experiment_dir
+        ) == flags["num_iterations"]
     if training_ended:
-        return ("after the last step, during the test evaluation or the hf_model export (a resume does only "
-                "those)")
+        return "after the last step, during the test evaluation or the hf_model export (a resume does only those)"
     return "during training"
 
 
@@ -509,8 +562,10 @@ def nonfinite_error(what: str, experiment_dir: Path) -> NonFiniteLossError:
         go_on = f"then resume with --load_checkpoint_dir {experiment_dir}"
     else:
         kept, go_on = "no checkpoint had been saved yet", "then start again"
-    return NonFiniteLossError(f"{what}; stopped without saving: {kept}. Lower --lr, raise --warmup_steps, keep "
-                              f"--grad_clip on or use --dtype fp32, {go_on}")
+    return NonFiniteLossError(
+        f"{what}; stopped without saving: {kept}. Lower --lr, raise --warmup_steps, keep "
+        f"--grad_clip on or use --dtype fp32, {go_on}"
+    )
 
 
 def raise_if_weights_nonfinite(model: torch.nn.Module, step: int, experiment_dir: Path) -> None:
@@ -518,4 +573,3 @@ def raise_if_weights_nonfinite(model: torch.nn.Module, step: int, experiment_dir
     it can still overflow (a huge lr) or spread an inf gradient. One device->host sync, at checkpoint steps only."""
     if not bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all()):
         raise nonfinite_error(f"the model's weights became non-finite (NaN or inf) by step {step}", experiment_dir)
-

@@ -27,8 +27,13 @@ def compiled(loss_function: Callable[..., torch.Tensor]) -> Callable[..., torch.
     torch._dynamo.config.suppress_errors = True
     compiled_function = torch.compile(loss_function)
 
-    def loss(model: torch.nn.Module, input_ids: torch.Tensor, masked_positions: torch.Tensor,
-             masked_labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    def loss(
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        masked_positions: torch.Tensor,
+        masked_labels: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         if input_ids.device.type == "cpu" and not torch.are_deterministic_algorithms_enabled():
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode would also fill every new tensor with NaN, a cost without a use here (a correct
@@ -42,9 +47,14 @@ def compiled(loss_function: Callable[..., torch.Tensor]) -> Callable[..., torch.
     return loss
 
 
-def training_tokens_per_s(loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
-                          autocast: Callable[[], contextlib.AbstractContextManager], tokens_per_step: int,
-                          min_steps: int = 3, min_seconds: float = 0.5) -> float:
+def training_tokens_per_s(
+    loss: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    tokens_per_step: int,
+    min_steps: int = 3,
+    min_seconds: float = 0.5,
+) -> float:
     """Tokens per second of training steps (forward and backward of `loss()`, an `optimizer` step): timed over at
     least `min_steps` steps and `min_seconds` after two untimed ones (first allocations, kernel selection)."""
     steps, start = -2, 0.0

@@ -66,8 +66,10 @@ class BlockStream:
                     if filled == len(body):
                         filled = 0
                         block = np.concatenate([[self.start_id], body, [self.end_id]]).astype(np.int32)
-                        yield torch.from_numpy(block), (epoch, before, consumed) if consumed < len(ids) else (
-                            epoch, after, 0)
+                        yield (
+                            torch.from_numpy(block),
+                            (epoch, before, consumed) if consumed < len(ids) else (epoch, after, 0),
+                        )
                 consumed = 0
             if not found_tokens and state == self.start_of_split:
                 raise ConfigError("the streamed train split holds no text")
@@ -86,13 +88,17 @@ class BlockStream:
         return torch.stack(blocks), position
 
 
-def open_streams(raw: "datasets.IterableDatasetDict", tokenizer: Any, flags: dict[str, Any]
-                 ) -> tuple[BlockStream, torch.Tensor, torch.Tensor | None]:
+def open_streams(
+    raw: "datasets.IterableDatasetDict", tokenizer: Any, flags: dict[str, Any]
+) -> tuple[BlockStream, torch.Tensor, torch.Tensor | None]:
     """Streams instead of a token store: (the train stream, the validation blocks, the test blocks or None).
     Validation and test are their splits' first --eval_blocks blocks, read now; a corpus without a validation
     split gives up the first --eval_blocks blocks of its train stream instead."""
-    streams = {split: BlockStream(raw[split], tokenizer, flags["max_seq_length"])
-               for split in raw if split in ("train", "validation", "test")}
+    streams = {
+        split: BlockStream(raw[split], tokenizer, flags["max_seq_length"])
+        for split in raw
+        if split in ("train", "validation", "test")
+    }
     held_out = "validation" if "validation" in streams else "train"
     validation, after = streams[held_out].take(flags["eval_blocks"], streams[held_out].first_position)
     if held_out == "train":
@@ -102,9 +108,14 @@ def open_streams(raw: "datasets.IterableDatasetDict", tokenizer: Any, flags: dic
     return streams["train"], validation, test
 
 
-def stream_batches(stream: BlockStream, batch_size: int, start: tuple, rank: int, world_size: int,
-                   mask: Callable[[torch.Tensor, int], dict[str, torch.Tensor]]
-                   ) -> Iterator[tuple[tuple, dict[str, torch.Tensor]]]:
+def stream_batches(
+    stream: BlockStream,
+    batch_size: int,
+    start: tuple,
+    rank: int,
+    world_size: int,
+    mask: Callable[[torch.Tensor, int], dict[str, torch.Tensor]],
+) -> Iterator[tuple[tuple, dict[str, torch.Tensor]]]:
     """Yield `(next_position, batch)` forever from a stream; a position is (batch index, *stream position).
 
     Every rank reads the same stream and takes its own `batch_size` of each `batch_size x world_size` consecutive

@@ -24,11 +24,14 @@ def parse_duration(value: str | int | float, flag: str = "--time_budget") -> flo
         seconds = float(value)
     else:
         text = str(value).strip().lower()
-        parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?",
-                             text)
+        parts = re.fullmatch(
+            r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text
+        )
         if not text or parts is None:
-            raise ConfigError(f"{flag} {value!r} is not a duration; give seconds (600) or amounts with units d, h, m, "
-                              "s (10m, 2h30m, 1d)")
+            raise ConfigError(
+                f"{flag} {value!r} is not a duration; give seconds (600) or amounts with units d, h, m, "
+                "s (10m, 2h30m, 1d)"
+            )
         seconds = sum(float(amount or 0) * unit for amount, unit in zip(parts.groups(), (86400, 3600, 60, 1)))
     if not (math.isfinite(seconds) and seconds > 0):
         raise ConfigError(f"{flag} {value!r} must be a positive duration (600, 10m, 2h30m, 1d)")
@@ -155,8 +158,10 @@ class TimeBudget:
         """Why a run that ended past its budget did, when its first step (a compile) took much of it; else ''."""
         if self.spent() <= 1.05 * self.total_s or self.first_step_s < 0.25 * self.total_s:
             return ""
-        return (f"; the first step alone took {self.first_step_s:.0f} s of the {self.total_s:.0f} s budget (compiling "
-                "the model): raise --time_budget or pass --compile False")
+        return (
+            f"; the first step alone took {self.first_step_s:.0f} s of the {self.total_s:.0f} s budget (compiling "
+            "the model): raise --time_budget or pass --compile False"
+        )
 
     # The training loop's questions, as StepLimit answers them for a step count.
 
@@ -171,8 +176,11 @@ class TimeBudget:
         self.record_step(seconds)
         if self.retime_due():
             self.set_evaluation_batch_s(self.time_evaluation_batch())
-        self.training_ended = self.exhausted(self.step_estimate_s() + checkpoint_now * self.checkpoint_s +
-                                             evaluate_now * self.evaluation_batch_s * self.validation_batches)
+        self.training_ended = self.exhausted(
+            self.step_estimate_s()
+            + checkpoint_now * self.checkpoint_s
+            + evaluate_now * self.evaluation_batch_s * self.validation_batches
+        )
         return self.training_ended
 
     def log_fields(self) -> dict[str, float]:
@@ -197,8 +205,13 @@ class TimeBudget:
 # Model shapes a --time_budget run chooses from (layers, width, heads, feed-forward, peak lr): BERT's family at a head
 # width of 64, from this script's default up to BERT-base; the lr falls as the width grows, as in BERT's and
 # Cramming's recipes.
-AUTO_SHAPES = ((2, 128, 2, 512, 2e-3), (4, 256, 4, 1024, 1.5e-3), (6, 384, 6, 1536, 1e-3), (8, 512, 8, 2048, 7e-4),
-               (12, 768, 12, 3072, 5e-4))
+AUTO_SHAPES = (
+    (2, 128, 2, 512, 2e-3),
+    (4, 256, 4, 1024, 1.5e-3),
+    (6, 384, 6, 1536, 1e-3),
+    (8, 512, 8, 2048, 7e-4),
+    (12, 768, 12, 3072, 5e-4),
+)
 
 
 AUTO_SIZED_FLAGS = ("num_layers", "h_dim", "num_heads", "ff_dim", "lr", "batch_size")
@@ -210,8 +223,9 @@ TOKENS_PER_PARAMETER = 20  # compute-optimal training sees ~20 tokens per parame
 GPU_BATCH_SIZE = 128  # blocks per step a --time_budget run uses on a GPU: enough work per kernel to keep it busy
 
 
-def choose_shape_for_budget(flags: dict[str, Any], device: torch.device, keep: set[str],
-                            measure_tokens_per_s: Callable[[dict[str, Any]], float]) -> tuple[dict[str, Any], str]:
+def choose_shape_for_budget(
+    flags: dict[str, Any], device: torch.device, keep: set[str], measure_tokens_per_s: Callable[[dict[str, Any]], float]
+) -> tuple[dict[str, Any], str]:
     """The model shape, batch size and lr for a --time_budget run: the largest of AUTO_SHAPES that sees at least
     TOKENS_PER_PARAMETER tokens per (non-embedding) parameter in the budget, at the speed measured here and now.
 
@@ -227,30 +241,47 @@ def choose_shape_for_budget(flags: dict[str, Any], device: torch.device, keep: s
     training_s = (1 - TimeBudget.END_SHARE) * parse_duration(flags["time_budget"])
     chosen = {}
     for layers, width, heads, ff, lr in AUTO_SHAPES:
-        shape = {"num_layers": layers, "h_dim": width, "num_heads": heads, "ff_dim": ff, "lr": lr,
-                 "batch_size": batch_size}
+        shape = {
+            "num_layers": layers,
+            "h_dim": width,
+            "num_heads": heads,
+            "ff_dim": ff,
+            "lr": lr,
+            "batch_size": batch_size,
+        }
         shape = {name: flags[name] if name in keep else value for name, value in shape.items()}
         if shape["h_dim"] % shape["num_heads"]:
             continue
         tokens_per_s = measure_tokens_per_s({**flags, **shape})
         parameters = dense_parameters(shape["num_layers"], shape["h_dim"], shape["ff_dim"])
         per_parameter = tokens_per_s * training_s / parameters
-        logger.info(f"auto size: {shape['num_layers']} x {shape['h_dim']} (ff {shape['ff_dim']}), batch "
-                    f"{batch_size}: {tokens_per_s:,.0f} tokens/s here, {per_parameter:.0f} tokens per parameter in "
-                    f"{training_s:.0f} s of training")
+        logger.info(
+            f"auto size: {shape['num_layers']} x {shape['h_dim']} (ff {shape['ff_dim']}), batch "
+            f"{batch_size}: {tokens_per_s:,.0f} tokens/s here, {per_parameter:.0f} tokens per parameter in "
+            f"{training_s:.0f} s of training"
+        )
         if chosen and per_parameter < TOKENS_PER_PARAMETER:
             break
         chosen = shape
     changed = {name: value for name, value in chosen.items() if value != flags[name]}
-    return chosen, (f"auto size: {chosen['num_layers']} layers x {chosen['h_dim']} (ff {chosen['ff_dim']}, "
-                    f"{chosen['num_heads']} heads), batch {chosen['batch_size']}, lr {chosen['lr']:g}: the largest "
-                    "shape "
-                    f"that sees >= {TOKENS_PER_PARAMETER} tokens per parameter in this budget on {device}" +
-                    (" (the defaults)" if not changed else "") + "; --auto_size False keeps the flags as given")
+    return chosen, (
+        f"auto size: {chosen['num_layers']} layers x {chosen['h_dim']} (ff {chosen['ff_dim']}, "
+        f"{chosen['num_heads']} heads), batch {chosen['batch_size']}, lr {chosen['lr']:g}: the largest "
+        "shape "
+        f"that sees >= {TOKENS_PER_PARAMETER} tokens per parameter in this budget on {device}"
+        + (" (the defaults)" if not changed else "")
+        + "; --auto_size False keeps the flags as given"
+    )
 
 
-def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: list[dict[str, torch.Tensor]],
-                       test_blocks: int, flags: dict[str, Any], time_evaluation: Callable[[], float]) -> None:
+def measure_end_of_run(
+    budget: TimeBudget,
+    model: torch.nn.Module,
+    validation: list[dict[str, torch.Tensor]],
+    test_blocks: int,
+    flags: dict[str, Any],
+    time_evaluation: Callable[[], float],
+) -> None:
     """Time what the end of a budgeted run costs, then start its clock: an evaluation batch and an in-memory save of
     a checkpoint-sized state (the weights and AdamW's two moments). `TimeBudget.reserve_s` multiplies them out;
     they are timed again once the first steps are done, and the real ones replace them later. `test_blocks` is the
@@ -264,18 +295,24 @@ def measure_end_of_run(budget: TimeBudget, model: torch.nn.Module, validation: l
     budget.time_evaluation_batch = time_evaluation
     budget.set_evaluation_batch_s(time_evaluation())
     budget.start()
-    logger.info(f"time budget {budget.total_s:.0f} s ({budget.spent_before_s:.0f} s spent before): training stops "
-                f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export "
-                "(timed again after the first steps)")
+    logger.info(
+        f"time budget {budget.total_s:.0f} s ({budget.spent_before_s:.0f} s spent before): training stops "
+        f"{budget.reserve_s():.1f} s before the end, kept for the last evaluation, checkpoint and export "
+        "(timed again after the first steps)"
+    )
     if budget.reserve_s() > 0.25 * (budget.total_s - budget.spent_before_s):
-        logger.warning(f"the end of the run needs about {budget.reserve_s():.0f} s of the {budget.total_s:.0f} s "
-                       f"budget (evaluating {budget.validation_batches} validation batches at "
-                       f"{budget.evaluation_batch_s:.2f} s each, a checkpoint, the export): lower --eval_blocks or "
-                       "raise --time_budget")
+        logger.warning(
+            f"the end of the run needs about {budget.reserve_s():.0f} s of the {budget.total_s:.0f} s "
+            f"budget (evaluating {budget.validation_batches} validation batches at "
+            f"{budget.evaluation_batch_s:.2f} s each, a checkpoint, the export): lower --eval_blocks or "
+            "raise --time_budget"
+        )
     if flags["compile"] and budget.total_s < 120:
-        logger.warning(f"--time_budget {budget.total_s:.0f} s with --compile True: the first step compiles the model, "
-                       "which can take a minute; it counts as spent, so a budget this short may train few steps "
-                       "(--compile False for short runs)")
+        logger.warning(
+            f"--time_budget {budget.total_s:.0f} s with --compile True: the first step compiles the model, "
+            "which can take a minute; it counts as spent, so a budget this short may train few steps "
+            "(--compile False for short runs)"
+        )
 
 
 def dense_parameters(layers: int, d: int, ff: int) -> int:

@@ -24,8 +24,12 @@ if TYPE_CHECKING:
     import transformers
 
 
-def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTrainedTokenizerBase", num_proc: int = 1,
-                   cache_file_name: str | None = None) -> "datasets.Dataset":
+def tokenize_lines(
+    split: "datasets.Dataset",
+    tokenizer: "transformers.PreTrainedTokenizerBase",
+    num_proc: int = 1,
+    cache_file_name: str | None = None,
+) -> "datasets.Dataset":
     """Tokenize every non-empty line once, ending each with the end token so line boundaries stay visible.
 
     A batched `map` (the Rust tokenizer sees 1,000 lines at a time) in `num_proc` processes, each writing its share
@@ -40,10 +44,16 @@ def tokenize_lines(split: "datasets.Dataset", tokenizer: "transformers.PreTraine
         ids = tokenizer(lines, add_special_tokens=False, verbose=False)["input_ids"] if lines else []
         return {"input_ids": [line_ids + [end_id] for line_ids in ids]}
 
-    return split.map(tokenize_batch, batched=True, remove_columns=split.column_names, desc="tokenizing",
-                     num_proc=num_proc if num_proc > 1 else None,
-                     features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
-                     cache_file_name=cache_file_name, new_fingerprint=uuid.uuid4().hex)
+    return split.map(
+        tokenize_batch,
+        batched=True,
+        remove_columns=split.column_names,
+        desc="tokenizing",
+        num_proc=num_proc if num_proc > 1 else None,
+        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
+        cache_file_name=cache_file_name,
+        new_fingerprint=uuid.uuid4().hex,
+    )
 
 
 STORE_FORMAT_VERSION = 2  # bump when the files of a token store change meaning: old stores are then not reused
@@ -64,8 +74,7 @@ def tokenizer_fingerprint(tokenizer: "transformers.PreTrainedTokenizerBase") -> 
     return hashlib.sha256(f"{description}|{block_framing_ids(tokenizer)}".encode()).hexdigest()[:16]
 
 
-def corpus_sources(dataset: str, dataset_config: str | None
-                   ) -> tuple[dict[str, Any], "datasets.DatasetDict | None"]:
+def corpus_sources(dataset: str, dataset_config: str | None) -> tuple[dict[str, Any], "datasets.DatasetDict | None"]:
     """What identifies the corpus, and the corpus itself if identifying it meant loading it (else None).
 
     Local .txt files are identified without being read: their paths, sizes, modification times and first and last
@@ -97,8 +106,9 @@ def token_store_dir(sources: dict[str, Any], tokenizer: Any, data_cache: str | N
 
     import datasets
 
-    key = json.dumps({"format": STORE_FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-                      "sources": sources})
+    key = json.dumps(
+        {"format": STORE_FORMAT_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "sources": sources}
+    )
     root = Path(data_cache) if data_cache else Path(datasets.config.HF_DATASETS_CACHE) / "token_stores"
     return root / hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -109,7 +119,8 @@ def write_npy(path: Path, dtype: np.dtype, length: int, chunks: Iterator[np.ndar
     written = 0
     with open(path, "wb") as file:
         np.lib.format.write_array_header_1_0(
-            file, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)})
+            file, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+        )
         for chunk in chunks:
             chunk.astype(dtype, copy=False).tofile(file)
             written += len(chunk)
@@ -140,8 +151,9 @@ def write_token_split(token_lines: "datasets.Dataset", directory: Path, split: s
 
     num_lines = len(token_lines)
     num_tokens = sum(int(ids.offsets[-1].as_py() - ids.offsets[0].as_py()) for ids in arrow_batches())
-    write_npy(directory / f"{split}.tokens.npy", dtype, num_tokens,
-              (ids.flatten().to_numpy() for ids in arrow_batches()))
+    write_npy(
+        directory / f"{split}.tokens.npy", dtype, num_tokens, (ids.flatten().to_numpy() for ids in arrow_batches())
+    )
     write_npy(directory / f"{split}.line_ends.npy", np.int64, num_lines, line_ends())
     return {"tokens": num_tokens, "lines": num_lines}
 
@@ -157,27 +169,41 @@ def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, 
         splits = {}
         for split in raw:
             processes = max(1, min(num_proc, len(raw[split]) // LINES_PER_PROCESS))
-            logger.info(f"token store: tokenizing the {split} split ({len(raw[split])} lines, {processes} "
-                        f"process{'es' if processes > 1 else ''})")
+            logger.info(
+                f"token store: tokenizing the {split} split ({len(raw[split])} lines, {processes} "
+                f"process{'es' if processes > 1 else ''})"
+            )
             token_lines = tokenize_lines(raw[split], tokenizer, processes, str(temporary / f"{split}.arrow"))
             splits[split] = {**write_token_split(token_lines, temporary, split, dtype), "rows": len(raw[split])}
             for cache_file in token_lines.cache_files:  # the flat arrays replace them
                 os.remove(cache_file["filename"])
-        meta = {"format": STORE_FORMAT_VERSION, "dtype": np.dtype(dtype).name, "vocab_size": len(tokenizer),
-                "tokenizer": tokenizer_fingerprint(tokenizer), "splits": splits}
+        meta = {
+            "format": STORE_FORMAT_VERSION,
+            "dtype": np.dtype(dtype).name,
+            "vocab_size": len(tokenizer),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "splits": splits,
+        }
         (temporary / "meta.json").write_text(json.dumps(store_record(temporary, meta), indent=2))
         install_store(temporary, store)
     except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
         if isinstance(error, OSError):
-            raise ConfigError(f"could not write the token store in {store.parent} ({error.strerror or error}); nothing "
-                              "was kept. Free space there or choose another folder with --data_cache DIR") from error
+            raise ConfigError(
+                f"could not write the token store in {store.parent} ({error.strerror or error}); nothing "
+                "was kept. Free space there or choose another folder with --data_cache DIR"
+            ) from error
         raise
 
 
-def open_token_store(dataset: str, dataset_config: str | None, tokenizer: Any, data_cache: str | None,
-                     num_proc: int, raw: "datasets.DatasetDict | None" = None
-                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def open_token_store(
+    dataset: str,
+    dataset_config: str | None,
+    tokenizer: Any,
+    data_cache: str | None,
+    num_proc: int,
+    raw: "datasets.DatasetDict | None" = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Each split's flat token array, memory-mapped from the store of (corpus, tokenizer), built first if missing;
     and the store's meta.json. `raw` is the loaded corpus if the caller has it.
 
@@ -234,8 +260,10 @@ def store_lock(store: Path) -> Iterator[OSError | None]:
         if store.is_dir():
             yield error
             return
-        raise ConfigError(f"cannot create the token store folder {store.parent} ({error.strerror}); choose a "
-                          "writable folder with --data_cache DIR") from error
+        raise ConfigError(
+            f"cannot create the token store folder {store.parent} ({error.strerror}); choose a "
+            "writable folder with --data_cache DIR"
+        ) from error
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -256,8 +284,11 @@ def store_record(store: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """`meta` with what a later run checks before trusting the store: every file's size, the checksums of the
     line-end indexes (a few MB; the tokens, a hundred times more, are checked by their size only), and a checksum
     of all that."""
-    record = {**meta, "files": {path.name: path.stat().st_size for path in sorted(store.glob("*.npy"))},
-              "checksums": {path.name: checksum(path.read_bytes()) for path in sorted(store.glob("*.line_ends.npy"))}}
+    record = {
+        **meta,
+        "files": {path.name: path.stat().st_size for path in sorted(store.glob("*.npy"))},
+        "checksums": {path.name: checksum(path.read_bytes()) for path in sorted(store.glob("*.line_ends.npy"))},
+    }
     return {**record, "checksum": checksum(json.dumps(record, sort_keys=True).encode())}
 
 
@@ -296,9 +327,11 @@ def install_store(temporary: Path, store: Path) -> None:
 
 def damaged_store_error(store: Path, damage: str, unwritable: OSError) -> ConfigError:
     """The error for a damaged store that cannot be rebuilt where it is."""
-    return ConfigError(f"token store {store} is damaged ({damage}) and cannot be rebuilt there "
-                       f"({unwritable.strerror}); delete that folder where it is writable, or choose a writable folder "
-                       "with --data_cache DIR")
+    return ConfigError(
+        f"token store {store} is damaged ({damage}) and cannot be rebuilt there "
+        f"({unwritable.strerror}); delete that folder where it is writable, or choose a writable folder "
+        "with --data_cache DIR"
+    )
 
 
 class PackedBlocks:
@@ -311,8 +344,9 @@ class PackedBlocks:
     tensor [len(rows), max_seq_length], so any --max_seq_length reuses the same store. `rows` selects a subset.
     """
 
-    def __init__(self, tokens: np.ndarray, start_id: int, end_id: int, max_seq_length: int,
-                 rows: np.ndarray | None = None):
+    def __init__(
+        self, tokens: np.ndarray, start_id: int, end_id: int, max_seq_length: int, rows: np.ndarray | None = None
+    ):
         self.tokens, self.start_id, self.end_id, self.max_seq_length = tokens, start_id, end_id, max_seq_length
         self.body_length = max_seq_length - 2
         self.rows = rows
@@ -348,8 +382,9 @@ class PackedBlocks:
 
     def select(self, rows: np.ndarray) -> "PackedBlocks":
         """The blocks `rows` (indices into this one) as a new PackedBlocks."""
-        return PackedBlocks(self.tokens, self.start_id, self.end_id, self.max_seq_length,
-                            rows if self.rows is None else self.rows[rows])
+        return PackedBlocks(
+            self.tokens, self.start_id, self.end_id, self.max_seq_length, rows if self.rows is None else self.rows[rows]
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for a DataLoader worker) as the file's name, not its contents."""

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a multi-process or long test (over ~20 s); -m 'not slow' skips them")
+
+
 sys.path.insert(0, str(ROOT))
 
 # A handful of fixed sentences in random order: a masked word is predictable from its sentence, so a small model's
@@ -52,8 +54,9 @@ def write_corpus(directory: Path, seed: int = 0, lines: dict[str, int] | None = 
     for split, count in (lines or {"train": 600, "validation": 60, "test": 60}).items():
         paragraphs = []
         for index in range(count):
-            paragraphs.append("" if index % 4 == 3 else " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1,
-                                                                                                                  4))))
+            paragraphs.append(
+                "" if index % 4 == 3 else " ".join(rng.choice(SENTENCES) for _ in range(rng.randint(1, 4)))
+            )
         (directory / f"{split}.txt").write_text("\n".join(paragraphs) + "\n")
     return directory
 
@@ -80,15 +83,26 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
 
 # Flags for a model small enough that a step takes milliseconds; compiling it would take longer than its whole run
 # (tests that need --compile say so).
-TINY_MODEL_FLAGS = {"num_layers": 2, "num_heads": 2, "h_dim": 32, "ff_dim": 64, "max_seq_length": 32, "batch_size": 4,
-                    "compile": False}
+TINY_MODEL_FLAGS = {
+    "num_layers": 2,
+    "num_heads": 2,
+    "h_dim": 32,
+    "ff_dim": 64,
+    "max_seq_length": 32,
+    "batch_size": 4,
+    "compile": False,
+}
 
 
 @pytest.fixture
 def tiny_flags(tiny_corpus, tiny_tokenizer, tmp_path) -> dict:
     """Keyword arguments of train_bert.train for a fast run on the tiny corpus, writing under tmp_path."""
-    return {"checkpoint_dir": str(tmp_path / "experiments"), "dataset": str(tiny_corpus),
-            "tokenizer": str(tiny_tokenizer), **TINY_MODEL_FLAGS}
+    return {
+        "checkpoint_dir": str(tmp_path / "experiments"),
+        "dataset": str(tiny_corpus),
+        "tokenizer": str(tiny_tokenizer),
+        **TINY_MODEL_FLAGS,
+    }
 
 
 def cli_args(flags: dict) -> list[str]:
@@ -98,8 +112,14 @@ def cli_args(flags: dict) -> list[str]:
 
 def run_cli(script: str, flags: dict, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """Run `python script --flag=value ...` as a user would; returns the completed process (text output)."""
-    return subprocess.run([sys.executable, str(ROOT / script), *cli_args(flags)], capture_output=True, text=True,
-                          timeout=timeout, cwd=kwargs.pop("cwd", ROOT), **kwargs)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *cli_args(flags)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=kwargs.pop("cwd", ROOT),
+        **kwargs,
+    )
 
 
 @contextlib.contextmanager
@@ -107,8 +127,14 @@ def small_disk(directory: Path, size: str):
     """A tmpfs of `size` mounted at `directory`: a real file system that fills up (needs root with mount rights;
     the test is skipped elsewhere)."""
     directory.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
-                             capture_output=True).returncode == 0 if shutil.which("mount") else False
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True
+        ).returncode
+        == 0
+        if shutil.which("mount")
+        else False
+    )
     if not mounted:
         pytest.skip("cannot mount a tmpfs here")
     try:

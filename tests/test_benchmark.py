@@ -39,14 +39,15 @@ def test_upstream_style_pads_each_batch_to_its_longest_line_and_masks_every_line
         chosen = labels != tokenizer.pad_token_id
         inner = len(ids) - 2
         assert 1 <= chosen.sum() <= inner and not chosen[0] and not chosen[-1]  # never <s> or </s>
-        assert (row[len(ids):] == tokenizer.pad_token_id).all()
+        assert (row[len(ids) :] == tokenizer.pad_token_id).all()
 
 
 def test_upstream_style_masks_fifteen_percent_with_the_80_10_10_split(tokenizer):
     text = " ".join(["alpha beta gamma delta"] * 40)
     dataset = upstream_style.UpstreamStyleLines([text] * 400, tokenizer, max_seq_length=128, seed=1)
-    original = np.array([tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)[:126],
-                         tokenizer.eos_token_id])
+    original = np.array(
+        [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)[:126], tokenizer.eos_token_id]
+    )
     chosen = mask = kept = 0
     for index in range(len(dataset)):
         masked, labels = dataset[index]
@@ -63,28 +64,51 @@ def test_upstream_style_loss_matches_the_sparse_loss_on_unpadded_input(tokenizer
     torch.manual_seed(0)
     model = upstream_style.upstream_style_model(tokenizer, 2, 2, 64, 32, 0.0, 32).eval()
     ids = torch.randint(5, len(tokenizer), (2, 16))
-    masked, labels = train_bert.masking_function(ids, tokenizer, mask_prob=0.3,
-                                                 generator=torch.Generator().manual_seed(0))
+    masked, labels = train_bert.masking_function(
+        ids, tokenizer, mask_prob=0.3, generator=torch.Generator().manual_seed(0)
+    )
     sparse = train_bert.sparse_batch(masked, labels)
     padded_labels = labels.masked_fill(labels == train_bert.IGNORE_INDEX, tokenizer.pad_token_id)
     batch = {"input_ids": masked, "labels": padded_labels, "attention_mask": torch.ones_like(masked)}
     with torch.no_grad():
-        assert upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id).item() == \
-            pytest.approx(train_bert.mlm_loss(model, **sparse).item(), rel=1e-5)
+        assert upstream_style.upstream_style_loss(model, batch, tokenizer.pad_token_id).item() == pytest.approx(
+            train_bert.mlm_loss(model, **sparse).item(), rel=1e-5
+        )
 
 
 def run_benchmark(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def test_throughput_table_reports_every_row(tiny_corpus, tiny_tokenizer, tmp_path):
-    rows = [{"name": "upstream-style", "kind": "upstream-style", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}},
-            {"name": "ours", "kind": "plain", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}}]
+    rows = [
+        {"name": "upstream-style", "kind": "upstream-style", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}},
+        {"name": "ours", "kind": "plain", "flags": {**TINY_MODEL_FLAGS, "dtype": "fp32"}},
+    ]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    result = run_benchmark("throughput", "--configs", str(tmp_path / "rows.json"), "--dataset", str(tiny_corpus),
-                           "--tokenizer", str(tiny_tokenizer), "--window", "2", "--windows", "1",
-                           "--json_path", str(tmp_path / "out.json"), "--markdown_path", str(tmp_path / "out.md"))
+    result = run_benchmark(
+        "throughput",
+        "--configs",
+        str(tmp_path / "rows.json"),
+        "--dataset",
+        str(tiny_corpus),
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--window",
+        "2",
+        "--windows",
+        "1",
+        "--json_path",
+        str(tmp_path / "out.json"),
+        "--markdown_path",
+        str(tmp_path / "out.md"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())["results"]
     assert [r["status"] for r in results] == ["ok", "ok"], results
@@ -101,12 +125,31 @@ def test_throughput_table_reports_every_row(tiny_corpus, tiny_tokenizer, tmp_pat
 def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny_corpus, tiny_tokenizer, tmp_path):
     """The baseline trains until the budget is spent (a lower bound, never a deadline to meet); ours counts its
     steps, so nothing here passes only if 4 seconds suffice (how --time_budget is given: the test below)."""
-    recipes = [{"name": "ours", **TINY_MODEL_FLAGS, "max_seq_length": 32, "num_iterations": 3},
-               {"name": "baseline", "kind": "upstream-style", **TINY_MODEL_FLAGS}]
-    result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
-                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
-                           "--json_path", str(tmp_path / "ttq.json"), "--png_path", str(tmp_path / "ttq.png"),
-                           "--work_dir", str(tmp_path / "work"))
+    recipes = [
+        {"name": "ours", **TINY_MODEL_FLAGS, "max_seq_length": 32, "num_iterations": 3},
+        {"name": "baseline", "kind": "upstream-style", **TINY_MODEL_FLAGS},
+    ]
+    result = run_benchmark(
+        "ttq",
+        "--budget_s",
+        "4",
+        "--recipes",
+        repr(recipes),
+        "--dataset",
+        str(tiny_corpus),
+        "--dataset_config",
+        "None",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--eval_seq_length",
+        "32",
+        "--json_path",
+        str(tmp_path / "ttq.json"),
+        "--png_path",
+        str(tmp_path / "ttq.png"),
+        "--work_dir",
+        str(tmp_path / "work"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "ttq.json").read_text())
     ours, baseline = report["results"]
@@ -121,7 +164,8 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
         by_input = trained["val_accuracy_by_input"]
         assert sum(predicted for _, predicted in by_input.values()) == trained["val_tokens_packed"]
         assert sum(right for right, _ in by_input.values()) / trained["val_tokens_packed"] == pytest.approx(
-            trained["val_accuracy_packed"])
+            trained["val_accuracy_packed"]
+        )
         assert by_input["mask"][1] > by_input["unchanged"][1] > 0 and by_input["random"][1] > 0
     assert "| masked-token accuracy |" in result.stdout and f"{100 * ours['val_accuracy_packed']:.2f}%" in result.stdout
     assert (tmp_path / "ttq.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -130,8 +174,9 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
 
     # `evaluate` gives an exported model the very same evaluation (same masks, same numbers).
     exported = next((tmp_path / "work").glob("ttq/row0/experiments/*/hf_model"))
-    evaluated = run_benchmark("evaluate", str(exported), "--dataset", str(tiny_corpus), "--dataset_config", "None",
-                              "--eval_seq_length", "32")
+    evaluated = run_benchmark(
+        "evaluate", str(exported), "--dataset", str(tiny_corpus), "--dataset_config", "None", "--eval_seq_length", "32"
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     again = json.loads(evaluated.stdout.strip().splitlines()[-1])
     for key in ("val_loss_packed", "val_accuracy_packed", "val_loss_lines"):
@@ -140,10 +185,31 @@ def test_time_to_quality_trains_each_recipe_for_the_budget_and_evaluates_it(tiny
 
 
 def test_memory_mode_prints_resident_memory_at_every_log_line(tiny_corpus, tiny_tokenizer):
-    result = run_benchmark("memory", "--steps", "6", "--log_every", "2", "--num_layers", "1", "--h_dim", "32",
-                           "--ff_dim", "64", "--num_heads", "2", "--batch_size", "4", "--max_seq_length", "32",
-                           "--dataset", str(tiny_corpus), "--dataset_config", "None",
-                           "--tokenizer", str(tiny_tokenizer))
+    result = run_benchmark(
+        "memory",
+        "--steps",
+        "6",
+        "--log_every",
+        "2",
+        "--num_layers",
+        "1",
+        "--h_dim",
+        "32",
+        "--ff_dim",
+        "64",
+        "--num_heads",
+        "2",
+        "--batch_size",
+        "4",
+        "--max_seq_length",
+        "32",
+        "--dataset",
+        str(tiny_corpus),
+        "--dataset_config",
+        "None",
+        "--tokenizer",
+        str(tiny_tokenizer),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [int(line.split("|")[1]) for line in result.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert steps == [2, 4, 6]
@@ -156,8 +222,14 @@ def test_time_to_quality_fits_the_step_count_to_the_budget_or_lets_train_bert_en
     its own --time_budget; a recipe with a step count keeps it."""
     import benchmark
 
-    rows = [benchmark.recipe(spec) for spec in ({"name": "ds", "kind": "ds", "warmup_fraction": 0.1},
-                                                {"name": "ours"}, {"name": "counted", "num_iterations": 3})]
+    rows = [
+        benchmark.recipe(spec)
+        for spec in (
+            {"name": "ds", "kind": "ds", "warmup_fraction": 0.1},
+            {"name": "ours"},
+            {"name": "counted", "num_iterations": 3},
+        )
+    ]
     monkeypatch.setattr(benchmark, "run_jobs", lambda *args, **kwargs: [{"status": "ok", "step_time_ms": 20.0}])
     benchmark.fit_num_iterations(rows, {"budget_s": 4}, tmp_path, side_by_side=False)
     assert rows[0]["flags"]["num_iterations"] == 194 and rows[0]["flags"]["warmup_steps"] == 19
@@ -184,9 +256,25 @@ def test_time_to_quality_evaluates_a_deepspeed_recipe_from_its_export(tiny_corpu
     a run whose start was slow (DeepSpeed's op just built) was stopped before its end, and the test failed. The
     budget here is only the safety net's SIGTERM, far beyond 3 steps."""
     recipes = [{"name": "ds", "kind": "ds", **TINY_MODEL_FLAGS, "zero_stage": 1, "dtype": "fp32", "num_iterations": 3}]
-    result = run_benchmark("ttq", "--budget_s", "600", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
-                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
-                           "--json_path", str(tmp_path / "ttq.json"), "--work_dir", str(tmp_path / "work"))
+    result = run_benchmark(
+        "ttq",
+        "--budget_s",
+        "600",
+        "--recipes",
+        repr(recipes),
+        "--dataset",
+        str(tiny_corpus),
+        "--dataset_config",
+        "None",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--eval_seq_length",
+        "32",
+        "--json_path",
+        str(tmp_path / "ttq.json"),
+        "--work_dir",
+        str(tmp_path / "work"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (ds,) = json.loads((tmp_path / "ttq.json").read_text())["results"]
     assert ds["status"] == "ok", ds
@@ -195,13 +283,31 @@ def test_time_to_quality_evaluates_a_deepspeed_recipe_from_its_export(tiny_corpu
     assert ds["steps"] == ds["flags"]["num_iterations"] == 3 and 0 < ds["val_loss_packed"] < 20
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_MLM_SCRIPT"), reason="set RUN_MLM_SCRIPT to a local copy of Hugging "
-                    "Face's run_mlm.py (the project does not ship it)")
+@pytest.mark.skipif(
+    not os.environ.get("RUN_MLM_SCRIPT"),
+    reason="set RUN_MLM_SCRIPT to a local copy of Hugging Face's run_mlm.py (the project does not ship it)",
+)
 def test_time_to_quality_runs_hugging_face_run_mlm_unchanged(tiny_corpus, tiny_tokenizer, tmp_path):
     recipes = [{"name": "run_mlm", "kind": "run_mlm", **TINY_MODEL_FLAGS}]
-    result = run_benchmark("ttq", "--budget_s", "4", "--recipes", repr(recipes), "--dataset", str(tiny_corpus),
-                           "--dataset_config", "None", "--tokenizer", str(tiny_tokenizer), "--eval_seq_length", "32",
-                           "--run_mlm_script", os.environ["RUN_MLM_SCRIPT"], "--json_path", str(tmp_path / "ttq.json"))
+    result = run_benchmark(
+        "ttq",
+        "--budget_s",
+        "4",
+        "--recipes",
+        repr(recipes),
+        "--dataset",
+        str(tiny_corpus),
+        "--dataset_config",
+        "None",
+        "--tokenizer",
+        str(tiny_tokenizer),
+        "--eval_seq_length",
+        "32",
+        "--run_mlm_script",
+        os.environ["RUN_MLM_SCRIPT"],
+        "--json_path",
+        str(tmp_path / "ttq.json"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (hf,) = json.loads((tmp_path / "ttq.json").read_text())["results"]
     assert hf["status"] == "ok", hf
@@ -211,12 +317,16 @@ def test_time_to_quality_runs_hugging_face_run_mlm_unchanged(tiny_corpus, tiny_t
 def test_data_benchmark_child_that_writes_more_than_a_pipe_holds_finishes():
     """A 1 GB tokenization's progress bars once filled the pipe to the benchmark, which read it only at the end:
     the child blocked for ever. run_child must take any amount of output (here 1 MiB on each stream)."""
-    child = ("import sys; sys.stderr.write('progress ' * 131072); sys.stdout.write('x' * 1048576 + '\\n'); "
-             "print('{\"tokens\": 3}')")
-    runner = ("import sys, json; sys.path.insert(0, 'benchmarks'); import data_benchmark; "
-              f"result = data_benchmark.run_child([sys.executable, '-c', {child!r}]); "
-              "print(json.dumps({'tokens': result['tokens'], 'stderr_bytes': len(result['stderr']), "
-              "'rss': result['peak_rss_mib']}))")
+    child = (
+        "import sys; sys.stderr.write('progress ' * 131072); sys.stdout.write('x' * 1048576 + '\\n'); "
+        "print('{\"tokens\": 3}')"
+    )
+    runner = (
+        "import sys, json; sys.path.insert(0, 'benchmarks'); import data_benchmark; "
+        f"result = data_benchmark.run_child([sys.executable, '-c', {child!r}]); "
+        "print(json.dumps({'tokens': result['tokens'], 'stderr_bytes': len(result['stderr']), "
+        "'rss': result['peak_rss_mib']}))"
+    )
     finished = subprocess.run([sys.executable, "-c", runner], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr
     result = json.loads(finished.stdout.splitlines()[-1])
@@ -230,22 +340,28 @@ def test_task_corpus_adds_the_task_train_texts_and_never_dev_or_held_out_ones(ti
     for split, count in (("train", 20), ("dev", 5)):
         rows = ["sentence\tlabel"] + [f"{split} review   number {index} \t{index % 2}" for index in range(count)]
         (task / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    result = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "out", "holdout": 0.1,
-                                                  "dataset": tiny_corpus})
+    result = run_cli(
+        "benchmarks/task_corpus.py",
+        {"task": task, "output_dir": tmp_path / "out", "holdout": 0.1, "dataset": tiny_corpus},
+    )
     assert result.returncode == 0, result.stderr
     corpus_train = (tiny_corpus / "train.txt").read_text().splitlines()
     written = (tmp_path / "out" / "train.txt").read_text().splitlines()
     assert written[: len(corpus_train)] == corpus_train
-    assert written[len(corpus_train):] == [f"train review number {index}" for index in range(18)]  # the last 10% out
+    assert written[len(corpus_train) :] == [f"train review number {index}" for index in range(18)]  # the last 10% out
     for split in ("validation", "test"):
         assert (tmp_path / "out" / f"{split}.txt").read_text() == (tiny_corpus / f"{split}.txt").read_text()
     assert "2 held out rows left out" in result.stdout
 
-    bad = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "bad", "holdout": 1.5,
-                                               "dataset": tiny_corpus})
+    bad = run_cli(
+        "benchmarks/task_corpus.py",
+        {"task": task, "output_dir": tmp_path / "bad", "holdout": 1.5, "dataset": tiny_corpus},
+    )
     assert bad.returncode != 0 and not (tmp_path / "bad").exists()
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --holdout 1.5"), bad.stderr
-    blocked = run_cli("benchmarks/task_corpus.py", {"task": task, "output_dir": tmp_path / "out" / "train.txt" / "x",
-                                                   "dataset": tiny_corpus})
+    blocked = run_cli(
+        "benchmarks/task_corpus.py",
+        {"task": task, "output_dir": tmp_path / "out" / "train.txt" / "x", "dataset": tiny_corpus},
+    )
     assert blocked.returncode != 0 and "Traceback" not in blocked.stderr
     assert blocked.stderr.strip().splitlines()[-1].startswith("error: --output_dir"), blocked.stderr

@@ -36,8 +36,9 @@ def tokenizer(tiny_tokenizer):
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory) -> Path:
     """Enough lines (24,000) that tokenizing uses 2 processes and takes long enough to be interrupted."""
-    return write_corpus(tmp_path_factory.mktemp("big_corpus"), seed=1,
-                        lines={"train": 24_000, "validation": 400, "test": 400})
+    return write_corpus(
+        tmp_path_factory.mktemp("big_corpus"), seed=1, lines={"train": 24_000, "validation": 400, "test": 400}
+    )
 
 
 def reference_stream(texts: list[str], tokenizer) -> np.ndarray:
@@ -51,8 +52,10 @@ def reference_stream(texts: list[str], tokenizer) -> np.ndarray:
 
 def reference_blocks(stream: np.ndarray, tokenizer, max_seq_length: int) -> torch.Tensor:
     body = max_seq_length - 2
-    rows = [[tokenizer.bos_token_id, *stream[i : i + body], tokenizer.eos_token_id]
-            for i in range(0, len(stream) - body + 1, body)]
+    rows = [
+        [tokenizer.bos_token_id, *stream[i : i + body], tokenizer.eos_token_id]
+        for i in range(0, len(stream) - body + 1, body)
+    ]
     return torch.tensor(rows, dtype=torch.int32)
 
 
@@ -72,8 +75,7 @@ class CallCounter:
 
 def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
     """The flags prepare_data reads, for the tiny corpus, with the store under tmp_path."""
-    defaults = {name: parameter.default for name, parameter in inspect.signature(train_bert.train)
-                .parameters.items()}
+    defaults = {name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()}
     return {**defaults, **tiny_flags, "dataset_config": None, "data_cache": str(tmp_path / "stores"), **changes}
 
 
@@ -85,8 +87,10 @@ def data_flags(tiny_flags: dict, tmp_path: Path, **changes) -> dict:
 def test_store_is_written_once_and_any_max_seq_length_reuses_it(tiny_flags, tokenizer, tmp_path, monkeypatch):
     """The first run tokenizes its 3 splits; later runs, at another --max_seq_length too, tokenize nothing and do
     not even load the text."""
-    counter, loads = CallCounter(monkeypatch, token_store, "tokenize_lines"), CallCounter(monkeypatch, token_store,
-                                                                                          "load_text_dataset")
+    counter, loads = (
+        CallCounter(monkeypatch, token_store, "tokenize_lines"),
+        CallCounter(monkeypatch, token_store, "load_text_dataset"),
+    )
     first = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, max_seq_length=32))
     assert counter.calls == 3 and loads.calls == 1
     stores = [path for path in (tmp_path / "stores").iterdir() if path.is_dir()]
@@ -155,10 +159,12 @@ def test_store_follows_the_data_and_the_tokenizer(tiny_corpus, tokenizer, tiny_t
 
 def test_a_killed_write_is_never_used(big_corpus, tiny_tokenizer, tokenizer, tmp_path):
     """SIGKILL while the store is being written: no store appears; the next run cleans up and builds a correct one."""
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pretraining import token_store\n"
-              f"from transformers import AutoTokenizer\n"
-              f"token_store.open_token_store({str(big_corpus)!r}, None, "
-              f"AutoTokenizer.from_pretrained({str(tiny_tokenizer)!r}), {str(tmp_path)!r}, 1)\n")
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from pretraining import token_store\n"
+        f"from transformers import AutoTokenizer\n"
+        f"token_store.open_token_store({str(big_corpus)!r}, None, "
+        f"AutoTokenizer.from_pretrained({str(tiny_tokenizer)!r}), {str(tmp_path)!r}, 1)\n"
+    )
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob("*.tmp.*/*")):
@@ -184,8 +190,9 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_one_clear_error_and_leaves_no_store(tiny_flags, big_corpus, small_disk, tmp_path):
-    result = run_cli("train_bert.py", {**tiny_flags, "dataset": str(big_corpus), "data_cache": str(small_disk),
-                                       "num_proc": 2})
+    result = run_cli(
+        "train_bert.py", {**tiny_flags, "dataset": str(big_corpus), "data_cache": str(small_disk), "num_proc": 2}
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could not write the token store" in errors[0] and "No space left" in errors[0]
@@ -203,9 +210,17 @@ def test_a_full_disk_is_one_clear_error_and_leaves_no_store(tiny_flags, big_corp
 def built_store(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """The folder of token stores a 1-step CLI run on the tiny corpus wrote; tests damage copies of it."""
     root = tmp_path_factory.mktemp("built_store")
-    result = run_cli("train_bert.py", {"dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer),
-                                       **TINY_MODEL_FLAGS, "num_iterations": 1, "checkpoint_dir": root / "experiments",
-                                       "data_cache": root / "stores"})
+    result = run_cli(
+        "train_bert.py",
+        {
+            "dataset": str(tiny_corpus),
+            "tokenizer": str(tiny_tokenizer),
+            **TINY_MODEL_FLAGS,
+            "num_iterations": 1,
+            "checkpoint_dir": root / "experiments",
+            "data_cache": root / "stores",
+        },
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "stores"
 
@@ -220,8 +235,10 @@ STORE_DAMAGE = {
     "truncated_tokens": ("train.tokens.npy", lambda path: os.truncate(path, path.stat().st_size // 2)),
     "missing_tokens": ("train.tokens.npy", lambda path: path.unlink()),
     "index_of_the_wrong_size": ("validation.line_ends.npy", lambda path: os.truncate(path, path.stat().st_size - 8)),
-    "index_rewritten_same_size": ("train.line_ends.npy",
-                                  lambda path: path.write_bytes(path.read_bytes()[:-16] + bytes(16))),
+    "index_rewritten_same_size": (
+        "train.line_ends.npy",
+        lambda path: path.write_bytes(path.read_bytes()[:-16] + bytes(16)),
+    ),
 }
 
 
@@ -263,8 +280,9 @@ def test_a_damaged_store_in_a_read_only_cache_is_one_line_naming_the_folder(tiny
 @pytest.fixture(scope="module")
 def large_corpus(tmp_path_factory) -> Path:
     """Enough lines (200,000) that 2 processes take seconds to tokenize the train split: a signal lands mid-way."""
-    return write_corpus(tmp_path_factory.mktemp("large_corpus"), seed=2,
-                        lines={"train": 200_000, "validation": 400, "test": 400})
+    return write_corpus(
+        tmp_path_factory.mktemp("large_corpus"), seed=2, lines={"train": 200_000, "validation": 400, "test": 400}
+    )
 
 
 def test_sigterm_while_two_processes_tokenize_is_one_line(tiny_flags, large_corpus, tmp_path):
@@ -274,8 +292,13 @@ def test_sigterm_while_two_processes_tokenize_is_one_line(tiny_flags, large_corp
     log = tmp_path / "run.log"
     flags = {**tiny_flags, "dataset": str(large_corpus), "data_cache": stores, "num_proc": 2, "num_iterations": 1}
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)], cwd=ROOT,
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)],
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 300
         while not list(stores.glob("*.tmp.*/*")):  # the tokenizing processes have started writing the train split
@@ -320,24 +343,34 @@ def interrupted_copy(experiment: Path, step: int, destination: Path) -> Path:
 def test_resume_on_a_rebuilt_store_is_bit_exact(tiny_flags, tmp_path):
     """Interrupted at step 6, resumed with the store deleted and rebuilt by 2 processes: the losses and final
     weights equal the uninterrupted 12-step run's bit for bit (CPU, fp32)."""
-    flags = {**tiny_flags, "num_iterations": 12, "checkpoint_every": 6, "log_every": 1, "eval_every": 6,
-             "data_cache": str(tmp_path / "stores"), "num_proc": 1}
+    flags = {
+        **tiny_flags,
+        "num_iterations": 12,
+        "checkpoint_every": 6,
+        "log_every": 1,
+        "eval_every": 6,
+        "data_cache": str(tmp_path / "stores"),
+        "num_proc": 1,
+    }
     full = Path(train_bert.train(**flags))
     resumed = interrupted_copy(full, 6, tmp_path / "resumed")
     shutil.rmtree(tmp_path / "stores")
     train_bert.train(load_checkpoint_dir=str(resumed), num_proc=2, data_cache=str(tmp_path / "other_stores"))
     assert [r["loss"] for r in metric_records(resumed, "loss")] == [r["loss"] for r in metric_records(full, "loss")]
     assert metric_records(resumed, "eval_loss") == metric_records(full, "eval_loss")
-    final, final_resumed = (torch.load(d / "checkpoint-00000012.pt", weights_only=True)["model"] for d in (full,
-                                                                                                           resumed))
+    final, final_resumed = (
+        torch.load(d / "checkpoint-00000012.pt", weights_only=True)["model"] for d in (full, resumed)
+    )
     assert all(torch.equal(tensor, final_resumed[name]) for name, tensor in final.items())
 
 
 def test_eval_blocks_is_a_fixed_seeded_subset(tiny_flags, tmp_path):
     """--eval_blocks N: N distinct validation blocks, the same for a seed, others for another; 0 is the whole split."""
     whole = train_bert.prepare_data(data_flags(tiny_flags, tmp_path, eval_blocks=0)).validation_blocks
-    subsets = [train_bert.prepare_data(data_flags(tiny_flags, tmp_path, eval_blocks=10, seed=seed)).validation_blocks
-               for seed in (0, 0, 1)]
+    subsets = [
+        train_bert.prepare_data(data_flags(tiny_flags, tmp_path, eval_blocks=10, seed=seed)).validation_blocks
+        for seed in (0, 0, 1)
+    ]
     assert len(whole) > 10 and all(len(subset) == 10 for subset in subsets)
     assert np.array_equal(subsets[0].rows, subsets[1].rows) and not np.array_equal(subsets[0].rows, subsets[2].rows)
     assert len(set(subsets[0].rows)) == 10 and torch.equal(subsets[0][:], whole[subsets[0].rows])
@@ -376,8 +409,16 @@ def test_streaming_run_resumes_exactly(tiny_flags, tmp_path):
     the uninterrupted one bit for bit; the held-out validation blocks are never trained on."""
     single_file = tmp_path / "corpus.txt"
     single_file.write_text((Path(tiny_flags["dataset"]) / "train.txt").read_text())
-    flags = {**tiny_flags, "dataset": str(single_file), "streaming": True, "eval_blocks": 8, "num_iterations": 12,
-             "checkpoint_every": 6, "log_every": 1, "eval_every": 6}
+    flags = {
+        **tiny_flags,
+        "dataset": str(single_file),
+        "streaming": True,
+        "eval_blocks": 8,
+        "num_iterations": 12,
+        "checkpoint_every": 6,
+        "log_every": 1,
+        "eval_every": 6,
+    }
     full = Path(train_bert.train(**flags))
     resumed = interrupted_copy(full, 6, tmp_path / "resumed")
     train_bert.train(load_checkpoint_dir=str(resumed))
@@ -387,10 +428,13 @@ def test_streaming_run_resumes_exactly(tiny_flags, tmp_path):
     assert position[0] == 6 and isinstance(position[2], str), "batch index and stream state are checkpointed"
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"tokenizer": "bpe"}, "--tokenizer bpe trains on the whole train split"),
-    ({"eval_blocks": 0}, "--eval_blocks 0 (the whole validation split) cannot be used with --streaming"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"tokenizer": "bpe"}, "--tokenizer bpe trains on the whole train split"),
+        ({"eval_blocks": 0}, "--eval_blocks 0 (the whole validation split) cannot be used with --streaming"),
+    ],
+)
 def test_streaming_refuses_what_a_stream_cannot_do(tiny_flags, tmp_path, changes, message):
     with pytest.raises(errors.ConfigError, match=re.escape(message)):
         train_bert.train(**{**tiny_flags, "streaming": True, **changes})
@@ -430,12 +474,19 @@ def test_two_ranks_share_one_store_and_read_disjoint_blocks(tiny_flags, tmp_path
     flags = data_flags(tiny_flags, tmp_path)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT.format(root=str(ROOT), flags=json.dumps(flags)))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                   key=lambda record: record["rank"])
+    ranks = sorted(
+        (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+        key=lambda record: record["rank"],
+    )
     assert len(ranks) == 2
     assert sum(rank["built"] for rank in ranks) == 1, "exactly one rank tokenizes"
     assert ranks[0]["store"] == ranks[1]["store"] and ranks[0]["inode"] == ranks[1]["inode"]
@@ -456,11 +507,17 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("content, expected", [
-    (b"", ["train.txt", "is empty"]),
-    (b"fine line\ncaf\xe9 latin-1\n", ["train.txt", "not UTF-8", "byte 13 (line 2, 0xe9)",
-                                       "invalid continuation byte"]),
-], ids=["empty", "latin1"])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"", ["train.txt", "is empty"]),
+        (
+            b"fine line\ncaf\xe9 latin-1\n",
+            ["train.txt", "not UTF-8", "byte 13 (line 2, 0xe9)", "invalid continuation byte"],
+        ),
+    ],
+    ids=["empty", "latin1"],
+)
 def test_an_unreadable_txt_corpus_is_named_with_its_problem(tiny_flags, tiny_corpus, tmp_path, content, expected):
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, corpus)

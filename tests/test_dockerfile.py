@@ -25,8 +25,9 @@ def instructions() -> list[str]:
 
 def test_base_image_torch_is_the_pinned_torch():
     base = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE, re.M).group(1)
-    assert re.fullmatch(r"pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn[0-9]+-devel", base), \
+    assert re.fullmatch(r"pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn[0-9]+-devel", base), (
         f"{base}: expected an official PyTorch CUDA devel image (nvcc for DeepSpeed's ops)"
+    )
     assert base.split(":")[1].split("-")[0] == requirement_pins()["torch"]
     assert any(line.startswith("FROM ${BASE_IMAGE}") for line in instructions())
 
@@ -51,7 +52,8 @@ def test_runs_as_a_non_root_user_and_shows_help_by_default():
     lines = instructions()
     user = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert user and user[-1] not in ("root", "0")
-    assert lines.index(next(line for line in lines if line.startswith("USER "))) > \
-        lines.index(next(line for line in lines if line.startswith("COPY --chown")))
+    assert lines.index(next(line for line in lines if line.startswith("USER "))) > lines.index(
+        next(line for line in lines if line.startswith("COPY --chown"))
+    )
     assert lines[-1] == 'CMD ["python", "train_bert.py", "--help"]'
     assert (ROOT / ".dockerignore").is_file() and ".venv" in (ROOT / ".dockerignore").read_text()

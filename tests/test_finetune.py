@@ -21,8 +21,13 @@ WEEKDAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
 MONTHS = "january february march april may june july august".split()
 
 
-def write_task(folder: Path, rows: dict[str, int] | None = None, seed: int = 0, header: str = "sentence\tlabel",
-               labels: tuple[str, str] = ("0", "1")) -> Path:
+def write_task(
+    folder: Path,
+    rows: dict[str, int] | None = None,
+    seed: int = 0,
+    header: str = "sentence\tlabel",
+    labels: tuple[str, str] = ("0", "1"),
+) -> Path:
     """A GLUE-format folder (train.tsv, dev.tsv): label 1 for four weekdays, 0 for four months."""
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -38,8 +43,13 @@ def write_task(folder: Path, rows: dict[str, int] | None = None, seed: int = 0, 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     """An hf_model/ folder exported by train_bert.py after 40 steps on the tiny corpus."""
-    experiment = train_bert.train(checkpoint_dir=str(tmp_path_factory.mktemp("pretrain")), dataset=str(tiny_corpus),
-                                  tokenizer=str(tiny_tokenizer), num_iterations=40, **TINY_MODEL_FLAGS)
+    experiment = train_bert.train(
+        checkpoint_dir=str(tmp_path_factory.mktemp("pretrain")),
+        dataset=str(tiny_corpus),
+        tokenizer=str(tiny_tokenizer),
+        num_iterations=40,
+        **TINY_MODEL_FLAGS,
+    )
     return Path(experiment) / "hf_model"
 
 
@@ -50,8 +60,17 @@ def task(tmp_path_factory) -> Path:
 
 def flags(model: Path, task: Path, output: Path, **extra) -> dict:
     """finetune's flags for a quick run of the tiny model (fp32: the same numbers on every CPU)."""
-    return {"model_dir": str(model), "task": str(task), "output_dir": str(output), "lr": 1e-3, "epochs": 3,
-            "batch_size": 16, "max_length": 16, "dtype": "fp32", **extra}
+    return {
+        "model_dir": str(model),
+        "task": str(task),
+        "output_dir": str(output),
+        "lr": 1e-3,
+        "epochs": 3,
+        "batch_size": 16,
+        "max_length": 16,
+        "dtype": "fp32",
+        **extra,
+    }
 
 
 def test_finetune_learns_a_separable_task(tiny_model, task, tmp_path):
@@ -118,8 +137,14 @@ def test_pair_and_regression_tasks_from_csv_files(tiny_model, tmp_path):
             first = rng.sample(WEEKDAYS, 4)
             lines.append(f"{' '.join(first)},{' '.join(first[:same] + rng.sample(MONTHS, 4 - same))},{same * 1.25:.2f}")
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    output = finetune.finetune(**{**flags(tiny_model, tmp_path, tmp_path / "out", epochs=1), "task": None,
-                                  "train_file": str(tmp_path / "train.csv"), "dev_file": str(tmp_path / "dev.csv")})
+    output = finetune.finetune(
+        **{
+            **flags(tiny_model, tmp_path, tmp_path / "out", epochs=1),
+            "task": None,
+            "train_file": str(tmp_path / "train.csv"),
+            "dev_file": str(tmp_path / "dev.csv"),
+        }
+    )
     results = json.loads(Path(output, "results.json").read_text())
     assert results["metric"] == "pearson" and "pearson" in results["seeds"][0]
     assert json.loads(Path(output, "hparams.json").read_text())["columns"] == ["sentence1", "sentence2"]
@@ -159,7 +184,8 @@ def bad_task_cases(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[dict, st
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
-        not_a_classifier)
+        not_a_classifier
+    )
     return {
         "missing train.tsv": ({"task": str(no_train)}, "no train.tsv"),
         "missing column": ({"task": str(write_task(tmp_path / "no_label", header="sentence\tgold"))}, "'label'"),
@@ -185,8 +211,13 @@ def test_bad_inputs_give_one_error_line_and_a_nonzero_exit(tiny_model, task, tmp
 
 
 def test_help_lists_every_flag():
-    result = subprocess.run([sys.executable, "finetune.py", "--help"], capture_output=True, text=True,
-                            cwd=Path(finetune.__file__).parent, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "finetune.py", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=Path(finetune.__file__).parent,
+        timeout=120,
+    )
     assert result.returncode == 0
     assert all(f"--{name} " in result.stdout for name in ("model_dir", "task", "scratch", "pooling", "seeds"))
 
@@ -204,8 +235,14 @@ def test_benchmark_readme_finetune_commands_run(tiny_model, task, tmp_path):
     commands = benchmark_readme_commands("finetune.py")
     assert commands, "benchmarks/README.md shows no finetune.py command"
     for number, command in enumerate(commands):
-        flags = {**parse_flags(command), "model_dir": str(tiny_model), "task": str(task),
-                 "output_dir": str(tmp_path / f"out{number}"), "epochs": "1", "max_length": "16"}
+        flags = {
+            **parse_flags(command),
+            "model_dir": str(tiny_model),
+            "task": str(task),
+            "output_dir": str(tmp_path / f"out{number}"),
+            "epochs": "1",
+            "max_length": "16",
+        }
         result = run_cli("finetune.py", flags)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
 
@@ -223,14 +260,24 @@ def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus,
     for command in commands:
         flags = parse_flags(command)
         assert "models" in flags, f"{command!r}: a README command fine-tunes saved encoders (--models)"
-        distinct.setdefault(tuple(sorted((name, value) for name, value in flags.items() if name not in outputs)),
-                            (command, flags))
+        distinct.setdefault(
+            tuple(sorted((name, value) for name, value in flags.items() if name not in outputs)), (command, flags)
+        )
     for number, (command, flags) in enumerate(distinct.values()):
-        flags.update({"models": json.dumps({name: str(tiny_model) for name in json.loads(flags["models"])}),
-                      "task": str(task), "dataset": str(tiny_corpus), "dataset_config": "None", "epochs": "1",
-                      "max_length": "16", "work_dir": str(tmp_path / f"work{number}"),
-                      "json_path": str(tmp_path / f"{number}.json"), "png_path": str(tmp_path / f"{number}.png"),
-                      "markdown_path": str(tmp_path / f"{number}.md")})
+        flags.update(
+            {
+                "models": json.dumps({name: str(tiny_model) for name in json.loads(flags["models"])}),
+                "task": str(task),
+                "dataset": str(tiny_corpus),
+                "dataset_config": "None",
+                "epochs": "1",
+                "max_length": "16",
+                "work_dir": str(tmp_path / f"work{number}"),
+                "json_path": str(tmp_path / f"{number}.json"),
+                "png_path": str(tmp_path / f"{number}.png"),
+                "markdown_path": str(tmp_path / f"{number}.md"),
+            }
+        )
         result = run_cli("benchmarks/downstream.py", flags)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
         assert "| random weights" in result.stdout and "points |" in result.stdout
@@ -239,10 +286,14 @@ def test_benchmark_readme_downstream_commands_run(tiny_model, task, tiny_corpus,
         assert (tmp_path / f"{number}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"work_dir": "{model}/config.json/work"}, "error: --work_dir"),
-    ({"models": '{{"no model": "{tmp}"}}'}, "error: --models 'no model'"),
-], ids=["work_dir not writable", "not a model folder"])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"work_dir": "{model}/config.json/work"}, "error: --work_dir"),
+        ({"models": '{{"no model": "{tmp}"}}'}, "error: --models 'no model'"),
+    ],
+    ids=["work_dir not writable", "not a model folder"],
+)
 def test_downstream_bad_inputs_give_one_error_line(change, expected, tiny_model, task, tmp_path):
     """benchmarks/downstream.py: a folder it cannot write, or an encoder that is not a saved model: one `error:`
     line, a non-zero exit, no traceback, before any fine-tuning."""
@@ -261,21 +312,28 @@ def test_the_same_command_again_keeps_the_finished_seeds_and_equals_an_uninterru
     """A folder where seed 0 finished (a run stopped during seed 1 leaves exactly that): the same flags with seeds 0,1
     keep seed 0's result as it was and train seed 1, which equals seed 1 of an uninterrupted run. Other flags
     replace the folder's results instead."""
-    uninterrupted = json.loads(Path(finetune.finetune(**flags(tiny_model, task, tmp_path / "whole", epochs=1,
-                                                              seeds=(0, 1))), "results.json").read_text())
+    uninterrupted = json.loads(
+        Path(
+            finetune.finetune(**flags(tiny_model, task, tmp_path / "whole", epochs=1, seeds=(0, 1))), "results.json"
+        ).read_text()
+    )
     output = tmp_path / "continued"
     finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=0))
     seed_0 = json.loads((output / "results.json").read_text())["seeds"][0]
     seed_0["train_time_s"] = -1.0  # a mark: kept, not trained again
     (output / "results.json").write_text(json.dumps({"seeds": [seed_0]}))
-    continued = json.loads(Path(finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1))),
-                                "results.json").read_text())
+    continued = json.loads(
+        Path(finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1))), "results.json").read_text()
+    )
     assert continued["seeds"][0] == seed_0
     assert without_timing(continued["seeds"][1]) == without_timing(uninterrupted["seeds"][1])
     assert continued["summary"] == uninterrupted["summary"]
 
-    other = json.loads(Path(finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1), lr=5e-4)),
-                            "results.json").read_text())
+    other = json.loads(
+        Path(
+            finetune.finetune(**flags(tiny_model, task, output, epochs=1, seeds=(0, 1), lr=5e-4)), "results.json"
+        ).read_text()
+    )
     assert other["seeds"][0]["train_time_s"] != -1.0, "other flags: seed 0 is trained again"
 
 
@@ -284,8 +342,14 @@ def test_sigterm_stops_with_one_line_and_the_printed_command_finishes_the_other_
     """SIGTERM during seed 1 of 0,1,2: exit 143, one line naming what was saved and the command to continue, no
     traceback; that command, run as printed, keeps seed 0's result and trains seeds 1 and 2."""
     output = tmp_path / "out"
-    command = [sys.executable, "finetune.py", *[f"--{name}={value}" for name, value in flags(
-        tiny_model, task, output, seeds="0,1,2", time_budget="3").items()]]
+    command = [
+        sys.executable,
+        "finetune.py",
+        *[
+            f"--{name}={value}"
+            for name, value in flags(tiny_model, task, output, seeds="0,1,2", time_budget="3").items()
+        ],
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while not (output / "results.json").exists():  # seed 0 is finished once its results are written

@@ -18,9 +18,15 @@ def exported_model(request, tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Pa
     kind of position embedding (RoFormer and RoBERTa models)."""
     from conftest import TINY_MODEL_FLAGS
 
-    experiment = train_bert.train(checkpoint_dir=str(tmp_path_factory.mktemp("source")), dataset=str(tiny_corpus),
-                                  tokenizer=str(tiny_tokenizer), num_iterations=4, dropout=0.1,
-                                  positions=request.param, **TINY_MODEL_FLAGS)
+    experiment = train_bert.train(
+        checkpoint_dir=str(tmp_path_factory.mktemp("source")),
+        dataset=str(tiny_corpus),
+        tokenizer=str(tiny_tokenizer),
+        num_iterations=4,
+        dropout=0.1,
+        positions=request.param,
+        **TINY_MODEL_FLAGS,
+    )
     return Path(experiment) / "hf_model"
 
 
@@ -38,8 +44,16 @@ def test_init_from_starts_from_the_source_weights(exported_model):
     assert flags["tokenizer"] == str(exported_model) and flags["dropout"] == 0.1
     assert flags["positions"] == positions_of(exported_model)
     tokenizer = corpus.load_tokenizer(flags["tokenizer"])
-    model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                                    flags["dropout"], tokenizer, flags["max_seq_length"], flags["init_from"])
+    model = train_bert.create_model(
+        flags["num_layers"],
+        flags["num_heads"],
+        flags["ff_dim"],
+        flags["h_dim"],
+        flags["dropout"],
+        tokenizer,
+        flags["max_seq_length"],
+        flags["init_from"],
+    )
     source = AutoModelForMaskedLM.from_pretrained(exported_model).state_dict()
     state = model.state_dict()
     assert set(state) == set(source)
@@ -49,9 +63,16 @@ def test_init_from_starts_from_the_source_weights(exported_model):
 
 def test_init_from_an_exported_model_trains_and_saves(exported_model, tiny_corpus, tmp_path):
     """`--init_from hf_model` with no model flags takes the source's shape and tokenizer, trains and exports."""
-    flags = {"checkpoint_dir": str(tmp_path / "continued"), "dataset": str(tiny_corpus),
-             "init_from": str(exported_model), "max_seq_length": 32, "batch_size": 4, "num_iterations": 6,
-             "log_every": 2, "dropout": 0.0}
+    flags = {
+        "checkpoint_dir": str(tmp_path / "continued"),
+        "dataset": str(tiny_corpus),
+        "init_from": str(exported_model),
+        "max_seq_length": 32,
+        "batch_size": 4,
+        "num_iterations": 6,
+        "log_every": 2,
+        "dropout": 0.0,
+    }
     result = run_cli("train_bert.py", flags, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     experiment = Path(result.stdout.strip().splitlines()[-1])
@@ -71,12 +92,19 @@ def test_init_from_an_exported_model_trains_and_saves(exported_model, tiny_corpu
 
 
 def test_a_model_flag_that_disagrees_with_init_from_is_one_error_line(exported_model, tiny_corpus, tmp_path):
-    flags = {"checkpoint_dir": str(tmp_path / "x"), "dataset": str(tiny_corpus), "init_from": str(exported_model),
-             "max_seq_length": 32, "h_dim": 64}
+    flags = {
+        "checkpoint_dir": str(tmp_path / "x"),
+        "dataset": str(tiny_corpus),
+        "init_from": str(exported_model),
+        "max_seq_length": 32,
+        "h_dim": 64,
+    }
     result = run_cli("train_bert.py", flags, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: --h_dim 64 disagrees with --init_from") and \
-        len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (
+        result.stderr.startswith("error: --h_dim 64 disagrees with --init_from")
+        and len(result.stderr.strip().splitlines()) == 1
+    ), result.stderr
     assert "leave --h_dim out" in result.stderr and not (tmp_path / "x").exists()
     if positions_of(exported_model) == "rotary":  # (--positions rotary is the default: the same as leaving it out)
         result = run_cli("train_bert.py", {**flags, "h_dim": 32, "positions": "learned"}, timeout=120)

@@ -18,8 +18,9 @@ def readme_commands(script: str) -> list[str]:
     """Lines of the ```bash blocks of the README (then docs/*.md) that run `python <script>`."""
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     blocks = [block for page in pages for block in re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)]
-    return [line.strip() for block in blocks for line in block.splitlines()
-            if line.strip().startswith(f"python {script} ")]
+    return [
+        line.strip() for block in blocks for line in block.splitlines() if line.strip().startswith(f"python {script} ")
+    ]
 
 
 def parse_flags(command: str) -> dict[str, str]:
@@ -88,12 +89,23 @@ def test_every_readme_finetune_command_runs(tiny_corpus, tiny_tokenizer, tmp_pat
 
     commands = readme_commands("finetune.py")
     assert commands, "the README shows no finetune.py command"
-    experiment = train_bert.train(checkpoint_dir=str(tmp_path / "pretrain"), dataset=str(tiny_corpus),
-                                  tokenizer=str(tiny_tokenizer), num_iterations=3, **TINY_MODEL_FLAGS)
+    experiment = train_bert.train(
+        checkpoint_dir=str(tmp_path / "pretrain"),
+        dataset=str(tiny_corpus),
+        tokenizer=str(tiny_tokenizer),
+        num_iterations=3,
+        **TINY_MODEL_FLAGS,
+    )
     task = write_task(tmp_path / "task")
     for number, command in enumerate(commands):
-        flags = {**parse_flags(command), "model_dir": str(Path(experiment, "hf_model")), "task": str(task),
-                 "output_dir": str(tmp_path / f"out{number}"), "epochs": "1", "max_length": "16"}
+        flags = {
+            **parse_flags(command),
+            "model_dir": str(Path(experiment, "hf_model")),
+            "task": str(task),
+            "output_dir": str(tmp_path / f"out{number}"),
+            "epochs": "1",
+            "max_length": "16",
+        }
         result = run_cli("finetune.py", flags)
         assert result.returncode == 0, f"{command!r} failed:\n{result.stderr[-3000:]}"
         assert Path(tmp_path / f"out{number}", "results.json").is_file()
@@ -116,8 +128,13 @@ def test_readme_use_your_model_snippet_and_tensorboard(tiny_flags, tmp_path):
     [snippet] = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     assert "./experiments/bert_pretrain.<...>/hf_model" in snippet
     code = snippet.replace("./experiments/bert_pretrain.<...>/hf_model", str(experiment / "hf_model"))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(result.stdout.strip().splitlines()) == 5, result.stdout
 

@@ -57,16 +57,23 @@ def checkpoint_steps(experiment: Path) -> list[int]:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under `directory` with its bytes: equal snapshots mean nothing was created, changed or deleted."""
-    return {str(path.relative_to(directory)): path.read_bytes()
-            for path in sorted(directory.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(directory)): path.read_bytes() for path in sorted(directory.rglob("*")) if path.is_file()
+    }
 
 
 def start_cli(flags: dict, log: Path) -> subprocess.Popen:
     """Start `python train_bert.py --flags...` in its own process group (as a shell would), stderr going to `log`."""
     with open(log, "w") as stderr:
-        return subprocess.Popen([sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)], cwd=ROOT,
-                                env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)],
+            cwd=ROOT,
+            env=ONE_THREAD,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
 
 
 def wait_until(condition, process: subprocess.Popen, log: Path, poll_s: float = 0.01, timeout_s: float = 600) -> None:
@@ -120,8 +127,9 @@ def run_flags(tiny_corpus, tiny_tokenizer) -> dict:
 def trained_experiment(run_flags, tmp_path_factory) -> Path:
     """A finished 4-step experiment with checkpoints at steps 2 and 4 (trained once; tests work on copies)."""
     root = tmp_path_factory.mktemp("trained")
-    train_bert.train(checkpoint_dir=str(root), num_iterations=4, checkpoint_every=2, log_every=2, eval_every=1000,
-                     **run_flags)
+    train_bert.train(
+        checkpoint_dir=str(root), num_iterations=4, checkpoint_every=2, log_every=2, eval_every=1000, **run_flags
+    )
     return only_experiment(root)
 
 
@@ -138,15 +146,29 @@ def experiment(trained_experiment, tmp_path) -> Path:
 
 def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resume_picks_it(run_flags, tmp_path):
     """kill -9 while torch.save writes an 80 MB checkpoint: the previous one stays loadable and the resume uses it."""
-    flags = {**run_flags, "checkpoint_dir": str(tmp_path / "experiments"), "num_layers": 2, "num_heads": 8,
-             "h_dim": 512, "ff_dim": 2048, "batch_size": 2, "num_iterations": 50, "checkpoint_every": 1,
-             "keep_last": 2, "log_every": 1, "eval_every": 1000}
+    flags = {
+        **run_flags,
+        "checkpoint_dir": str(tmp_path / "experiments"),
+        "num_layers": 2,
+        "num_heads": 8,
+        "h_dim": 512,
+        "ff_dim": 2048,
+        "batch_size": 2,
+        "num_iterations": 50,
+        "checkpoint_every": 1,
+        "keep_last": 2,
+        "log_every": 1,
+        "eval_every": 1000,
+    }
     log = tmp_path / "stderr.log"
     process = start_cli(flags, log)
 
     def save_in_progress() -> list[Path]:  # a later checkpoint's temporary file, with some bytes in it already
-        return [path for path in (tmp_path / "experiments").glob("*/.checkpoint-*.tmp")
-                if "checkpoint-00000001" not in path.name and path.exists() and path.stat().st_size > 0]
+        return [
+            path
+            for path in (tmp_path / "experiments").glob("*/.checkpoint-*.tmp")
+            if "checkpoint-00000001" not in path.name and path.exists() and path.stat().st_size > 0
+        ]
 
     try:
         wait_until(save_in_progress, process, log, poll_s=0.002)
@@ -164,8 +186,9 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint_and_resume_picks_it
     assert (experiment / "latest").read_text().strip() == f"checkpoint-{intact_step:08d}.pt"
     assert safeguards.load_latest_checkpoint(experiment)["step"] == intact_step
 
-    result = run_cli("train_bert.py", {"load_checkpoint_dir": str(experiment), "num_iterations": killed_step},
-                     env=ONE_THREAD)
+    result = run_cli(
+        "train_bert.py", {"load_checkpoint_dir": str(experiment), "num_iterations": killed_step}, env=ONE_THREAD
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming at step {intact_step}" in (experiment / "train.log").read_text()
     assert checkpoint_steps(experiment)[-2:] == [intact_step, killed_step]
@@ -195,8 +218,11 @@ def test_keep_last_deletes_old_checkpoints_only_after_a_newer_one_is_complete(tm
         train_bert.save_checkpoint(tmp_path, {**state, "step": 5}, keep_last=2)
     assert checkpoint_steps(tmp_path) == [3, 4]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-00000004.pt"
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-00000003.pt", "checkpoint-00000004.pt",
-                                                                "latest"], "no temporary file is left behind"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "checkpoint-00000003.pt",
+        "checkpoint-00000004.pt",
+        "latest",
+    ], "no temporary file is left behind"
 
 
 def test_keep_last_never_counts_an_unreadable_later_checkpoint(tmp_path):
@@ -224,13 +250,18 @@ def uninterrupted_final_state(run_flags, tmp_path_factory) -> dict:
     return load_state(train_bert.checkpoint_path(only_experiment(root), STOP_RUN["num_iterations"]))
 
 
-@pytest.mark.parametrize("signum, to_group, num_workers", [
-    (signal.SIGTERM, False, 0),  # a container stop / Kubernetes preemption: the main process only
-    (signal.SIGTERM, True, 2),   # SLURM-style preemption: every process of the job, DataLoader workers included
-    (signal.SIGINT, True, 2),    # Ctrl-C in a terminal: the whole foreground process group
-], ids=["SIGTERM-process", "SIGTERM-group-workers", "SIGINT-group-workers"])
+@pytest.mark.parametrize(
+    "signum, to_group, num_workers",
+    [
+        (signal.SIGTERM, False, 0),  # a container stop / Kubernetes preemption: the main process only
+        (signal.SIGTERM, True, 2),  # SLURM-style preemption: every process of the job, DataLoader workers included
+        (signal.SIGINT, True, 2),  # Ctrl-C in a terminal: the whole foreground process group
+    ],
+    ids=["SIGTERM-process", "SIGTERM-group-workers", "SIGINT-group-workers"],
+)
 def test_signal_saves_and_resume_reaches_the_uninterrupted_parameters(
-        run_flags, uninterrupted_final_state, tmp_path, signum, to_group, num_workers):
+    run_flags, uninterrupted_final_state, tmp_path, signum, to_group, num_workers
+):
     flags = {**run_flags, **STOP_RUN, "checkpoint_dir": str(tmp_path / "experiments"), "num_workers": num_workers}
     log = tmp_path / "stderr.log"
     process = start_cli(flags, log)
@@ -252,8 +283,14 @@ def test_signal_saves_and_resume_reaches_the_uninterrupted_parameters(
     resume_command = stderr.split("Resume with: ")[1].splitlines()[0]
     assert resume_command == f"python train_bert.py --load_checkpoint_dir {experiment}"
 
-    result = subprocess.run([sys.executable, *resume_command.split()[1:]], cwd=ROOT, capture_output=True, text=True,
-                            timeout=600, env=ONE_THREAD)
+    result = subprocess.run(
+        [sys.executable, *resume_command.split()[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = load_state(train_bert.checkpoint_path(experiment, STOP_RUN["num_iterations"]))
     for part in ("model", "optimizer", "lr_scheduler", "data_position", "step"):
@@ -311,16 +348,33 @@ def test_corrupt_newest_checkpoint_warns_and_resumes_from_the_newest_intact_one(
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(experiment, dtype):
     """Resume a healthy run with an absurd learning rate and no clipping: the loss goes NaN/inf within steps."""
     before = snapshot(experiment)
-    result = run_cli("train_bert.py", {"load_checkpoint_dir": str(experiment), "num_iterations": 40, "lr": 1e30,
-                                       "grad_clip": 0, "log_every": 1, "dtype": dtype}, env=ONE_THREAD)
-    line = assert_one_line_error(result, "non-finite", f"last good checkpoint in {experiment} is intact", "--lr",
-                                 f"--load_checkpoint_dir {experiment}")
+    result = run_cli(
+        "train_bert.py",
+        {
+            "load_checkpoint_dir": str(experiment),
+            "num_iterations": 40,
+            "lr": 1e30,
+            "grad_clip": 0,
+            "log_every": 1,
+            "dtype": dtype,
+        },
+        env=ONE_THREAD,
+    )
+    line = assert_one_line_error(
+        result,
+        "non-finite",
+        f"last good checkpoint in {experiment} is intact",
+        "--lr",
+        f"--load_checkpoint_dir {experiment}",
+    )
     bad_step = int(line.split(" at step ")[1].split(";")[0])
     assert bad_step > 4
     assert result.returncode == 1
     assert checkpoint_steps(experiment) == [2, 4], "nothing is saved from a bad step"
-    checkpoint_files = lambda files: {name: data for name, data in files.items()  # noqa: E731
-                                      if name.startswith("checkpoint") or name == "latest"}
+
+    def checkpoint_files(files: dict) -> dict:
+        return {name: data for name, data in files.items() if name.startswith("checkpoint") or name == "latest"}
+
     assert checkpoint_files(snapshot(experiment)) == checkpoint_files(before), "checkpoints and pointer untouched"
     assert load_state(train_bert.checkpoint_path(experiment, 4))["step"] == 4
     records = [json.loads(line) for line in (experiment / "metrics.jsonl").read_text().splitlines()]
@@ -331,9 +385,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(exper
 
 def test_weights_that_overflow_are_never_saved(run_flags, tmp_path):
     """lr 1e39 overflows the weights in the very first update while that step's loss is still finite."""
-    result = run_cli("train_bert.py", {**run_flags, "checkpoint_dir": str(tmp_path / "experiments"), "lr": 1e39,
-                                       "warmup_steps": 0, "grad_clip": 0, "num_iterations": 10, "checkpoint_every": 1,
-                                       "log_every": 10}, env=ONE_THREAD)
+    result = run_cli(
+        "train_bert.py",
+        {
+            **run_flags,
+            "checkpoint_dir": str(tmp_path / "experiments"),
+            "lr": 1e39,
+            "warmup_steps": 0,
+            "grad_clip": 0,
+            "num_iterations": 10,
+            "checkpoint_every": 1,
+            "log_every": 10,
+        },
+        env=ONE_THREAD,
+    )
     assert_one_line_error(result, "weights became non-finite", "by step 1", "no checkpoint had been saved yet")
     assert checkpoint_steps(only_experiment(tmp_path / "experiments")) == []
 
@@ -367,10 +432,21 @@ def small_disk(tmp_path):
 
 def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint(run_flags, small_disk):
     """Checkpoints every step, none deleted, on a 2 MiB disk: a save fails for real, the previous one loads."""
-    result = run_cli("train_bert.py", {**run_flags, **QUIET, "checkpoint_dir": str(small_disk / "experiments"),
-                                       "num_iterations": 100, "checkpoint_every": 1, "keep_last": 100}, env=ONE_THREAD)
-    assert_one_line_error(result, "could not save checkpoint", "No space left on device",
-                          "previous checkpoint is intact")
+    result = run_cli(
+        "train_bert.py",
+        {
+            **run_flags,
+            **QUIET,
+            "checkpoint_dir": str(small_disk / "experiments"),
+            "num_iterations": 100,
+            "checkpoint_every": 1,
+            "keep_last": 100,
+        },
+        env=ONE_THREAD,
+    )
+    assert_one_line_error(
+        result, "could not save checkpoint", "No space left on device", "previous checkpoint is intact"
+    )
     assert result.returncode == 1
     experiment = only_experiment(small_disk / "experiments")
     steps = checkpoint_steps(experiment)
@@ -379,8 +455,18 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint(run_flags, small_di
 
 
 def test_too_little_free_space_is_detected_before_anything_is_created(run_flags, small_disk):
-    result = run_cli("train_bert.py", {**run_flags, **QUIET, "checkpoint_dir": str(small_disk / "experiments"),
-                                       "h_dim": 128, "ff_dim": 256, "num_heads": 2}, env=ONE_THREAD)
+    result = run_cli(
+        "train_bert.py",
+        {
+            **run_flags,
+            **QUIET,
+            "checkpoint_dir": str(small_disk / "experiments"),
+            "h_dim": 128,
+            "ff_dim": 256,
+            "num_heads": 2,
+        },
+        env=ONE_THREAD,
+    )
     assert_one_line_error(result, "MiB free", "checkpoints of this model need about", "--checkpoint_dir")
     assert list(small_disk.iterdir()) == []
 
@@ -403,8 +489,11 @@ def test_a_full_disk_while_writing_a_folder_leaves_the_old_one_or_nothing(small_
 
     experiment = small_disk / "bert_pretrain.new"
     experiment.mkdir()
-    with pytest.raises(errors.CheckpointError, match=f"could not write the experiment directory {experiment} "
-                                                     r"\(No space left on device\); nothing was kept"):
+    with pytest.raises(
+        errors.CheckpointError,
+        match=f"could not write the experiment directory {experiment} "
+        r"\(No space left on device\); nothing was kept",
+    ):
         with safeguards.removed_unless_complete(experiment):
             write_too_much(experiment / "tokenizer")
     assert not experiment.exists()
@@ -414,8 +503,9 @@ def test_a_read_only_checkpoint_dir_is_detected_before_training(run_flags, small
     """A read-only mount stops even root, for whom permission bits mean nothing."""
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     result = run_cli("train_bert.py", {**run_flags, "checkpoint_dir": str(small_disk / "experiments")}, env=ONE_THREAD)
-    assert_one_line_error(result, f"--checkpoint_dir {str(small_disk / 'experiments')!r} is not writable",
-                          "Read-only file system")
+    assert_one_line_error(
+        result, f"--checkpoint_dir {str(small_disk / 'experiments')!r} is not writable", "Read-only file system"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -442,8 +532,11 @@ def bad_inputs(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> dict[str, Path]
     made["tiny_train"].mkdir()
     (made["tiny_train"] / "train.txt").write_text("one two three four five six seven eight nine ten .\n")
     shutil.copy(tiny_corpus / "validation.txt", made["tiny_train"] / "validation.txt")
-    for name, changes in {"no_mask": {"mask_token": None}, "no_pad": {"pad_token": None},
-                          "short": {"model_max_length": 16}}.items():
+    for name, changes in {
+        "no_mask": {"mask_token": None},
+        "no_pad": {"pad_token": None},
+        "short": {"model_max_length": 16},
+    }.items():
         tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer)
         for attribute, value in changes.items():
             setattr(tokenizer, attribute, value)
@@ -481,34 +574,53 @@ BAD_INPUT_CASES = [
     ("load_dir_missing", ["--load_checkpoint_dir={tmp}/nowhere"], ["nowhere", "does not exist"]),
     ("load_dir_not_experiment", ["--load_checkpoint_dir={tmp}"], ["no hparams.json", "--checkpoint_dir"]),
     ("load_dir_no_checkpoint", ["--load_checkpoint_dir={EXP}", "DELETE_CHECKPOINTS"], ["holds no checkpoint"]),
-    ("load_dir_all_corrupt", ["--load_checkpoint_dir={EXP}", "--num_iterations=6", "CORRUPT_CHECKPOINTS"],
-     ["no intact checkpoint", "checkpoint-00000002.pt", "checkpoint-00000004.pt"]),
+    (
+        "load_dir_all_corrupt",
+        ["--load_checkpoint_dir={EXP}", "--num_iterations=6", "CORRUPT_CHECKPOINTS"],
+        ["no intact checkpoint", "checkpoint-00000002.pt", "checkpoint-00000004.pt"],
+    ),
     ("resume_changes_shape", ["--load_checkpoint_dir={EXP}", "--h_dim=64"], ["--h_dim 64", "checkpoint's 32"]),
     ("resume_dtype_fp8", ["--load_checkpoint_dir={EXP}", "--dtype=fp8"], ["--dtype", "'fp8'"]),
     ("checkpoint_dir_under_file", NEW + ["--checkpoint_dir={a_file}/experiments"], ["not writable", "a_file"]),
     ("checkpoint_dir_in_proc", NEW + ["--checkpoint_dir=/proc/experiments"], ["/proc/experiments", "not writable"]),
-    ("dataset_offline", NEW + ["--dataset=no-such-user/no-such-dataset"],
-     ["no-such-user/no-such-dataset", "--dataset PATH", "--tokenizer PATH", "HF_HUB_OFFLINE=1"]),
-    ("tokenizer_offline", NEW + ["--tokenizer=no-such-user/no-such-tokenizer"],
-     ["no-such-user/no-such-tokenizer", "--dataset PATH", "--tokenizer PATH", "HF_HUB_OFFLINE=1"]),
+    (
+        "dataset_offline",
+        NEW + ["--dataset=no-such-user/no-such-dataset"],
+        ["no-such-user/no-such-dataset", "--dataset PATH", "--tokenizer PATH", "HF_HUB_OFFLINE=1"],
+    ),
+    (
+        "tokenizer_offline",
+        NEW + ["--tokenizer=no-such-user/no-such-tokenizer"],
+        ["no-such-user/no-such-tokenizer", "--dataset PATH", "--tokenizer PATH", "HF_HUB_OFFLINE=1"],
+    ),
     ("no_text_column", NEW + ["--dataset={csv}", "--dataset_config=None"], ["no text column", "['title', 'body']"]),
     ("split_without_tokens", NEW + ["--dataset={blank_validation}"], ["validation split yields 0 tokens"]),
-    ("train_below_one_batch", NEW + ["--dataset={tiny_train}"], ["train split has", "fewer than one batch",
-                                                                 "--batch_size 4"]),
+    (
+        "train_below_one_batch",
+        NEW + ["--dataset={tiny_train}"],
+        ["train split has", "fewer than one batch", "--batch_size 4"],
+    ),
     ("tokenizer_without_mask", NEW + ["--tokenizer={tokenizer_no_mask}"], ["no mask_token"]),
     ("tokenizer_without_pad", NEW + ["--tokenizer={tokenizer_no_pad}"], ["no pad_token"]),
 ]
 
 
-@pytest.mark.parametrize("args, expected", [case[1:] for case in BAD_INPUT_CASES],
-                         ids=[case[0] for case in BAD_INPUT_CASES])
-def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(run_flags, bad_inputs, experiment, tmp_path, args,
-                                                               expected):
+@pytest.mark.parametrize(
+    "args, expected", [case[1:] for case in BAD_INPUT_CASES], ids=[case[0] for case in BAD_INPUT_CASES]
+)
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(
+    run_flags, bad_inputs, experiment, tmp_path, args, expected
+):
     if ("--local_rank=0" in args or "--device=cuda:1" in args) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     overridden = {arg[2:].split("=")[0] for arg in args if arg.startswith("--")}
-    new_run = cli_args({name: value for name, value in {**run_flags, "checkpoint_dir": tmp_path / "experiments"}.items()
-                        if name not in overridden})
+    new_run = cli_args(
+        {
+            name: value
+            for name, value in {**run_flags, "checkpoint_dir": tmp_path / "experiments"}.items()
+            if name not in overridden
+        }
+    )
     paths = {**bad_inputs, "tmp": tmp_path, "EXP": experiment}
     if "DELETE_CHECKPOINTS" in args:
         for path in experiment.glob(safeguards.CHECKPOINT_PATTERN):
@@ -523,8 +635,14 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(run_flags, bad_in
         elif arg not in ("DELETE_CHECKPOINTS", "CORRUPT_CHECKPOINTS"):
             argv.append(arg.format(**paths))
     before = snapshot(experiment)
-    result = subprocess.run([sys.executable, str(ROOT / "train_bert.py"), *argv], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env=ONE_THREAD)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_bert.py"), *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ONE_THREAD,
+    )
     assert_one_line_error(result, *[piece.format(**paths) for piece in expected])
     assert not (tmp_path / "experiments").exists(), "no experiment directory may be created"
     assert snapshot(experiment) == before, "the experiment must be unchanged, byte for byte"

@@ -37,8 +37,18 @@ def run_flags(tiny_corpus, tiny_tokenizer) -> dict:
 def finished_experiment(run_flags, tmp_path_factory) -> Path:
     """A finished 4-step experiment (checkpoints at 2 and 4, test evaluation and export done); tests use copies."""
     root = tmp_path_factory.mktemp("finished")
-    result = run_cli("train_bert.py", {**run_flags, "checkpoint_dir": root, "num_iterations": 4,
-                                       "checkpoint_every": 2, "log_every": 2, "eval_every": 1000}, env=ENV)
+    result = run_cli(
+        "train_bert.py",
+        {
+            **run_flags,
+            "checkpoint_dir": root,
+            "num_iterations": 4,
+            "checkpoint_every": 2,
+            "log_every": 2,
+            "eval_every": 1000,
+        },
+        env=ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return only_experiment(root)
 
@@ -51,8 +61,15 @@ def experiment(finished_experiment, tmp_path) -> Path:
 def start(script: str, args: list[str], log: Path, **kwargs) -> subprocess.Popen:
     """Start `python script args...` in its own session (as a shell job), stdout and stderr going to `log`."""
     with open(log, "w") as output:
-        return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=kwargs.pop("env", ENV),
-                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / script), *args],
+            cwd=ROOT,
+            env=kwargs.pop("env", ENV),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            **kwargs,
+        )
 
 
 def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> int:
@@ -119,8 +136,9 @@ def test_printed_resume_command_continues_an_extended_run(run_flags, tmp_path):
 
 def test_a_second_run_on_a_busy_experiment_is_refused_and_a_killed_holder_leaves_no_stale_lock(experiment, tmp_path):
     log = tmp_path / "first.log"
-    first = start("train_bert.py", cli_args({"load_checkpoint_dir": experiment, "num_iterations": 100000,
-                                             "log_every": 5}), log)
+    first = start(
+        "train_bert.py", cli_args({"load_checkpoint_dir": experiment, "num_iterations": 100000, "log_every": 5}), log
+    )
     try:
         wait_until(lambda: any(record["step"] > 4 for record in metric_records(experiment, "loss")), first, log)
         second = run_cli("train_bert.py", {"load_checkpoint_dir": experiment, "num_iterations": 100000}, env=ENV)
@@ -168,9 +186,15 @@ def long_test_split(tmp_path_factory) -> Path:
 
 
 def test_sigterm_during_the_test_evaluation_is_reported_and_a_resume_finishes_the_end_phase_once(
-        run_flags, long_test_split, tmp_path):
-    flags = {**run_flags, **QUIET, "dataset": long_test_split, "checkpoint_dir": tmp_path / "experiments",
-             "num_iterations": 2}
+    run_flags, long_test_split, tmp_path
+):
+    flags = {
+        **run_flags,
+        **QUIET,
+        "dataset": long_test_split,
+        "checkpoint_dir": tmp_path / "experiments",
+        "num_iterations": 2,
+    }
     log = tmp_path / "run.log"
     process = start("train_bert.py", cli_args(flags), log)
     # The test evaluation's own log line, not the final checkpoint's `latest` pointer: a signal right after that
@@ -194,12 +218,16 @@ def test_sigterm_during_the_test_evaluation_is_reported_and_a_resume_finishes_th
     assert [record["step"] for record in metric_records(experiment, "test_loss")] == [2], "evaluated exactly once"
 
 
-def test_sigterm_during_the_test_evaluation_of_a_budgeted_run_names_the_end_phase(run_flags, long_test_split,
-                                                                                  tmp_path):
+def test_sigterm_during_the_test_evaluation_of_a_budgeted_run_names_the_end_phase(run_flags, long_test_split, tmp_path):
     """A --time_budget run ends at whatever step its time runs out, never at --num_iterations: the stop message must
     still say the training is over (before, it said "during training"), and the printed resume only finishes."""
-    flags = {**run_flags, **QUIET, "dataset": long_test_split, "checkpoint_dir": tmp_path / "experiments",
-             "time_budget": "8s"}
+    flags = {
+        **run_flags,
+        **QUIET,
+        "dataset": long_test_split,
+        "checkpoint_dir": tmp_path / "experiments",
+        "time_budget": "8s",
+    }
     log = tmp_path / "run.log"
     process = start("train_bert.py", cli_args(flags), log)
     wait_until(lambda: "| test: " in log.read_text(), process, log)
@@ -223,8 +251,16 @@ def test_sigterm_during_the_export_leaves_no_partial_hf_model(run_flags, tmp_pat
     this left an hf_model/ holding only config.json."""
     from transformers import AutoModelForMaskedLM
 
-    flags = {**run_flags, **QUIET, "checkpoint_dir": tmp_path / "experiments", "num_iterations": 1, "num_heads": 8,
-             "h_dim": 512, "ff_dim": 2048, "batch_size": 2}
+    flags = {
+        **run_flags,
+        **QUIET,
+        "checkpoint_dir": tmp_path / "experiments",
+        "num_iterations": 1,
+        "num_heads": 8,
+        "h_dim": 512,
+        "ff_dim": 2048,
+        "batch_size": 2,
+    }
     log = tmp_path / "run.log"
     process = start("train_bert.py", cli_args(flags), log)
     exporting = lambda: list((tmp_path / "experiments").glob("*/.hf_model.*"))  # noqa: E731
@@ -250,8 +286,14 @@ def test_sigterms_that_keep_coming_while_the_run_stops_cannot_cut_its_message(ru
     flags = {**run_flags, **QUIET, "checkpoint_dir": tmp_path / "experiments", "num_iterations": 100000}
     log = tmp_path / "run.log"
     process = start("train_bert.py", cli_args(flags), log)
-    wait_until(lambda: list((tmp_path / "experiments").glob("*/metrics.jsonl")) and metric_records(
-        only_experiment(tmp_path / "experiments"), "loss"), process, log)
+    wait_until(
+        lambda: (
+            list((tmp_path / "experiments").glob("*/metrics.jsonl"))
+            and metric_records(only_experiment(tmp_path / "experiments"), "loss")
+        ),
+        process,
+        log,
+    )
     try:
         while process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -274,8 +316,9 @@ def test_sigterm_before_the_first_step_leaves_no_experiment_that_cannot_resume(r
     flags = {**run_flags, **QUIET, "checkpoint_dir": tmp_path / "experiments", "num_iterations": 3}
     log = tmp_path / "run.log"
     process = start("train_bert.py", cli_args(flags), log)
-    wait_until(lambda: list((tmp_path / "experiments").glob("bert_pretrain.*/hparams.json")), process, log,
-               poll_s=0.002)
+    wait_until(
+        lambda: list((tmp_path / "experiments").glob("bert_pretrain.*/hparams.json")), process, log, poll_s=0.002
+    )
     assert stop(process) == 128 + signal.SIGTERM, log.read_text()[-3000:]
     output = log.read_text()
     assert "Traceback" not in output and "stopped by SIGTERM before the first step" in output
@@ -286,9 +329,20 @@ def test_sigterm_before_the_first_step_leaves_no_experiment_that_cannot_resume(r
 
 
 # The issue's model, compiled (the default); a checkpoint every 10 of 100 steps, so a kill lands mid-run.
-COMPILED_RUN = {"num_layers": 2, "num_heads": 2, "h_dim": 64, "ff_dim": 128, "batch_size": 8, "max_seq_length": 64,
-                "num_iterations": 100, "checkpoint_every": 10, "log_every": 5, "eval_every": 1000, "seed": 7,
-                "dtype": "fp32"}
+COMPILED_RUN = {
+    "num_layers": 2,
+    "num_heads": 2,
+    "h_dim": 64,
+    "ff_dim": 128,
+    "batch_size": 8,
+    "max_seq_length": 64,
+    "num_iterations": 100,
+    "checkpoint_every": 10,
+    "log_every": 5,
+    "eval_every": 1000,
+    "seed": 7,
+    "dtype": "fp32",
+}
 
 
 def exported_weights(experiment: Path) -> dict:
@@ -318,8 +372,9 @@ def test_a_compiled_run_killed_and_resumed_equals_the_uninterrupted_one_bit_for_
 
     full = only_experiment(tmp_path / "uninterrupted")
     for key in ("loss", "eval_loss", "test_loss"):
-        assert [(r["step"], r[key]) for r in metric_records(killed, key)] == \
-            [(r["step"], r[key]) for r in metric_records(full, key)], key
+        assert [(r["step"], r[key]) for r in metric_records(killed, key)] == [
+            (r["step"], r[key]) for r in metric_records(full, key)
+        ], key
     expected, got = exported_weights(full), exported_weights(killed)
     assert expected.keys() == got.keys() and all(torch.equal(expected[name], got[name]) for name in expected)
 
@@ -366,8 +421,17 @@ def test_an_experiment_owned_by_another_user_is_one_line(experiment):
         if path.is_dir():
             os.chmod(path, 0o777)
     before = snapshot(experiment)
-    command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable,
-               str(ROOT / "train_bert.py"), "--load_checkpoint_dir", str(experiment), "--num_iterations", "6"]
+    command = [
+        "setpriv",
+        "--bounding-set",
+        "-dac_override,-dac_read_search",
+        sys.executable,
+        str(ROOT / "train_bert.py"),
+        "--load_checkpoint_dir",
+        str(experiment),
+        "--num_iterations",
+        "6",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert_one_line_error(result, "cannot be resumed by this user", "train.log is not writable", "owner uid 12345")
     assert snapshot(experiment) == before
@@ -380,12 +444,17 @@ def test_an_experiment_owned_by_another_user_is_one_line(experiment):
 
 def test_max_seq_length_beyond_the_tokenizer_folders_model_is_one_line(run_flags, tiny_tokenizer, tmp_path):
     tokenizer = Path(shutil.copytree(tiny_tokenizer, tmp_path / "tokenizer"))
-    (tokenizer / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 66,
-                                                       "pad_token_id": 1}))
-    result = run_cli("train_bert.py", {**run_flags, "checkpoint_dir": tmp_path / "experiments", "tokenizer": tokenizer,
-                                       "max_seq_length": 128}, env=ENV)
-    assert_one_line_error(result, "--max_seq_length 128", "64 positions", "max_position_embeddings 66",
-                          "--max_seq_length 64 or less")
+    (tokenizer / "config.json").write_text(
+        json.dumps({"model_type": "roberta", "max_position_embeddings": 66, "pad_token_id": 1})
+    )
+    result = run_cli(
+        "train_bert.py",
+        {**run_flags, "checkpoint_dir": tmp_path / "experiments", "tokenizer": tokenizer, "max_seq_length": 128},
+        env=ENV,
+    )
+    assert_one_line_error(
+        result, "--max_seq_length 128", "64 positions", "max_position_embeddings 66", "--max_seq_length 64 or less"
+    )
     assert not (tmp_path / "experiments").exists()
 
 
@@ -395,10 +464,14 @@ def test_a_step_that_cannot_fit_is_refused_before_anything_is_created(run_flags,
     tokenizer = tmp_path / "tokenizer"
     tokenizer.mkdir()
     shutil.copy(tiny_tokenizer / "tokenizer.json", tokenizer)
-    result = run_cli("train_bert.py", {**run_flags, "checkpoint_dir": tmp_path / "experiments", "tokenizer": tokenizer,
-                                       "max_seq_length": 100000}, env=ENV)
-    line = assert_one_line_error(result, "one training step needs about", "--max_seq_length 100000",
-                                 "lower --max_seq_length or --batch_size")
+    result = run_cli(
+        "train_bert.py",
+        {**run_flags, "checkpoint_dir": tmp_path / "experiments", "tokenizer": tokenizer, "max_seq_length": 100000},
+        env=ENV,
+    )
+    line = assert_one_line_error(
+        result, "one training step needs about", "--max_seq_length 100000", "lower --max_seq_length or --batch_size"
+    )
     assert float(line.split("needs about ")[1].split(" GiB")[0]) > 100
     assert not (tmp_path / "experiments").exists()
 
@@ -420,22 +493,42 @@ def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags
     a checkpoint (new run) / the checkpoint kept (resumed run). Learned positions and dropout keep attention on
     SDPA's math path, which builds the [batch, heads, 2048, 2048] matrices (without dropout the CPU's flash kernel
     needs far less)."""
-    flags = {**run_flags, **QUIET, "dataset": long_blocks_corpus, "checkpoint_dir": tmp_path / "experiments",
-             "max_seq_length": 2048, "num_heads": 8, "batch_size": 4, "num_iterations": 2, "dropout": 0.1,
-             "positions": "learned"}
+    flags = {
+        **run_flags,
+        **QUIET,
+        "dataset": long_blocks_corpus,
+        "checkpoint_dir": tmp_path / "experiments",
+        "max_seq_length": 2048,
+        "num_heads": 8,
+        "batch_size": 4,
+        "num_iterations": 2,
+        "dropout": 0.1,
+        "positions": "learned",
+    }
     result = run_cli("train_bert.py", flags, env=ENV, preexec_fn=limit_address_space(4))
-    assert_one_line_error(result, "out of memory during training", "--batch_size (now 4", "--max_seq_length (now 2048)",
-                          "was removed", "Start again with")
+    assert_one_line_error(
+        result,
+        "out of memory during training",
+        "--batch_size (now 4",
+        "--max_seq_length (now 2048)",
+        "was removed",
+        "Start again with",
+    )
     assert not list((tmp_path / "experiments").glob("bert_pretrain.*"))
 
     result = run_cli("train_bert.py", flags, env=ENV)  # no limit: two steps, a checkpoint
     assert result.returncode == 0, result.stderr[-3000:]
     experiment = only_experiment(tmp_path / "experiments")
     before = {name: data for name, data in snapshot(experiment).items() if name.startswith("checkpoint")}
-    result = run_cli("train_bert.py", {"load_checkpoint_dir": experiment, "num_iterations": 4}, env=ENV,
-                     preexec_fn=limit_address_space(4))
-    assert_one_line_error(result, "out of memory during training", f"last checkpoint in {experiment} is intact",
-                          "Resume with: ")
+    result = run_cli(
+        "train_bert.py",
+        {"load_checkpoint_dir": experiment, "num_iterations": 4},
+        env=ENV,
+        preexec_fn=limit_address_space(4),
+    )
+    assert_one_line_error(
+        result, "out of memory during training", f"last checkpoint in {experiment} is intact", "Resume with: "
+    )
     assert {name: data for name, data in snapshot(experiment).items() if name.startswith("checkpoint")} == before
 
 
@@ -443,9 +536,14 @@ def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags
 # 8-11. train_bert_ds.py under the deepspeed launcher: 2 ranks on the CPU (gloo).
 # --------------------------------------------------------------------------------------------------------------------
 
-DS_ENV = {**{name: value for name, value in ENV.items()
-             if name not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")},
-          "DS_ACCELERATOR": "cpu"}
+DS_ENV = {
+    **{
+        name: value
+        for name, value in ENV.items()
+        if name not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    },
+    "DS_ACCELERATOR": "cpu",
+}
 DS_FLAGS = {"zero_stage": 2, "dtype": "fp32", "eval_every": 1000, "checkpoint_every": 1000, "log_every": 10}
 needs_deepspeed_launcher = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="needs the deepspeed command")
 
@@ -454,8 +552,14 @@ def start_deepspeed(args: list[str], log: Path) -> subprocess.Popen:
     """`deepspeed --num_gpus=2 train_bert_ds.py args...` from the repository, as a user types it, in its own
     process group (runner, per-node launcher and ranks), output to `log`."""
     with open(log, "w") as output:
-        return subprocess.Popen([shutil.which("deepspeed"), "--num_gpus=2", "train_bert_ds.py", *args], cwd=ROOT,
-                                env=DS_ENV, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [shutil.which("deepspeed"), "--num_gpus=2", "train_bert_ds.py", *args],
+            cwd=ROOT,
+            env=DS_ENV,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def group_processes(group: int) -> list:
@@ -494,11 +598,18 @@ def launcher_stopped_run(run_flags, tmp_path_factory) -> dict:
     resume command it printed, pasted into bash."""
     root = tmp_path_factory.mktemp("launcher_stop")
     log = root / "launcher.log"
-    runner = start_deepspeed(cli_args({**run_flags, **DS_FLAGS, "checkpoint_dir": root / "experiments",
-                                       "num_iterations": 300}), log)
+    runner = start_deepspeed(
+        cli_args({**run_flags, **DS_FLAGS, "checkpoint_dir": root / "experiments", "num_iterations": 300}), log
+    )
     try:
-        wait_until(lambda: list((root / "experiments").glob("*/metrics.jsonl")) and metric_records(
-            only_experiment(root / "experiments"), "loss"), runner, log)
+        wait_until(
+            lambda: (
+                list((root / "experiments").glob("*/metrics.jsonl"))
+                and metric_records(only_experiment(root / "experiments"), "loss")
+            ),
+            runner,
+            log,
+        )
         # Freeze the ranks while the runner dies, so that the run cannot finish its 300 steps in the moment between
         # the signal and the ranks' watcher seeing it (a few steps: the watcher looks five times a second).
         ranks = [process for process in group_processes(runner.pid) if "--local_rank=" in " ".join(process.cmdline())]
@@ -515,10 +626,25 @@ def launcher_stopped_run(run_flags, tmp_path_factory) -> dict:
     output = log.read_text()
     experiment = only_experiment(root / "experiments")
     stopped_tag = (experiment / "latest").read_text() if (experiment / "latest").exists() else None
-    resume = subprocess.run(["bash", "-c", printed_command(output, "Resume with: ")], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600, env=DS_ENV) if "Resume with: " in output else None
-    return {"output": output, "experiment": experiment, "ranks_ended": ranks_ended, "stopped_tag": stopped_tag,
-            "resume": resume}
+    resume = (
+        subprocess.run(
+            ["bash", "-c", printed_command(output, "Resume with: ")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=DS_ENV,
+        )
+        if "Resume with: " in output
+        else None
+    )
+    return {
+        "output": output,
+        "experiment": experiment,
+        "ranks_ended": ranks_ended,
+        "stopped_tag": stopped_tag,
+        "resume": resume,
+    }
 
 
 @pytest.mark.slow
@@ -549,8 +675,9 @@ def test_the_printed_multi_rank_resume_command_works_as_printed(launcher_stopped
 def test_every_rank_refuses_a_busy_experiment_and_one_line_says_why(launcher_stopped_run, tmp_path):
     experiment = launcher_stopped_run["experiment"]
     with safeguards.experiment_lock(experiment):  # this test process is the run that holds it
-        runner = start_deepspeed(["--load_checkpoint_dir", str(experiment), "--num_iterations=400"],
-                                 tmp_path / "busy.log")
+        runner = start_deepspeed(
+            ["--load_checkpoint_dir", str(experiment), "--num_iterations=400"], tmp_path / "busy.log"
+        )
         try:
             runner.wait(timeout=300)
             assert wait_for_group_to_end(runner.pid), "every rank exits"
@@ -570,12 +697,25 @@ def test_a_killed_rank_is_one_line_naming_the_checkpoint_a_resume_uses(run_flags
     import psutil
 
     log = tmp_path / "launcher.log"
-    runner = start_deepspeed(cli_args({**run_flags, **DS_FLAGS, "checkpoint_dir": tmp_path / "experiments",
-                                       "num_iterations": 100000, "checkpoint_every": 20}), log)
+    runner = start_deepspeed(
+        cli_args(
+            {
+                **run_flags,
+                **DS_FLAGS,
+                "checkpoint_dir": tmp_path / "experiments",
+                "num_iterations": 100000,
+                "checkpoint_every": 20,
+            }
+        ),
+        log,
+    )
     try:
         wait_until(lambda: list((tmp_path / "experiments").glob("*/latest")), runner, log)
-        [rank_1] = [process for process in psutil.Process(runner.pid).children(recursive=True)
-                    if "--local_rank=1" in process.cmdline()]
+        [rank_1] = [
+            process
+            for process in psutil.Process(runner.pid).children(recursive=True)
+            if "--local_rank=1" in process.cmdline()
+        ]
         rank_1.kill()  # SIGKILL, as the OOM killer does
         runner.wait(timeout=300)
     finally:
@@ -586,22 +726,32 @@ def test_a_killed_rank_is_one_line_naming_the_checkpoint_a_resume_uses(run_flags
     [line] = error_lines(output)
     assert line.startswith("error: rank 0: another rank stopped (")
     assert "cannot save alone" in line
-    assert (f"a resume uses the last complete checkpoint, {(experiment / 'latest').read_text()} in {experiment}: "
-            f"deepspeed --num_gpus=2 train_bert_ds.py --load_checkpoint_dir {experiment}") in line
+    assert (
+        f"a resume uses the last complete checkpoint, {(experiment / 'latest').read_text()} in {experiment}: "
+        f"deepspeed --num_gpus=2 train_bert_ds.py --load_checkpoint_dir {experiment}"
+    ) in line
 
 
 @pytest.mark.slow
 @needs_deepspeed_launcher
-@pytest.mark.parametrize("config, named", [
-    ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage (in --ds_config", "must be 0, 1, 2 or 3"]),
-    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
-     ["zero_optimization.offload_param.device (in --ds_config", "needs zero_optimization.stage (in --ds_config"]),
-], ids=["stage", "offload_param"])
+@pytest.mark.parametrize(
+    "config, named",
+    [
+        ({"zero_optimization": {"stage": 5}}, ["zero_optimization.stage (in --ds_config", "must be 0, 1, 2 or 3"]),
+        (
+            {"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+            ["zero_optimization.offload_param.device (in --ds_config", "needs zero_optimization.stage (in --ds_config"],
+        ),
+    ],
+    ids=["stage", "offload_param"],
+)
 def test_a_bad_ds_config_value_is_one_line_naming_its_field(run_flags, tmp_path, config, named):
     ds_config = tmp_path / "my_config.json"
     ds_config.write_text(json.dumps({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, **config}))
-    runner = start_deepspeed(cli_args({**run_flags, "checkpoint_dir": tmp_path / "experiments",
-                                       "ds_config": ds_config}), tmp_path / "run.log")
+    runner = start_deepspeed(
+        cli_args({**run_flags, "checkpoint_dir": tmp_path / "experiments", "ds_config": ds_config}),
+        tmp_path / "run.log",
+    )
     runner.wait(timeout=300)
     output = (tmp_path / "run.log").read_text()
     assert runner.returncode != 0

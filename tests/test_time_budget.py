@@ -42,15 +42,18 @@ def sgd(lr: float = 1.0) -> torch.optim.Optimizer:
     return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
 
 
-@pytest.mark.parametrize("warmup, num_iterations, warmup_steps", [(0.25, 40, 10), (0.06, 10000, 600), (7, 40, 7),
-                                                                  (0.0, 20, 0)])
+@pytest.mark.parametrize(
+    "warmup, num_iterations, warmup_steps", [(0.25, 40, 10), (0.06, 10000, 600), (7, 40, 7), (0.0, 20, 0)]
+)
 def test_warmup_as_a_share_of_the_run(warmup, num_iterations, warmup_steps):
     """A warmup below 1 is that share of the steps; an integer is a step count; then linear decay to 0 at the end."""
     optimizer = sgd()
     used = lrs_of(train_bert.create_lr_scheduler(optimizer, warmup, num_iterations), optimizer, num_iterations)
     decay_steps = num_iterations - warmup_steps
-    expected = [step / warmup_steps if step < warmup_steps else (num_iterations - step) / decay_steps
-                for step in range(num_iterations)]
+    expected = [
+        step / warmup_steps if step < warmup_steps else (num_iterations - step) / decay_steps
+        for step in range(num_iterations)
+    ]
     assert used == pytest.approx(expected, abs=1e-12)
     if warmup_steps:
         assert max(used) == pytest.approx(1.0) and used.index(max(used)) == warmup_steps
@@ -83,19 +86,33 @@ def test_budget_schedule_follows_the_share_of_the_budget_spent():
     assert "budget" not in json.dumps(scheduler.state_dict(), default=str)  # nothing unsaveable in the checkpoint
 
 
-@pytest.mark.parametrize("text, seconds", [("600", 600), (600, 600), ("10m", 600), ("2h30m", 9000), ("1d", 86400),
-                                           ("90s", 90), ("1.5h", 5400), ("1h2m3s", 3723)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("600", 600),
+        (600, 600),
+        ("10m", 600),
+        ("2h30m", 9000),
+        ("1d", 86400),
+        ("90s", 90),
+        ("1.5h", 5400),
+        ("1h2m3s", 3723),
+    ],
+)
 def test_durations(text, seconds):
     assert time_budget.parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"time_budget": "10 minutes"}, "--time_budget '10 minutes' is not a duration"),
-    ({"time_budget": "0m"}, "must be a positive duration"),
-    ({"time_budget": "10m", "warmup_steps": 50}, "--warmup_steps 50 is a number of steps"),
-    ({"time_budget": "10m", "num_iterations": 50}, "give either --num_iterations"),
-    ({"warmup_steps": 1.5}, "--warmup_steps must be a share of the run"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"time_budget": "10 minutes"}, "--time_budget '10 minutes' is not a duration"),
+        ({"time_budget": "0m"}, "must be a positive duration"),
+        ({"time_budget": "10m", "warmup_steps": 50}, "--warmup_steps 50 is a number of steps"),
+        ({"time_budget": "10m", "num_iterations": 50}, "give either --num_iterations"),
+        ({"warmup_steps": 1.5}, "--warmup_steps must be a share of the run"),
+    ],
+)
 def test_bad_budget_flags_are_one_error_line(tiny_flags, flags, message):
     result = run_cli("train_bert.py", {**tiny_flags, **flags}, timeout=120)
     assert result.returncode == 2
@@ -158,10 +175,20 @@ def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
     """SIGTERM halfway through a 10 s budget saves the spent time; the resume trains only the rest of the budget,
     continuing the LR schedule where it was (no second warmup), and ends on time. (Step counts depend on speed, so a
     budgeted run is not compared bit for bit with an uninterrupted one; step-based runs are.)"""
-    flags = {**tiny_flags, "time_budget": f"{BUDGET_S}s", "log_every": 5, "warmup_steps": 0.2,
-             "checkpoint_dir": tiny_flags["checkpoint_dir"]}
-    process = subprocess.Popen([sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    flags = {
+        **tiny_flags,
+        "time_budget": f"{BUDGET_S}s",
+        "log_every": 5,
+        "warmup_steps": 0.2,
+        "checkpoint_dir": tiny_flags["checkpoint_dir"],
+    }
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_bert.py"), *cli_args(flags)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     experiments = Path(flags["checkpoint_dir"])
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait until it has spent ~40% of its budget
@@ -181,8 +208,14 @@ def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
 
     resume_command = stderr.strip().splitlines()[-1].split("Resume with: ")[1]
     assert resume_command.startswith("python train_bert.py --load_checkpoint_dir")
-    result = subprocess.run(resume_command.split(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    result = subprocess.run(
+        resume_command.split(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = [r for r in metric_records(experiment, "lr") if r["step"] > saved_step]
     assert resumed, "the resumed run trained"
@@ -238,8 +271,10 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
     """With a --time_budget, the shape is the largest of AUTO_SHAPES whose measured speed gives it >= 20 tokens per
     non-embedding parameter in the training part of the budget; the search stops at the first that falls short;
     flags the user gave are kept; a GPU gets a larger batch."""
-    flags = {**{name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()},
-             "time_budget": "100s"}
+    flags = {
+        **{name: parameter.default for name, parameter in inspect.signature(train_bert.train).parameters.items()},
+        "time_budget": "100s",
+    }
     training_s = (1 - time_budget.TimeBudget.END_SHARE) * 100
     measured = []
 
@@ -248,6 +283,7 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
             measured.append((shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["batch_size"]))
             layers, width, ff = shape_flags["num_layers"], shape_flags["h_dim"], shape_flags["ff_dim"]
             return per_parameter[width] * layers * (4 * width**2 + 2 * width * ff) / training_s
+
         return measure
 
     # Tokens per parameter each shape would see: 4 x 256 is the last with >= 20; 8 x 512 (more than 20) is never
@@ -266,19 +302,27 @@ def test_auto_size_picks_the_largest_shape_that_sees_20_tokens_per_parameter(mon
     assert (chosen["num_layers"], chosen["h_dim"], chosen["batch_size"]) == (2, 128, time_budget.GPU_BATCH_SIZE)
     assert measured == [(2, 128, time_budget.GPU_BATCH_SIZE), (4, 256, time_budget.GPU_BATCH_SIZE)]
 
-    measure = speed_for({128: 500, 256: 500, 384: 500, 512: 500,
-                         768: 500})
-    chosen, _ = time_budget.choose_shape_for_budget({**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8},
-                                                    torch.device("cuda"),
-                                                    {"num_layers", "lr", "batch_size"}, measure)
+    measure = speed_for({128: 500, 256: 500, 384: 500, 512: 500, 768: 500})
+    chosen, _ = time_budget.choose_shape_for_budget(
+        {**flags, "num_layers": 3, "lr": 1e-4, "batch_size": 8},
+        torch.device("cuda"),
+        {"num_layers", "lr", "batch_size"},
+        measure,
+    )
     assert (chosen["num_layers"], chosen["h_dim"], chosen["lr"], chosen["batch_size"]) == (3, 768, 1e-4, 8)
 
 
 def test_a_budgeted_run_without_model_flags_sizes_its_model_and_records_it(tiny_corpus, tiny_tokenizer, tmp_path):
     """The auto-sizing runs for real (measured speeds, a CPU): its choice is logged and saved in hparams.json, so a
     resume rebuilds the same model; --auto_size False or a model flag keeps the flags as given."""
-    common = {"dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer), "max_seq_length": 32, "compile": False,
-              "time_budget": "6s", "eval_blocks": 8}
+    common = {
+        "dataset": str(tiny_corpus),
+        "tokenizer": str(tiny_tokenizer),
+        "max_seq_length": 32,
+        "compile": False,
+        "time_budget": "6s",
+        "eval_blocks": 8,
+    }
     experiment = Path(train_bert.train(checkpoint_dir=str(tmp_path / "auto"), **common))
     log = (experiment / "train.log").read_text()
     assert "auto size: " in log and "tokens per parameter in this budget on cpu" in log
@@ -294,6 +338,7 @@ def test_a_budget_the_compile_overruns_is_told_so_at_the_start_and_the_end(tiny_
     budget starts, trains, finishes its end phase, and its last line says what took the time and what to do. The
     compile is stood in for by a first step that takes 2 s (a real one takes from under a second, cached, to
     minutes), so the test does not depend on how fast this machine compiles."""
+
     def slow_first_compiled_step(loss_function):
         calls = []
 
@@ -302,6 +347,7 @@ def test_a_budget_the_compile_overruns_is_told_so_at_the_start_and_the_end(tiny_
                 calls.append(True)
                 time.sleep(2.0)
             return loss_function(*args, **kwargs)
+
         return loss
 
     monkeypatch.setattr(speed, "compiled", slow_first_compiled_step)

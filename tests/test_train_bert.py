@@ -83,8 +83,9 @@ def test_masking_stats(tokenizer):
     for name, (positions, p) in expected.items():
         rate = int(positions.sum()) / n_selected
         assert abs(rate - p) < z_bound(p, n_selected), f"{name}: rate {rate:.4f}, expected {p:.4f}"
-    assert not torch.isin(masked[became_random], torch.tensor(tokenizer.all_special_ids)).any(), \
+    assert not torch.isin(masked[became_random], torch.tensor(tokenizer.all_special_ids)).any(), (
         "a random replacement was a special token"
+    )
 
 
 def test_random_replacements_are_uniform_over_non_special_ids(tokenizer):
@@ -117,12 +118,14 @@ def test_masking_is_reproducible_from_the_generator(tokenizer):
 def test_masking_edge_probabilities(tokenizer, random_prob, unmask_prob, expect):
     """unmask_replace_prob=1 keeps every selected token; both 0 turns every selected token into <mask>."""
     input_ids = token_batch(tokenizer, 8, 64)
-    masked, labels = train_bert.masking_function(input_ids, tokenizer, 0.5, random_prob, unmask_prob,
-                                                 torch.Generator().manual_seed(0))
+    masked, labels = train_bert.masking_function(
+        input_ids, tokenizer, 0.5, random_prob, unmask_prob, torch.Generator().manual_seed(0)
+    )
     selected = labels != -100
     assert selected.any()
-    target = input_ids[selected] if expect == "unchanged" else torch.full_like(input_ids[selected],
-                                                                               tokenizer.mask_token_id)
+    target = (
+        input_ids[selected] if expect == "unchanged" else torch.full_like(input_ids[selected], tokenizer.mask_token_id)
+    )
     assert torch.equal(masked[selected], target)
 
 
@@ -138,8 +141,9 @@ def test_packing_keeps_every_token_without_padding(tiny_corpus, tokenizer):
     non_empty = sum(1 for text in split["text"] if text.strip())
     assert len(lines) == non_empty, "empty lines must not become rows"
     stream = torch.tensor([token for row in lines["input_ids"] for token in row])
-    assert (torch.tensor([row[-1] for row in lines["input_ids"]]) == tokenizer.eos_token_id).all(), \
+    assert (torch.tensor([row[-1] for row in lines["input_ids"]]) == tokenizer.eos_token_id).all(), (
         "every line must end with </s>"
+    )
 
     blocks = train_bert.pack_blocks(stream.numpy(), tokenizer, 32)[:]
     assert blocks.shape[1] == 32
@@ -165,8 +169,10 @@ def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpu
 
     # Sharding, seen through unique rows and an identity "masking": every block trained once per epoch, by one rank.
     unique_blocks = torch.arange(64 * 8).reshape(64, 8)
-    shards = [train_bert.TrainBatches(unique_blocks, 4, 0, 0, lambda rows, generator: rows, rank, world_size=2)
-              for rank in range(2)]
+    shards = [
+        train_bert.TrainBatches(unique_blocks, 4, 0, 0, lambda rows, generator: rows, rank, world_size=2)
+        for rank in range(2)
+    ]
     rows_of = [{int(row[0]) for i in range(len(shard)) for row in shard[i]} for shard in shards]
     assert len(shards[0]) == 8 and not rows_of[0] & rows_of[1]
     assert len(rows_of[0] | rows_of[1]) == 64
@@ -179,8 +185,13 @@ def test_batches_depend_only_on_position_and_ranks_see_different_data(tiny_corpu
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("positions, model_type, attention", [("rotary", "roformer", "eager"),  # SDPA: see below
-                                                              ("learned", "roberta", "sdpa")])
+@pytest.mark.parametrize(
+    "positions, model_type, attention",
+    [
+        ("rotary", "roformer", "eager"),  # SDPA: see below
+        ("learned", "roberta", "sdpa"),
+    ],
+)
 def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer, positions, model_type, attention):
     """Vocab and ids come from the tokenizer; the sparse MLM loss equals HF's dense loss over all positions."""
     model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, positions=positions)
@@ -188,8 +199,9 @@ def test_model_follows_the_tokenizer_and_sparse_loss_matches_dense(tokenizer, po
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert model.config._attn_implementation == attention
-    masked, labels = train_bert.masking_function(token_batch(tokenizer, 4, 32), tokenizer,
-                                                 generator=torch.Generator().manual_seed(0))
+    masked, labels = train_bert.masking_function(
+        token_batch(tokenizer, 4, 32), tokenizer, generator=torch.Generator().manual_seed(0)
+    )
     batch = train_bert.sparse_batch(masked, labels)
     # The predicted positions are padded to a bucket (label -100) so the head's shapes repeat; the loss ignores them.
     assert len(batch["masked_positions"]) % train_bert.PREDICTION_BUCKET == 0
@@ -211,8 +223,9 @@ def test_rotary_attention_runs_fused_and_equals_roformers_own(tokenizer):
     ids = token_batch(tokenizer, 3, 32)
     padding = torch.ones_like(ids)
     padding[1, 20:] = 0
-    with unittest.mock.patch.object(torch.nn.functional, "scaled_dot_product_attention",
-                                    wraps=torch.nn.functional.scaled_dot_product_attention) as sdpa:
+    with unittest.mock.patch.object(
+        torch.nn.functional, "scaled_dot_product_attention", wraps=torch.nn.functional.scaled_dot_product_attention
+    ) as sdpa:
         model(input_ids=ids)
     assert sdpa.call_count == model.config.num_hidden_layers
     for attention_mask in (None, padding):
@@ -255,8 +268,9 @@ def test_compiled_loss_equals_the_eager_loss_and_gradients(tokenizer):
     model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32)
     compiled = speed.compiled(train_bert.mlm_loss)
     for seed, rows in ((0, 4), (1, 8)):
-        masked, labels = train_bert.masking_function(token_batch(tokenizer, rows, 32), tokenizer,
-                                                     generator=torch.Generator().manual_seed(seed))
+        masked, labels = train_bert.masking_function(
+            token_batch(tokenizer, rows, 32), tokenizer, generator=torch.Generator().manual_seed(seed)
+        )
         batch = train_bert.sparse_batch(masked, labels)
         losses, gradients = [], []
         for loss_function in (train_bert.mlm_loss, compiled):
@@ -274,6 +288,7 @@ def test_compiled_loss_equals_the_eager_loss_and_gradients(tokenizer):
 def test_dtype_auto_is_bf16_where_the_cpu_computes_it_natively_and_the_experiment_keeps_it(tiny_flags, monkeypatch):
     """--dtype auto (the default) resolves by the hardware when an experiment starts; hparams.json records the
     result, and a resume on a machine that would resolve differently keeps the experiment's precision."""
+
     def cpu_with(amx: bool, avx512_bf16: bool) -> None:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
@@ -298,10 +313,12 @@ def test_output_bias_is_the_log_unigram_distribution(tokenizer, positions):
     counts = torch.ones(len(tokenizer), dtype=torch.float64)
     counts[5], counts[7], counts[-1] = 4, 2, 2
     assert torch.allclose(bias.double().exp(), counts / counts.sum(), rtol=1e-6)
-    model = train_bert.create_model(2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, output_bias=bias,
-                                    positions=positions)
-    vocab_biases = {name: value for name, value in model.state_dict().items()
-                    if name.endswith("bias") and value.shape == bias.shape}
+    model = train_bert.create_model(
+        2, 2, 64, 32, 0.0, tokenizer, max_seq_length=32, output_bias=bias, positions=positions
+    )
+    vocab_biases = {
+        name: value for name, value in model.state_dict().items() if name.endswith("bias") and value.shape == bias.shape
+    }
     assert len(vocab_biases) == 2, vocab_biases.keys()  # the head's bias and the decoder's, tied
     assert all(torch.equal(value, bias) for value in vocab_biases.values())
 
@@ -334,13 +351,23 @@ def metric_records(experiment_dir: Path, key: str) -> list[dict]:
     return [record for record in map(json.loads, lines) if key in record]
 
 
-@pytest.mark.parametrize("dtype, compile", [("fp32", False), ("bf16", False),
-                                            pytest.param("bf16", True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "dtype, compile", [("fp32", False), ("bf16", False), pytest.param("bf16", True, marks=pytest.mark.slow)]
+)
 def test_model_checkpointing(tiny_flags, tmp_path, dtype, compile):
     """A run resumed from its step-10 checkpoint equals the uninterrupted 20-step run bit for bit (CPU; fp32 and
     bf16 autocast, eager and compiled)."""
-    flags = {**tiny_flags, "num_iterations": 20, "checkpoint_every": 10, "log_every": 1, "warmup_steps": 5,
-             "dropout": 0.1, "keep_last": 5, "dtype": dtype, "compile": compile}
+    flags = {
+        **tiny_flags,
+        "num_iterations": 20,
+        "checkpoint_every": 10,
+        "log_every": 1,
+        "warmup_steps": 5,
+        "dropout": 0.1,
+        "keep_last": 5,
+        "dtype": dtype,
+        "compile": compile,
+    }
     full = Path(train_bert.train(**flags))
 
     # The interrupted run: the same experiment as it stood after step 10 (nothing of steps 11-20 kept).
@@ -409,8 +436,20 @@ def test_it_learns(tiny_flags, tokenizer):
     below half of that and below 60% of the first evaluation's (step 50, when the model has learnt token frequencies
     but not yet context; measured here: 4.42 at step 50 -> 1.76 at step 700).
     """
-    flags = {**tiny_flags, "num_layers": 1, "h_dim": 128, "ff_dim": 256, "num_heads": 4, "batch_size": 16,
-             "dropout": 0.0, "lr": 2e-3, "warmup_steps": 30, "num_iterations": 700, "eval_every": 50, "log_every": 100}
+    flags = {
+        **tiny_flags,
+        "num_layers": 1,
+        "h_dim": 128,
+        "ff_dim": 256,
+        "num_heads": 4,
+        "batch_size": 16,
+        "dropout": 0.0,
+        "lr": 2e-3,
+        "warmup_steps": 30,
+        "num_iterations": 700,
+        "eval_every": 50,
+        "log_every": 100,
+    }
     experiment = train_bert.train(**flags)
     eval_losses = [record["eval_loss"] for record in metric_records(experiment, "eval_loss")]
     assert eval_losses[-1] < 0.5 * math.log(len(tokenizer)), eval_losses
@@ -424,15 +463,13 @@ def test_it_learns(tiny_flags, tokenizer):
 
 def test_cli_end_to_end(tiny_flags):
     """`python train_bert.py --checkpoint_dir ...` writes the documented experiment directory."""
-    flags = {**tiny_flags, "num_iterations": 12, "log_every": 4, "eval_every": 6, "checkpoint_every": 5,
-             "keep_last": 2}
+    flags = {**tiny_flags, "num_iterations": 12, "log_every": 4, "eval_every": 6, "checkpoint_every": 5, "keep_last": 2}
     result = run_cli("train_bert.py", flags)
     assert result.returncode == 0, result.stderr[-3000:]
     experiment = Path(result.stdout.strip().splitlines()[-1])
     assert experiment.parent == Path(flags["checkpoint_dir"])
     uuid4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}"
-    assert re.fullmatch(r"bert_pretrain\.\d{4}(\.\d{2}){5}\." + uuid4,
-                        experiment.name), experiment.name
+    assert re.fullmatch(r"bert_pretrain\.\d{4}(\.\d{2}){5}\." + uuid4, experiment.name), experiment.name
 
     hparams = json.loads((experiment / "hparams.json").read_text())
     assert hparams["flags"]["num_iterations"] == 12 and hparams["flags"]["mask_prob"] == 0.15
@@ -440,8 +477,10 @@ def test_cli_end_to_end(tiny_flags):
     assert hparams["versions"]["torch"] == torch.__version__ and hparams["vocab_size"] > 0
     assert (experiment / "githash.log").read_text().strip()
     assert (experiment / "gitdiff.log").exists() and (experiment / "train.log").read_text()
-    assert sorted(p.name for p in experiment.glob("checkpoint-*.pt")) == ["checkpoint-00000010.pt",
-                                                                          "checkpoint-00000012.pt"]
+    assert sorted(p.name for p in experiment.glob("checkpoint-*.pt")) == [
+        "checkpoint-00000010.pt",
+        "checkpoint-00000012.pt",
+    ]
     assert (experiment / "latest").read_text().strip() == "checkpoint-00000012.pt"
     assert list((experiment / "tb_dir").glob("events.out.tfevents.*"))
 
@@ -453,8 +492,10 @@ def test_cli_end_to_end(tiny_flags):
     log_lines = [line for line in result.stderr.splitlines() if " | INFO    | step " in line]
     assert log_lines and all(len(line) <= 130 and "e+" not in line for line in log_lines), log_lines
     assert re.search(r"validation: [\d,]+ batches, about \d+:\d\d:\d\d", result.stderr), result.stderr[-2000:]
-    assert all(math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
-               for r in metric_records(experiment, "eval_loss"))
+    assert all(
+        math.isclose(r["eval_perplexity"], math.exp(r["eval_loss"]), rel_tol=1e-6)
+        for r in metric_records(experiment, "eval_loss")
+    )
     assert metric_records(experiment, "test_loss")
 
     from transformers import AutoModelForMaskedLM, AutoTokenizer
@@ -478,8 +519,13 @@ def test_fill_mask_demo_shows_words_only(tiny_flags):
 @pytest.mark.parametrize("help_flag", ["-h", "--help"])
 def test_help_is_plain_text_with_real_types(help_flag):
     """-h and --help print the manual to stdout: no pager, no fire banner, types as written in the code."""
-    result = subprocess.run([sys.executable, "train_bert.py", help_flag], capture_output=True, text=True, timeout=120,
-                            cwd=Path(train_bert.__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "train_bert.py", help_flag],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(train_bert.__file__).parent,
+    )
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert "--h_dim int  (default: " in result.stdout
     assert "--checkpoint_dir str | None" in result.stdout
@@ -488,11 +534,16 @@ def test_help_is_plain_text_with_real_types(help_flag):
 
 def test_one_letter_abbreviations_are_refused(tiny_flags):
     """fire would read -t as the only flag starting with t (--tokenizer); flags must be spelled out."""
-    result = subprocess.run([sys.executable, "train_bert.py", "-t", "bpe", "--checkpoint_dir",
-                             tiny_flags["checkpoint_dir"]], capture_output=True, text=True, timeout=120,
-                            cwd=Path(train_bert.__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "train_bert.py", "-t", "bpe", "--checkpoint_dir", tiny_flags["checkpoint_dir"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(train_bert.__file__).parent,
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: unknown flag -t: flags are spelled out in full (--name value); see --help"]
+        "error: unknown flag -t: flags are spelled out in full (--name value); see --help"
+    ]
     assert not Path(tiny_flags["checkpoint_dir"]).exists()
 
 
@@ -503,16 +554,24 @@ def test_cli_help_documents_every_flag(script):
     "name: text" entry); for train_bert_ds.py, whose train() takes train_bert.py's flags as **flags, those too, in
     train_bert.py's words where train_bert_ds.py does not document them itself."""
     functions = [importlib.import_module(script).train] + ([train_bert.train] if script == "train_bert_ds" else [])
-    result = subprocess.run([sys.executable, f"{script}.py", "--help"], capture_output=True, text=True, timeout=120,
-                            cwd=Path(train_bert.__file__).parent)
+    result = subprocess.run(
+        [sys.executable, f"{script}.py", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(train_bert.__file__).parent,
+    )
     assert result.returncode == 0, result.stderr
     shown = re.sub(r"(\w)- (\w)", r"\1-\2", " ".join((result.stdout + result.stderr).split()))  # undo wrapping
     documented = {}
     for train in reversed(functions):  # the script's own entries last: they win
         args = train.__doc__.split("Args:\n", 1)[1]
         entries = re.findall(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", args, flags=re.M | re.S)
-        parameters = {name: parameter for name, parameter in inspect.signature(train).parameters.items()
-                      if parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+        parameters = {
+            name: parameter
+            for name, parameter in inspect.signature(train).parameters.items()
+            if parameter.kind is not inspect.Parameter.VAR_KEYWORD
+        }
         assert [name for name, _ in entries] == list(parameters)
         documented |= {name: (parameters[name], text) for name, text in entries}
     for name, (parameter, text) in documented.items():

@@ -24,8 +24,15 @@ from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
 from pretraining import cli, deepspeed_config, errors, ranks
 
 # Eight steps, a checkpoint after four, a log line and a loss every step; no dropout so a forward is deterministic.
-RUN_FLAGS = {**TINY_MODEL_FLAGS, "num_iterations": 8, "checkpoint_every": 4, "eval_every": 4, "log_every": 1,
-             "warmup_steps": 3, "dropout": 0.0}
+RUN_FLAGS = {
+    **TINY_MODEL_FLAGS,
+    "num_iterations": 8,
+    "checkpoint_every": 4,
+    "eval_every": 4,
+    "log_every": 1,
+    "warmup_steps": 3,
+    "dropout": 0.0,
+}
 # What a process inherits from a test process that ran DeepSpeed in-process; a child must start its own group.
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK")
 
@@ -37,8 +44,15 @@ def child_env() -> dict[str, str]:
 
 def run_torchrun(flags: dict, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node N train_bert_ds.py --flag=value ...`, as a user runs it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train_bert_ds.py"), *cli_args(flags)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "train_bert_ds.py"),
+        *cli_args(flags),
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=child_env())
 
 
@@ -82,8 +96,9 @@ def assert_exports_fp32_masters_of_bf16_weights(experiment_dir: Path, tag: str) 
     """hf_model/ holds fp32 weights (finer than bf16) that, rounded to bf16, are the weights the engine's forward used
     (the module states of checkpoint `tag`)."""
     exported = exported_weights(experiment_dir)
-    module = torch.load(experiment_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
+    module = torch.load(experiment_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+        "module"
+    ]
     trained = [name for name in exported if f"model.{name}" in module and "sinusoidal" not in name]
     assert len(trained) > 10
     for name in trained:
@@ -147,13 +162,25 @@ def test_every_flag_override_lands_in_the_effective_config():
     unset = {name: None for name in deepspeed_config.FLAGS_FROM_CONFIG} | {"ds_config": "ds_config.json"}
     flags, effective = deepspeed_config.effective_ds_config(unset, config, world_size=1)
     assert (flags["batch_size"], flags["lr"], flags["dtype"], flags["zero_stage"]) == (
-        config["train_micro_batch_size_per_gpu"], config["optimizer"]["params"]["lr"], "bf16",
-        config["zero_optimization"]["stage"])
+        config["train_micro_batch_size_per_gpu"],
+        config["optimizer"]["params"]["lr"],
+        "bf16",
+        config["zero_optimization"]["stage"],
+    )
     assert effective == {**config, "train_batch_size": config["train_micro_batch_size_per_gpu"]}
 
-    overrides = {"batch_size": 3, "grad_accum_steps": 5, "grad_clip": 0.25, "lr": 3e-4, "weight_decay": 0.2,
-                 "zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "dtype": "fp16",
-                 "ds_config": "ds_config.json"}
+    overrides = {
+        "batch_size": 3,
+        "grad_accum_steps": 5,
+        "grad_clip": 0.25,
+        "lr": 3e-4,
+        "weight_decay": 0.2,
+        "zero_stage": 3,
+        "offload_optimizer": "cpu",
+        "offload_param": "cpu",
+        "dtype": "fp16",
+        "ds_config": "ds_config.json",
+    }
     flags, effective = deepspeed_config.effective_ds_config(overrides, config, world_size=4)
     assert flags == overrides
     assert effective["train_micro_batch_size_per_gpu"] == 3 and effective["gradient_accumulation_steps"] == 5
@@ -168,22 +195,28 @@ def test_every_flag_override_lands_in_the_effective_config():
     assert config["optimizer"]["params"]["lr"] != 3e-4, "the loaded config itself is not modified"
 
 
-@pytest.mark.parametrize("flags, message", [
-    ({"zero_stage": 4}, "--zero_stage must be 0, 1, 2 or 3"),
-    ({"zero_stage": 2, "offload_param": "cpu"}, "--offload_param cpu needs --zero_stage 3"),
-    ({"zero_stage": 0, "offload_optimizer": "cpu"}, "--offload_optimizer cpu needs ZeRO"),
-    ({"offload_optimizer": "nvme"}, "--offload_optimizer must be one of none, cpu"),
-    ({"ds_config": "/nonexistent/ds.json"}, "cannot be read"),
-    ({"ds_config": "MALFORMED"}, "is not valid JSON"),
-    ({"ds_config": "BATCH"}, "train_batch_size 64, but --batch_size 4"),
-    ({"ds_config": "BOTH"}, "enables both fp16 and bf16"),
-    ({"batch_size": 0}, "--batch_size must be a positive integer"),
-    ({"checkpoint_dir": None}, "give exactly one of --checkpoint_dir"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"zero_stage": 4}, "--zero_stage must be 0, 1, 2 or 3"),
+        ({"zero_stage": 2, "offload_param": "cpu"}, "--offload_param cpu needs --zero_stage 3"),
+        ({"zero_stage": 0, "offload_optimizer": "cpu"}, "--offload_optimizer cpu needs ZeRO"),
+        ({"offload_optimizer": "nvme"}, "--offload_optimizer must be one of none, cpu"),
+        ({"ds_config": "/nonexistent/ds.json"}, "cannot be read"),
+        ({"ds_config": "MALFORMED"}, "is not valid JSON"),
+        ({"ds_config": "BATCH"}, "train_batch_size 64, but --batch_size 4"),
+        ({"ds_config": "BOTH"}, "enables both fp16 and bf16"),
+        ({"batch_size": 0}, "--batch_size must be a positive integer"),
+        ({"checkpoint_dir": None}, "give exactly one of --checkpoint_dir"),
+    ],
+)
 def test_bad_flags_fail_before_anything_starts(flags, message, tiny_flags, tmp_path):
     """Each mistake is one clear error, raised before the process group or any directory exists."""
-    configs = {"MALFORMED": "{ not json", "BATCH": json.dumps({"train_batch_size": 64}),
-               "BOTH": json.dumps({"fp16": {"enabled": True}, "bf16": {"enabled": True}})}
+    configs = {
+        "MALFORMED": "{ not json",
+        "BATCH": json.dumps({"train_batch_size": 64}),
+        "BOTH": json.dumps({"fp16": {"enabled": True}, "bf16": {"enabled": True}}),
+    }
     if flags.get("ds_config") in configs:
         (tmp_path / "ds.json").write_text(configs[flags["ds_config"]])
         flags = {**flags, "ds_config": str(tmp_path / "ds.json")}
@@ -195,8 +228,9 @@ def test_bad_flags_fail_before_anything_starts(flags, message, tiny_flags, tmp_p
 def test_cli_reports_a_bad_flag_in_one_line(tiny_flags):
     result = run_cli("train_bert_ds.py", {**tiny_flags, "zero_stage": 2, "offload_param": "cpu"}, env=child_env())
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == ("error: --offload_param cpu needs --zero_stage 3 (only stage 3 "
-                                                      "partitions the parameters); got --zero_stage 2")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --offload_param cpu needs --zero_stage 3 (only stage 3 partitions the parameters); got --zero_stage 2"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -212,8 +246,16 @@ def test_zero0_fp32_matches_train_bert(grad_clip, tolerance, tiny_flags, tmp_pat
     losses are bit-identical (tolerance 0). With clipping they agree to 1e-5 relative: DeepSpeed clips with its own
     clip_grad_norm_, which sums the squared norms in another order than torch's.
     """
-    flags = {**tiny_flags, "num_iterations": 10, "grad_accum_steps": 2, "log_every": 1, "eval_every": 5,
-             "warmup_steps": 3, "grad_clip": grad_clip, "dtype": "fp32"}
+    flags = {
+        **tiny_flags,
+        "num_iterations": 10,
+        "grad_accum_steps": 2,
+        "log_every": 1,
+        "eval_every": 5,
+        "warmup_steps": 3,
+        "grad_clip": grad_clip,
+        "dtype": "fp32",
+    }
     plain = train_bert.train(**{**flags, "checkpoint_dir": str(tmp_path / "plain")})
     deepspeed = train_bert_ds.train(**flags, zero_stage=0)
     for key in ("loss", "eval_loss"):
@@ -242,8 +284,9 @@ def test_zero1_with_fp32_gradient_accumulation_exports_the_fp32_master_weights(t
     config = json.loads((ROOT / "ds_config.json").read_text())
     config["data_types"] = {"grad_accum_dtype": "fp32"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    experiment = Path(train_bert_ds.train(**tiny_flags, num_iterations=3, zero_stage=1,
-                                          ds_config=str(tmp_path / "config.json")))
+    experiment = Path(
+        train_bert_ds.train(**tiny_flags, num_iterations=3, zero_stage=1, ds_config=str(tmp_path / "config.json"))
+    )
     assert_exports_fp32_masters_of_bf16_weights(experiment, "global_step3")
 
 
@@ -281,8 +324,16 @@ def test_nonfinite_loss_stops_without_saving(tiny_flags):
     """A diverging run (absurd lr) stops with NonFiniteLossError naming the step; nothing from it is saved."""
     import re
 
-    flags = {**tiny_flags, **RUN_FLAGS, "lr": 1e6, "grad_clip": 0.0, "warmup_steps": 0, "checkpoint_every": 1,
-             "dtype": "fp32", "zero_stage": 2}
+    flags = {
+        **tiny_flags,
+        **RUN_FLAGS,
+        "lr": 1e6,
+        "grad_clip": 0.0,
+        "warmup_steps": 0,
+        "checkpoint_every": 1,
+        "dtype": "fp32",
+        "zero_stage": 2,
+    }
     with pytest.raises(errors.NonFiniteLossError, match="non-finite") as error:
         train_bert_ds.train(**flags)
     bad_step = int(re.search(r"(?:at|by) step (\d+)", str(error.value)).group(1))
@@ -295,8 +346,9 @@ def test_nonfinite_loss_stops_without_saving(tiny_flags):
 
 def test_cli_plain_python_with_the_shipped_config(tiny_flags):
     """`python train_bert_ds.py` without a launcher runs the shipped config (bf16, ZeRO-2) and exports hf_model/."""
-    result = run_cli("train_bert_ds.py", {**tiny_flags, "num_iterations": 4, "log_every": 2, "eval_every": 4},
-                     env=child_env())
+    result = run_cli(
+        "train_bert_ds.py", {**tiny_flags, "num_iterations": 4, "log_every": 2, "eval_every": 4}, env=child_env()
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     experiment = only_experiment(tiny_flags["checkpoint_dir"])
     effective = json.loads((experiment / "ds_config.json").read_text())
@@ -329,15 +381,23 @@ def test_a_build_lock_left_by_a_killed_start_is_removed_and_every_wait_says_why(
     printing nothing. (A build that completes and trains is every other DeepSpeed test's first start.)"""
     lock = tmp_path / "torch_extensions" / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
-                               "time.sleep(600)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); time.sleep(600)"]
+    )
     log = tmp_path / "run.log"
     env = {**child_env(), "TORCH_EXTENSIONS_DIR": str(lock.parent.parent)}
     with open(log, "w") as output:
-        process = subprocess.Popen([sys.executable, str(ROOT / "train_bert_ds.py"),
-                                    *cli_args({**tiny_flags, "num_iterations": 2, "dtype": "fp32"})],
-                                   cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "train_bert_ds.py"),
+                *cli_args({**tiny_flags, "num_iterations": 2, "dtype": "fp32"}),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_for_line(log, f"waiting for process {holder.pid}, which is building DeepSpeed's op", process)
         holder.kill()
@@ -360,9 +420,9 @@ def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkey
     one error naming that process and the folder to delete, instead of waiting for ever."""
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c",
-                               f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
-                               "time.sleep(600)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import os, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); time.sleep(600)"]
+    )
     try:
         while not ranks.processes_holding(lock):
             assert holder.poll() is None
@@ -384,8 +444,13 @@ def test_a_build_that_never_ends_is_one_error_naming_the_folder(tmp_path, monkey
 # ZeRO-3 trains with dropout: its exact resume needs each rank's own RNG state back (rank 1's differs from rank 0's).
 TWO_RANK_CONFIGS = {
     "zero2_offload": {"zero_stage": 2, "offload_optimizer": "cpu", "dtype": "fp32"},
-    "zero3_offload": {"zero_stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu", "dtype": "fp32",
-                      "dropout": 0.1},
+    "zero3_offload": {
+        "zero_stage": 3,
+        "offload_optimizer": "cpu",
+        "offload_param": "cpu",
+        "dtype": "fp32",
+        "dropout": 0.1,
+    },
 }
 
 
@@ -395,8 +460,13 @@ def two_rank_runs(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> dict[str, di
     runs = {}
     for name, ds_flags in TWO_RANK_CONFIGS.items():
         root = tmp_path_factory.mktemp(name)
-        flags = {**RUN_FLAGS, **ds_flags, "dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer),
-                 "checkpoint_dir": str(root / "experiments")}
+        flags = {
+            **RUN_FLAGS,
+            **ds_flags,
+            "dataset": str(tiny_corpus),
+            "tokenizer": str(tiny_tokenizer),
+            "checkpoint_dir": str(root / "experiments"),
+        }
         runs[name] = run_and_resume_on_two_ranks(flags, root)
     return runs
 
@@ -456,14 +526,28 @@ def test_ranks_train_on_different_data_and_log_their_mean_loss(two_rank_runs):
     flags = json.loads((experiment / "hparams.json").read_text())["flags"]
     torch.manual_seed(flags["seed"])
     data = train_bert.prepare_data(flags, experiment / "tokenizer")
-    model = train_bert.create_model(flags["num_layers"], flags["num_heads"], flags["ff_dim"], flags["h_dim"],
-                                    flags["dropout"], data.tokenizer, flags["max_seq_length"],
-                                    output_bias=train_bert.unigram_output_bias(data.train_blocks.token_sample(),
-                                                                               len(data.tokenizer)))
+    model = train_bert.create_model(
+        flags["num_layers"],
+        flags["num_heads"],
+        flags["ff_dim"],
+        flags["h_dim"],
+        flags["dropout"],
+        data.tokenizer,
+        flags["max_seq_length"],
+        output_bias=train_bert.unigram_output_bias(data.train_blocks.token_sample(), len(data.tokenizer)),
+    )
     with torch.no_grad():
-        losses = [float(train_bert.mlm_loss(model, **train_bert.TrainBatches(
-            data.train_blocks, flags["batch_size"], 0, flags["seed"], data.masking, rank, 2)[0]))
-                  for rank in (0, 1)]
+        losses = [
+            float(
+                train_bert.mlm_loss(
+                    model,
+                    **train_bert.TrainBatches(
+                        data.train_blocks, flags["batch_size"], 0, flags["seed"], data.masking, rank, 2
+                    )[0],
+                )
+            )
+            for rank in (0, 1)
+        ]
     assert losses[0] != losses[1]
     logged = metric_records(experiment, "loss")[0]
     assert logged["step"] == 1
@@ -494,24 +578,33 @@ def test_zero3_export_loads_and_predicts(two_rank_runs):
     data = train_bert.prepare_data(flags, experiment / "hf_model")
     validation = train_bert.EvalBatches(data.validation_blocks, flags["batch_size"], flags["seed"], data.masking)
     totals = train_bert.evaluate(model, validation, torch.device("cpu"), contextlib.nullcontext)
-    assert float(totals[0] / totals[1]) == pytest.approx(metric_records(experiment, "eval_loss")[-1]["eval_loss"],
-                                                         rel=1e-5)
-    (candidates,) = train_bert.fill_mask_demo(experiment / "hf_model", torch.device("cpu"),
-                                              "the quick brown <mask> jumps over the lazy dog .")
+    assert float(totals[0] / totals[1]) == pytest.approx(
+        metric_records(experiment, "eval_loss")[-1]["eval_loss"], rel=1e-5
+    )
+    (candidates,) = train_bert.fill_mask_demo(
+        experiment / "hf_model", torch.device("cpu"), "the quick brown <mask> jumps over the lazy dog ."
+    )
     assert len(candidates) == 5
 
 
 @pytest.mark.slow
-def test_two_ranks_bf16_optimizer_resume_exactly_and_export_the_fp32_master_weights(tiny_corpus, tiny_tokenizer,
-                                                                                     tmp_path):
+def test_two_ranks_bf16_optimizer_resume_exactly_and_export_the_fp32_master_weights(
+    tiny_corpus, tiny_tokenizer, tmp_path
+):
     """bf16 on ZeRO-1 with fp32 gradient accumulation (DeepSpeed's BF16_Optimizer, fp32 masters split over 2 ranks):
     a run interrupted after step 4 and resumed equals the uninterrupted one, and hf_model/ gathers both ranks'
     fp32 master weights (zero_to_fp32 cannot read these checkpoints): rounded to bf16, the weights the forward used."""
     config = json.loads((ROOT / "ds_config.json").read_text())
     config["data_types"] = {"grad_accum_dtype": "fp32"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    flags = {**RUN_FLAGS, "dataset": str(tiny_corpus), "tokenizer": str(tiny_tokenizer), "zero_stage": 1,
-             "checkpoint_dir": str(tmp_path / "experiments"), "ds_config": str(tmp_path / "config.json")}
+    flags = {
+        **RUN_FLAGS,
+        "dataset": str(tiny_corpus),
+        "tokenizer": str(tiny_tokenizer),
+        "zero_stage": 1,
+        "checkpoint_dir": str(tmp_path / "experiments"),
+        "ds_config": str(tmp_path / "config.json"),
+    }
     runs = run_and_resume_on_two_ranks(flags, tmp_path)
     uninterrupted = runs["uninterrupted"]
     assert len(list((uninterrupted / "global_step8").glob("bf16_zero_pp_rank_*_optim_states.pt"))) == 2
@@ -544,9 +637,13 @@ def test_readme_part2_commands_use_real_flags():
     import re
     import shlex
 
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", readme_part2(), re.S) for line in block.splitlines()
-             if " train_bert_ds.py " in line and not line.startswith("diff ")]
+    lines = [
+        line
+        for block in re.findall(r"```bash\n(.*?)```", readme_part2(), re.S)
+        for line in block.splitlines()
+        if " train_bert_ds.py " in line and not line.startswith("diff ")
+    ]
     assert len(lines) >= 8, lines
     for line in lines:
         words = shlex.split(line)
-        cli.check_command_line(words[words.index("train_bert_ds.py") + 1:], train_bert_ds.train, train_bert.train)
+        cli.check_command_line(words[words.index("train_bert_ds.py") + 1 :], train_bert_ds.train, train_bert.train)

@@ -35,8 +35,14 @@ def wordpiece_tokenizer(tiny_corpus):
 
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train([str(tiny_corpus / "train.txt")], vocab_size=120, min_frequency=1, show_progress=False)
-    return BertTokenizerFast(tokenizer_object=wordpiece._tokenizer, unk_token="[UNK]", sep_token="[SEP]",
-                             pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
+    return BertTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
 
 
 def packed_rows(tokenizer, tiny_corpus, rows: int, length: int) -> torch.Tensor:
@@ -60,7 +66,8 @@ def reference_words(tokenizer, row: list[int]) -> list[list[int]]:
     special = set(tokenizer.all_special_ids)
     pieces = tokenizer.convert_ids_to_tokens(row)
     wordpiece = any(piece.startswith("##") for piece in tokenizer.get_vocab()) and not any(
-        piece.startswith("Ġ") for piece in tokenizer.get_vocab())
+        piece.startswith("Ġ") for piece in tokenizer.get_vocab()
+    )
     words, previous_special = [], True
     for position, (token_id, piece) in enumerate(zip(row, pieces)):
         if token_id in special:
@@ -81,8 +88,9 @@ def test_whole_word_masking_stats(kind, bpe_tokenizer, wordpiece_tokenizer, tiny
     mask_prob, random_prob, unmask_prob = 0.15, 0.1, 0.1
     input_ids = packed_rows(tokenizer, tiny_corpus, rows=400, length=64)
     table = corpus.word_start_table(tokenizer)
-    masked, labels = train_bert.masking_function(input_ids, tokenizer, mask_prob, random_prob, unmask_prob,
-                                                 torch.Generator().manual_seed(7), word_starts=table)
+    masked, labels = train_bert.masking_function(
+        input_ids, tokenizer, mask_prob, random_prob, unmask_prob, torch.Generator().manual_seed(7), word_starts=table
+    )
     selected = labels != train_bert.IGNORE_INDEX
     special = torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids))
     assert not (selected & special).any(), "a special token was selected"
@@ -113,12 +121,19 @@ def test_whole_word_masking_stats(kind, bpe_tokenizer, wordpiece_tokenizer, tiny
 def test_a_word_cut_at_the_block_start_is_a_word_there(bpe_tokenizer):
     """The first token of a row begins a word even if it is a continuation piece, and so does the token after </s>."""
     tokenizer = bpe_tokenizer
-    continuation = next(i for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-                        if i not in tokenizer.all_special_ids and not piece.startswith("Ġ"))
-    begins = next(i for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
-                  if piece.startswith("Ġ"))
-    row = torch.tensor([[continuation, continuation, begins, continuation, tokenizer.eos_token_id, continuation,
-                         continuation]])
+    continuation = next(
+        i
+        for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+        if i not in tokenizer.all_special_ids and not piece.startswith("Ġ")
+    )
+    begins = next(
+        i
+        for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+        if piece.startswith("Ġ")
+    )
+    row = torch.tensor(
+        [[continuation, continuation, begins, continuation, tokenizer.eos_token_id, continuation, continuation]]
+    )
     special = torch.isin(row, torch.tensor(tokenizer.all_special_ids))
     starts = train_bert.word_start_positions(row, special, corpus.word_start_table(tokenizer))
     assert starts.tolist() == [[0, 0, 2, 2, 4, 5, 5]]
@@ -129,8 +144,9 @@ def test_whole_word_masking_keeps_the_generator_stream_and_the_default_is_token_
     input_ids = packed_rows(bpe_tokenizer, tiny_corpus, rows=8, length=32)
     plain, whole = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     train_bert.masking_function(input_ids, bpe_tokenizer, generator=plain)
-    train_bert.masking_function(input_ids, bpe_tokenizer, generator=whole,
-                                word_starts=corpus.word_start_table(bpe_tokenizer))
+    train_bert.masking_function(
+        input_ids, bpe_tokenizer, generator=whole, word_starts=corpus.word_start_table(bpe_tokenizer)
+    )
     assert torch.equal(plain.get_state(), whole.get_state())
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1).word_starts is None
     assert train_bert.MaskingConfig(bpe_tokenizer, 0.15, 0.1, 0.1, whole_word_mask=True).word_starts is not None
