@@ -36,7 +36,7 @@ from loguru import logger
 from tqdm.auto import tqdm
 
 from pretraining import cli, corpus, flag_rules, logs, rotary, safeguards, speed, streaming, time_budget, token_store
-from pretraining.errors import CheckpointError, ConfigError
+from pretraining.errors import ConfigError
 from pretraining.safeguards import CHECKPOINT_PATTERN, LATEST_POINTER  # the experiment folder's file names
 
 if TYPE_CHECKING:
@@ -84,10 +84,7 @@ def prepare_data(flags: dict[str, Any], saved_tokenizer_dir: Path | None = None)
         tokenizer = corpus.train_bpe_tokenizer(raw["train"], flags["bpe_vocab_size"])
     else:
         tokenizer = corpus.load_tokenizer(flags["tokenizer"])
-    limit = tokenizer.model_max_length
-    if limit < 1_000_000 and flags["max_seq_length"] > limit:
-        raise ConfigError(f"--max_seq_length {flags['max_seq_length']} is larger than the {limit} tokens that "
-                          f"tokenizer {flags['tokenizer']!r} is made for")
+    corpus.check_block_length(tokenizer, flags["max_seq_length"], flags["tokenizer"])
     masking = MaskingConfig(tokenizer, flags["mask_prob"], flags["random_replace_prob"], flags["unmask_replace_prob"],
                             flags.get("whole_word_mask", False))
     if flags["streaming"]:
@@ -131,15 +128,10 @@ def eval_subset(blocks: token_store.PackedBlocks, eval_blocks: int, seed: int) -
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def masking_function(
-    input_ids: torch.Tensor,
-    tokenizer: "transformers.PreTrainedTokenizerBase",
-    mask_prob: float = 0.15,
-    random_replace_prob: float = 0.1,
-    unmask_replace_prob: float = 0.1,
-    generator: torch.Generator | None = None,
-    word_starts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def masking_function(input_ids: torch.Tensor, tokenizer: "transformers.PreTrainedTokenizerBase",
+                     mask_prob: float = 0.15, random_replace_prob: float = 0.1, unmask_replace_prob: float = 0.1,
+                     generator: torch.Generator | None = None, word_starts: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask a batch of token ids for MLM; return `(masked_input_ids, labels)`.
 
     The exact rule, for every position of the LongTensor `input_ids` [B, T]:
@@ -172,32 +164,21 @@ def masking_function(
     non_special_ids = torch.ones(len(tokenizer), dtype=torch.bool, device=input_ids.device)
     non_special_ids[special_ids] = False
     non_special_ids = non_special_ids.nonzero().squeeze(1)
-    random_ids = non_special_ids[
-        torch.randint(len(non_special_ids), input_ids.shape, generator=generator, device=input_ids.device)
-    ]
+    random_ids = non_special_ids[torch.randint(len(non_special_ids), input_ids.shape, generator=generator,
+                                               device=input_ids.device)]
 
     if word_starts is not None:  # every piece of a word takes the selection draw of the word's first piece
-        selection_draw = selection_draw.gather(1, word_start_positions(input_ids, is_special, word_starts))
+        selection_draw = selection_draw.gather(1, corpus.word_start_positions(input_ids, is_special, word_starts))
     selected = (selection_draw < mask_prob) & ~is_special
     replace_randomly = selected & (replacement_draw < random_replace_prob)
-    keep_unchanged = selected & (replacement_draw >= random_replace_prob) & (
-        replacement_draw < random_replace_prob + unmask_replace_prob
-    )
+    keep_unchanged = (selected & (replacement_draw >= random_replace_prob)
+                      & (replacement_draw < random_replace_prob + unmask_replace_prob))
     replace_with_mask = selected & ~replace_randomly & ~keep_unchanged
 
     masked_input_ids = torch.where(replace_randomly, random_ids.to(input_ids.dtype), input_ids)
     masked_input_ids = masked_input_ids.masked_fill(replace_with_mask, tokenizer.mask_token_id)
     labels = input_ids.masked_fill(~selected, IGNORE_INDEX)
     return masked_input_ids, labels
-
-
-def word_start_positions(input_ids: torch.Tensor, is_special: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
-    """For every position of `input_ids` [B, T], the position of the first piece of its word (same shape)."""
-    starts = word_starts.to(input_ids.device)[input_ids.long()] | is_special
-    starts[:, 0] = True
-    starts[:, 1:] |= is_special[:, :-1]  # the token after <s> or </s> begins a word
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    return torch.where(starts, positions, 0).cummax(dim=1).values
 
 
 def seeded_generator(*numbers: int) -> torch.Generator:
@@ -505,25 +486,18 @@ def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], dev
 
     A sum and a count rather than a mean, so results from several ranks or splits combine exactly.
     `loss_function(model, **batch, reduction="sum")` computes the loss (the DeepSpeed script passes its engine's).
-    Never silent: a progress bar on a terminal, and a log line with the batch count and the expected duration
-    (timed on the second batch: the first may compile the evaluation's graph) for log files.
+    Never silent: a progress bar on a terminal, and a log line with the expected duration for log files.
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    done_at = [time.perf_counter()]  # when each of the first two batches was done
-    for index, batch in enumerate(tqdm(batches, desc=description, unit="batch", leave=False, disable=None)):
+    forecast = logs.DurationForecast(description, len(batches))
+    for batch in tqdm(batches, desc=description, unit="batch", leave=False, disable=None):
         batch = to_device(batch, device)
         with autocast():
             loss_sum = loss_function(model, **batch, reduction="sum")
         totals += torch.stack([loss_sum.double(), (batch["masked_labels"] != IGNORE_INDEX).sum().double()])
-        if index < 2 and len(batches) > 2:
-            float(totals[1])  # wait for the batch to time it (two syncs per evaluation)
-            done_at.append(time.perf_counter())
-            if index == 1:
-                left = (done_at[2] - done_at[1]) * (len(batches) - 2)
-                expected = datetime.timedelta(seconds=round(done_at[2] - done_at[0] + left))
-                logger.info(f"{description}: {len(batches):,} batches, about {expected}")
+        forecast.batch_done(totals)
     model.train(was_training)
     return totals
 
@@ -582,18 +556,9 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
     `keep_last`: one of a later step exists only if it was unreadable and the run resumed from before it.
     """
     path = checkpoint_path(experiment_dir, state["step"])
-    try:
+    with safeguards.save_failure_reported(path.name):  # a full disk: one error line, the previous checkpoint kept
         safeguards.atomic_write(path, lambda file: torch.save(state, file))
         safeguards.atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(path.name + "\n"), mode="w")
-    except (OSError, RuntimeError) as error:
-        # torch.save's zip writer turns a failed write (e.g. ENOSPC) into a RuntimeError while closing the archive.
-        cause = error if isinstance(error, OSError) else error.__context__
-        if not isinstance(cause, OSError):
-            raise
-        raise CheckpointError(
-            f"could not save checkpoint {path.name} ({cause.strerror or cause}); the previous checkpoint is intact. "
-            "Free disk space, then resume with --load_checkpoint_dir"
-        ) from error
     older = sorted(other for other in experiment_dir.glob(CHECKPOINT_PATTERN) if other.name < path.name)
     for old in older[: max(0, len(older) - (keep_last - 1))]:
         old.unlink()
@@ -775,11 +740,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
                              data.tokenizer, flags["max_seq_length"], flags["init_from"], output_bias,
                              flags["positions"]).to(device)
         optimizer = create_optimizer(model, flags["lr"], flags["weight_decay"])
-        if flags["time_budget"] is None:
-            end = time_budget.StepLimit(flags["num_iterations"])
-        else:
-            end = time_budget.TimeBudget(time_budget.parse_duration(flags["time_budget"]))
-        progress.end = end
+        progress.end = end = time_budget.run_end(flags)  # a StepLimit, or a TimeBudget with --time_budget
         lr_scheduler = create_lr_scheduler(optimizer, flags["warmup_steps"], flags["num_iterations"],
                                            end if isinstance(end, time_budget.TimeBudget) else None)
         scaler = torch.amp.GradScaler(device.type, enabled=flags["dtype"] == "fp16")
@@ -960,9 +921,7 @@ def train(checkpoint_dir: str | None = None, load_checkpoint_dir: str | None = N
     safeguards.check_resumable(experiment_dir)
     with safeguards.experiment_lock(experiment_dir):
         flags, device = flag_rules.resolve_resumed_run(flags, defaults)
-        completed_step = safeguards.load_hparams(experiment_dir).get(safeguards.COMPLETED_KEY)
-        if not safeguards.check_resume_target(flags, safeguards.saved_step(experiment_dir), experiment_dir,
-                                              completed_step):
+        if not safeguards.check_resume_target(flags, experiment_dir):
             return str(experiment_dir)  # nothing left to do
         safeguards.check_memory(flags, device)
         return str(run_training(flags, device, experiment_dir / "tokenizer"))

@@ -116,15 +116,12 @@ def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_positi
     dist.all_gather_object(all_rng, train_bert.rng_states(), group=control_group)
     tag = f"{TAG_PREFIX}{step}"
     client_state = {"step": step, "data_position": list(data_position), "rng": all_rng, "flags": flags}
-    try:
+    with safeguards.save_failure_reported(tag):
         engine.save_checkpoint(str(experiment_dir), tag=tag, client_state=client_state, save_latest=False)
         if dist.get_rank() == 0:
             safeguards.atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(tag), mode="w")
             for old in checkpoint_tags(experiment_dir)[:-flags["keep_last"]]:
                 shutil.rmtree(experiment_dir / old)
-    except OSError as error:
-        raise CheckpointError(f"could not save checkpoint {tag} ({error.strerror or error}); `latest` still points "
-                              "at the previous one. Free disk space, then resume with --load_checkpoint_dir") from error
     dist.barrier(group=control_group)
     return tag
 
@@ -214,9 +211,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         if resuming:
             def claim_experiment() -> bool:  # rank 0 holds the experiment's lock; False: the run is finished
                 lock.enter_context(safeguards.experiment_lock(progress.experiment_dir))
-                completed_step = safeguards.load_hparams(progress.experiment_dir).get(safeguards.COMPLETED_KEY)
-                return safeguards.check_resume_target(flags, safeguards.saved_step(progress.experiment_dir),
-                                                      progress.experiment_dir, completed_step)
+                return safeguards.check_resume_target(flags, progress.experiment_dir)
 
             if not ranks.run_on_rank0(claim_experiment, rank):
                 return progress.experiment_dir

@@ -170,6 +170,15 @@ def check_tokenizer(tokenizer: "transformers.PreTrainedTokenizerBase", name: str
         )
 
 
+def check_block_length(tokenizer: "transformers.PreTrainedTokenizerBase", max_seq_length: int, name: str) -> None:
+    """A block may not be longer than the sequences the tokenizer is made for (a real limit, not the 1e30 default)."""
+    limit = tokenizer.model_max_length
+    if limit < 1_000_000 and max_seq_length > limit:
+        raise ConfigError(
+            f"--max_seq_length {max_seq_length} is larger than the {limit} tokens that tokenizer {name!r} is made for"
+        )
+
+
 def block_framing_ids(tokenizer: "transformers.PreTrainedTokenizerBase") -> tuple[int, int]:
     """The (start, end) ids that frame every block and end every line: <s>/</s> for RoBERTa, [CLS]/[SEP] for BERT."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
@@ -259,3 +268,12 @@ def word_start_table(tokenizer: "transformers.PreTrainedTokenizerBase") -> torch
     table = torch.tensor(starts, dtype=torch.bool)
     table[sorted(set(tokenizer.all_special_ids))] = True
     return table
+
+
+def word_start_positions(input_ids: torch.Tensor, is_special: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """For every position of `input_ids` [B, T], the position of the first piece of its word (same shape)."""
+    starts = word_starts.to(input_ids.device)[input_ids.long()] | is_special
+    starts[:, 0] = True
+    starts[:, 1:] |= is_special[:, :-1]  # the token after <s> or </s> begins a word
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(starts, positions, 0).cummax(dim=1).values

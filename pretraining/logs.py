@@ -293,3 +293,21 @@ class LossWindow:
         self.loss.zero_(), self.predicted.zero_()
         self.micro_batches, self.start = 0, time.perf_counter()
         return {key: value for key, value in record.items() if value is not None}
+
+
+class DurationForecast:
+    """One log line saying how long a pass over `total` batches will take, for log files (where no progress bar shows):
+    timed on the second batch, since the first may compile a graph."""
+
+    def __init__(self, description: str, total: int):
+        self.description, self.total, self.done_at = description, total, [time.perf_counter()]
+
+    def batch_done(self, result: torch.Tensor) -> None:
+        """Call after each batch with a tensor the batch computed; it is waited for after the first two batches only."""
+        if len(self.done_at) < 3 and self.total > 2:
+            result.sum().item()  # wait for the batch, to time it
+            self.done_at.append(time.perf_counter())
+            if len(self.done_at) == 3:
+                left = (self.done_at[2] - self.done_at[1]) * (self.total - 2)
+                expected = datetime.timedelta(seconds=round(self.done_at[2] - self.done_at[0] + left))
+                logger.info(f"{self.description}: {self.total:,} batches, about {expected}")

@@ -93,6 +93,23 @@ def atomic_write_folder(folder: Path, write: Callable[[Path], None]) -> None:
 
 
 @contextlib.contextmanager
+def save_failure_reported(checkpoint: str) -> Iterator[None]:
+    """Turn a failed checkpoint save (e.g. a full disk) into one CheckpointError line: the save was written so that
+    the previous checkpoint and the `latest` pointer are still intact, and the run can resume from them."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        # torch.save's zip writer turns a failed write (e.g. ENOSPC) into a RuntimeError while closing the archive.
+        cause = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(
+            f"could not save checkpoint {checkpoint} ({cause.strerror or cause}); the previous checkpoint is intact. "
+            "Free disk space, then resume with --load_checkpoint_dir"
+        ) from error
+
+
+@contextlib.contextmanager
 def removed_unless_complete(experiment_dir: Path) -> Iterator[None]:
     """Delete the new `experiment_dir` if writing its first files fails or is stopped: no half-made experiment.
 
@@ -239,12 +256,11 @@ def saved_step(experiment_dir: Path) -> int | None:
     return int(digits) if digits else None
 
 
-def check_resume_target(
-    flags: dict[str, Any], step: int | None, experiment_dir: Path, completed_step: int | None
-) -> bool:
-    """Whether the resume has anything to do: False if the run is finished (said in one line), an error if
-    --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test evaluation and
-    export that a stop interrupted)."""
+def check_resume_target(flags: dict[str, Any], experiment_dir: Path) -> bool:
+    """Whether resuming `experiment_dir` with `flags` has anything to do: False if the run is finished (said in one
+    line), an error if --num_iterations is below the checkpoint's step, True otherwise (train, or finish the test
+    evaluation and export that a stop interrupted)."""
+    step, completed_step = saved_step(experiment_dir), load_hparams(experiment_dir).get(COMPLETED_KEY)
     if step is None:
         return True  # load_latest_checkpoint explains what is missing
     if flags["time_budget"] is not None:  # a budgeted run ends when its time is spent, at whatever step

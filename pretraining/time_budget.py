@@ -166,8 +166,9 @@ class TimeBudget:
     # The training loop's questions, as StepLimit answers them for a step count.
 
     def steps(self, start_step: int) -> Iterable[int]:
-        """Steps from `start_step` on, until `step_done` says the time is spent (none if it is already)."""
-        return [] if self.exhausted(0) else itertools.count(start_step + 1)
+        """Steps from `start_step` on, until `step_done` says the time is spent: none if a resumed run's already is,
+        at least one in a new run (however short its budget, it saves and exports a trained model)."""
+        return [] if start_step > 0 and self.exhausted(0) else itertools.count(start_step + 1)
 
     def step_done(self, step: int, seconds: float, evaluate_now: bool, checkpoint_now: bool) -> bool:
         """Count a step that took `seconds`; True (the last step) if another one, and the evaluation and checkpoint
@@ -221,6 +222,13 @@ TOKENS_PER_PARAMETER = 20  # compute-optimal training sees ~20 tokens per parame
 
 
 GPU_BATCH_SIZE = 128  # blocks per step a --time_budget run uses on a GPU: enough work per kernel to keep it busy
+
+
+def run_end(flags: dict[str, Any]) -> StepLimit | TimeBudget:
+    """What ends the run the flags describe: --num_iterations steps, or the --time_budget's wall-clock time."""
+    if flags["time_budget"] is None:
+        return StepLimit(flags["num_iterations"])
+    return TimeBudget(parse_duration(flags["time_budget"]))
 
 
 def choose_shape_for_budget(

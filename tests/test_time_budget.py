@@ -86,6 +86,18 @@ def test_budget_schedule_follows_the_share_of_the_budget_spent():
     assert "budget" not in json.dumps(scheduler.state_dict(), default=str)  # nothing unsaveable in the checkpoint
 
 
+def test_a_new_run_takes_a_first_step_however_short_its_budget_and_a_spent_resume_none():
+    """A budget whose end phase alone needs more than all of it still trains one step in a new run (so there is a
+    checkpoint and a trained model to export); a resumed run whose budget is spent trains none."""
+    budget = FakeBudget(1.0)
+    budget.evaluation_batch_s, budget.validation_batches, budget.checkpoint_s = 0.5, 10, 1.0
+    budget.now = 0.01
+    assert budget.exhausted(0)
+    assert next(iter(budget.steps(0))) == 1
+    budget.now = 2.0
+    assert list(budget.steps(5)) == []
+
+
 @pytest.mark.parametrize(
     "text, seconds",
     [

@@ -629,7 +629,23 @@ def test_readme_shows_the_current_loop_diff():
     command, shown = re.search(r"```bash\n(diff -u [^\n]*)\n```\n\n```diff\n(.*?)```", readme_part2(), re.S).groups()
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=child_env())
     assert result.returncode == 1, result.stderr  # diff's "files differ"
-    assert result.stdout == shown, "docs/deepspeed.md's loop diff is stale: run python docs/update_loop_diff.py"
+    assert result.stdout == shown, "docs/deepspeed.md's loop diff is stale: run python docs/update_excerpts.py"
+
+
+def test_docs_show_the_current_checkpoint_code():
+    """Every function docs/deepspeed.md shows under a `<!-- source: ... -->` line is the script's code as it is."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("update_excerpts", ROOT / "docs" / "update_excerpts.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shown = re.findall(tool.SOURCE, (ROOT / "docs" / "deepspeed.md").read_text(), re.S)
+    assert [names for _, _, names, _, _ in shown] == ["save_ds_checkpoint load_ds_checkpoint"]
+    for _, script, names, code, _ in shown:
+        assert code == tool.function_sources(script, names.split()), (
+            f"stale {names}: run python docs/update_excerpts.py"
+        )
 
 
 def test_readme_part2_commands_use_real_flags():

@@ -135,7 +135,7 @@ def test_a_word_cut_at_the_block_start_is_a_word_there(bpe_tokenizer):
         [[continuation, continuation, begins, continuation, tokenizer.eos_token_id, continuation, continuation]]
     )
     special = torch.isin(row, torch.tensor(tokenizer.all_special_ids))
-    starts = train_bert.word_start_positions(row, special, corpus.word_start_table(tokenizer))
+    starts = corpus.word_start_positions(row, special, corpus.word_start_table(tokenizer))
     assert starts.tolist() == [[0, 0, 2, 2, 4, 5, 5]]
 
 
