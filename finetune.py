@@ -366,8 +366,8 @@ def predict(model: SentenceClassifier, ids: list[list[int]], batch_size: int, pa
     for start in tqdm(starts, desc="evaluating", unit="batch", file=sys.stderr, leave=False, disable=None):
         input_ids, attention_mask = pad_batch(ids[start:start + batch_size], pad_id)
         with autocast():
-            outputs.append(model(input_ids.to(device), attention_mask.to(device)).float().cpu())
-    return torch.cat(outputs)
+            outputs.append(model(input_ids.to(device), attention_mask.to(device)).float())
+    return torch.cat(outputs).cpu()  # one copy at the end: a copy per batch would wait for the GPU at every batch
 
 
 def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[list[int]],
@@ -416,10 +416,11 @@ def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 for optimizer in optimizers:
                     optimizer.step()
-                losses.append(loss.item())
+                losses.append(loss.detach())
                 step += 1
                 progress_bar.update()
-                progress_bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+                if step % 50 == 0:  # reading a loss waits for the GPU: once every 50 steps, not at every step
+                    progress_bar.set_postfix(loss=f"{torch.stack(losses[-50:]).mean():.3f}")
             metrics = task_metrics(predict(model, eval_ids, 4 * batch_size, pad_id, device, autocast), task.eval_labels,
                                    num_classes)
             history.append({"epoch": epoch + 1, "step": step, **metrics})
@@ -427,7 +428,7 @@ def train_classifier(model: SentenceClassifier, task: TaskData, train_ids: list[
                         + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
             if step < (epoch + 1) * steps_per_epoch:  # the time budget ran out within this epoch
                 break
-    return {"seed": seed, **history[-1], "train_loss": float(np.mean(losses)) if losses else None,
+    return {"seed": seed, **history[-1], "train_loss": torch.stack(losses).double().mean().item() if losses else None,
             "train_time_s": round(time.perf_counter() - started, 1), "epochs_run": history}
 
 

@@ -461,8 +461,10 @@ batches = train_bert.TrainBatches(data.train_blocks, 4, 0, 0, lambda rows, gener
 rows = [[int(block) for block in batches.order[(i * world_size + rank) * 4 : (i * world_size + rank + 1) * 4]]
         for i in range(len(batches))]
 store = str(data.train_blocks.tokens.filename)
-print(json.dumps({{"rank": rank, "store": store, "inode": os.stat(store).st_ino, "rows": rows,
-                  "built": sum("token store: wrote" in message for message in messages)}}))
+record = {{"rank": rank, "store": store, "inode": os.stat(store).st_ino, "rows": rows,
+          "built": sum("token store: wrote" in message for message in messages)}}
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as file:  # a file each: two ranks' prints can interleave
+    json.dump(record, file)
 dist.barrier()
 """
 
@@ -473,7 +475,7 @@ def test_two_ranks_share_one_store_and_read_disjoint_blocks(tiny_flags, tmp_path
     map the same file, and their batches never share a block."""
     flags = data_flags(tiny_flags, tmp_path)
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(root=str(ROOT), flags=json.dumps(flags)))
+    script.write_text(RANK_SCRIPT.format(root=str(ROOT), flags=json.dumps(flags), out=str(tmp_path)))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True,
@@ -483,11 +485,7 @@ def test_two_ranks_share_one_store_and_read_disjoint_blocks(tiny_flags, tmp_path
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = sorted(
-        (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-        key=lambda record: record["rank"],
-    )
-    assert len(ranks) == 2
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sum(rank["built"] for rank in ranks) == 1, "exactly one rank tokenizes"
     assert ranks[0]["store"] == ranks[1]["store"] and ranks[0]["inode"] == ranks[1]["inode"]
     blocks_of = [{block for batch in rank["rows"] for block in batch} for rank in ranks]
