@@ -184,9 +184,9 @@ def test_time_budget_ends_the_run_on_time(tiny_flags, monkeypatch):
 
 
 def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
-    """SIGTERM halfway through a 10 s budget saves the spent time; the resume trains only the rest of the budget,
-    continuing the LR schedule where it was (no second warmup), and ends on time. (Step counts depend on speed, so a
-    budgeted run is not compared bit for bit with an uninterrupted one; step-based runs are.)"""
+    """SIGTERM a third of the way through a 10 s budget saves the spent time; the resume trains only the rest of the
+    budget, continuing the LR schedule where it was (no second warmup), and ends on time. (Step counts depend on
+    speed, so a budgeted run is not compared bit for bit with an uninterrupted one; step-based runs are.)"""
     flags = {
         **tiny_flags,
         "time_budget": f"{BUDGET_S}s",
@@ -203,10 +203,12 @@ def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
     )
     experiments = Path(flags["checkpoint_dir"])
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # wait until it has spent ~40% of its budget
+    # Wait until it has spent 30% of its budget: early enough that the rest holds steps as well as the end's reserve
+    # even on a busy machine (a test never depends on how fast this machine is).
+    while time.monotonic() < deadline:
         metrics = list(experiments.glob("*/metrics.jsonl"))
         records = map(json.loads, metrics[0].read_text().splitlines()) if metrics else []
-        if any(record.get("budget_spent_s", 0) > 0.4 * BUDGET_S for record in records):
+        if any(record.get("budget_spent_s", 0) > 0.3 * BUDGET_S for record in records):
             break
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
@@ -215,7 +217,7 @@ def test_resumed_budget_run_continues_the_budget_and_the_schedule(tiny_flags):
     experiment = metrics[0].parent
     checkpoint = torch.load(experiment / (experiment / "latest").read_text().strip(), weights_only=True)
     saved_spent, saved_step = checkpoint["budget_spent_s"], checkpoint["step"]
-    assert 0.4 * BUDGET_S < saved_spent < BUDGET_S
+    assert 0.3 * BUDGET_S < saved_spent < BUDGET_S
     lr_before = [r["lr"] for r in metric_records(experiment, "lr") if r["step"] <= saved_step][-1]
 
     resume_command = stderr.strip().splitlines()[-1].split("Resume with: ")[1]
