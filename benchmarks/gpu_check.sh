@@ -31,6 +31,7 @@ PARTS=("$@")
 DATA=${GPU_CHECK_DATA:-../shared/data}
 PYTHON=${PYTHON:-python3}
 START=$(date +%s)
+LOAD_BEFORE=$(uptime)  # figures from a busy machine are not comparable: the report gives the load before and after
 mkdir -p "$REPORT_DIR"
 REPORT_DIR=$(cd "$REPORT_DIR" && pwd)
 WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
@@ -108,7 +109,8 @@ done
 {
     echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ)"
     echo
-    echo '```'; cat "$REPORT_DIR/gpu.csv" 2>/dev/null; cat "$REPORT_DIR/versions.txt"; echo '```'
+    echo '```'; cat "$REPORT_DIR/gpu.csv" 2>/dev/null; cat "$REPORT_DIR/versions.txt"
+    echo "uptime before: $LOAD_BEFORE"; echo "uptime after:  $(uptime)"; echo '```'
     for part in throughput budget profile gpu-memory gpu-offload ds trainer; do
         [ -f "$REPORT_DIR/$part.md" ] || continue
         echo; echo "## $part"; echo
