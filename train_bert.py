@@ -556,7 +556,7 @@ def save_checkpoint(experiment_dir: Path, state: dict[str, Any], keep_last: int)
     `keep_last`: one of a later step exists only if it was unreadable and the run resumed from before it.
     """
     path = checkpoint_path(experiment_dir, state["step"])
-    with safeguards.save_failure_reported(path.name):  # a full disk: one error line, the previous checkpoint kept
+    with safeguards.save_failure_reported(path.name, experiment_dir):  # a full disk: one line, the old one kept
         safeguards.atomic_write(path, lambda file: torch.save(state, file))
         safeguards.atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(path.name + "\n"), mode="w")
     older = sorted(other for other in experiment_dir.glob(CHECKPOINT_PATTERN) if other.name < path.name)

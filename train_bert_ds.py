@@ -116,7 +116,7 @@ def save_ds_checkpoint(engine: Any, experiment_dir: Path, step: int, data_positi
     dist.all_gather_object(all_rng, train_bert.rng_states(), group=control_group)
     tag = f"{TAG_PREFIX}{step}"
     client_state = {"step": step, "data_position": list(data_position), "rng": all_rng, "flags": flags}
-    with safeguards.save_failure_reported(tag):
+    with safeguards.save_failure_reported(tag, experiment_dir):
         engine.save_checkpoint(str(experiment_dir), tag=tag, client_state=client_state, save_latest=False)
         if dist.get_rank() == 0:
             safeguards.atomic_write(experiment_dir / LATEST_POINTER, lambda file: file.write(tag), mode="w")

@@ -92,19 +92,31 @@ def atomic_write_folder(folder: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+FULL_DISK_BYTES = 64 * 2**20  # a save that failed with less than this free failed for want of space
+
+
 @contextlib.contextmanager
-def save_failure_reported(checkpoint: str) -> Iterator[None]:
-    """Turn a failed checkpoint save (e.g. a full disk) into one CheckpointError line: the save was written so that
-    the previous checkpoint and the `latest` pointer are still intact, and the run can resume from them."""
+def save_failure_reported(checkpoint: str, directory: Path) -> Iterator[None]:
+    """Turn a checkpoint save into `directory` that failed for want of space into one CheckpointError line: saves
+    are written so that the previous checkpoint and the `latest` pointer are still intact, and the run can resume.
+
+    torch.save reports a failed write as a RuntimeError: its cause is the OSError (ENOSPC) when it writes into a file
+    object, as train_bert.py's atomic save does, but only a C++ stream error when it opens the path itself, as
+    DeepSpeed's engine does; then the free space left on the disk says whether it was full.
+    """
     try:
         yield
     except (OSError, RuntimeError) as error:
-        # torch.save's zip writer turns a failed write (e.g. ENOSPC) into a RuntimeError while closing the archive.
         cause = error if isinstance(error, OSError) else error.__context__
-        if not isinstance(cause, OSError):
+        if isinstance(cause, OSError):
+            reason = cause.strerror or str(cause)
+        elif shutil.disk_usage(nearest_existing(directory)).free < FULL_DISK_BYTES:
+            free = shutil.disk_usage(nearest_existing(directory)).free
+            reason = f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free in {nearest_existing(directory)}"
+        else:
             raise
         raise CheckpointError(
-            f"could not save checkpoint {checkpoint} ({cause.strerror or cause}); the previous checkpoint is intact. "
+            f"could not save checkpoint {checkpoint} ({reason}); the previous checkpoint is intact. "
             "Free disk space, then resume with --load_checkpoint_dir"
         ) from error
 

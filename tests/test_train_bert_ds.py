@@ -20,7 +20,7 @@ import torch
 
 import train_bert
 import train_bert_ds
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli
+from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, small_disk
 from pretraining import cli, deepspeed_config, errors, ranks
 
 # Eight steps, a checkpoint after four, a log line and a loss every step; no dropout so a forward is deterministic.
@@ -236,6 +236,37 @@ def test_cli_reports_a_bad_flag_in_one_line(tiny_flags):
 # --------------------------------------------------------------------------------------------------------------------
 # One process.
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_disk_filling_up_mid_run_is_one_line_and_latest_names_a_whole_checkpoint(tiny_flags, tmp_path):
+    """A checkpoint folder every step, none deleted, on a 3 MiB disk: a save fails for real (DeepSpeed's torch.save
+    reports ENOSPC as a RuntimeError). One error line says so; `latest` names the last complete folder, which a
+    resume (once space is freed) loads and continues from."""
+    with small_disk(tmp_path / "disk", "3m") as disk:
+        flags = {**tiny_flags, **RUN_FLAGS, "checkpoint_dir": str(disk / "experiments"), "num_iterations": 200}
+        flags.update(checkpoint_every=1, keep_last=200, zero_stage=1, dtype="fp32", compile=False, log_every=50)
+        result = run_cli("train_bert_ds.py", flags, env=child_env())
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors_shown = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors_shown) == 1, result.stderr[-3000:]
+        for piece in (
+            "could not save checkpoint global_step",
+            "No space left on device",
+            "previous checkpoint is intact",
+        ):
+            assert piece in errors_shown[0], errors_shown[0]
+        experiment = only_experiment(disk / "experiments")
+        saved = int((experiment / "latest").read_text().removeprefix(train_bert_ds.TAG_PREFIX))
+        assert 1 <= saved < 200
+        for folder in train_bert_ds.checkpoint_tags(experiment):  # free space: all but the checkpoint `latest` names
+            if folder != f"{train_bert_ds.TAG_PREFIX}{saved}":
+                shutil.rmtree(experiment / folder)
+        result = run_cli(
+            "train_bert_ds.py", {"load_checkpoint_dir": str(experiment), "num_iterations": saved + 1}, env=child_env()
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"resuming at step {saved}" in result.stderr
+        assert (experiment / "latest").read_text() == f"{train_bert_ds.TAG_PREFIX}{saved + 1}"
 
 
 @pytest.mark.parametrize("grad_clip, tolerance", [(0.0, 0.0), (1.0, 1e-5)])
