@@ -101,8 +101,8 @@ def save_failure_reported(checkpoint: str, directory: Path) -> Iterator[None]:
     are written so that the previous checkpoint and the `latest` pointer are still intact, and the run can resume.
 
     torch.save reports a failed write as a RuntimeError: its cause is the OSError (ENOSPC) when it writes into a file
-    object, as train_bert.py's atomic save does, but only a C++ stream error when it opens the path itself, as
-    DeepSpeed's engine does; then the free space left on the disk says whether it was full.
+    object, as train_bert.py's atomic save does, but only a C++ stream error when it is given a path to open, as a
+    library's own checkpoint writer may do; then the free space left on the disk says whether it was full.
     """
     try:
         yield

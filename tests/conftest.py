@@ -27,6 +27,23 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# The variables of a process group. An in-process DeepSpeed run (a test calling train_bert_ds.train) sets them for a
+# group of one, whose port this process keeps listening on as long as it lives: a process a later test started would
+# inherit them and fail to listen on that port (EADDRINUSE). Each test leaves them as it found them.
+PROCESS_GROUP_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK")
+
+
+@pytest.fixture(autouse=True)
+def process_group_env_restored():
+    before = {name: os.environ.get(name) for name in PROCESS_GROUP_ENV}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a multi-process or long test (over ~20 s); -m 'not slow' skips them")
 

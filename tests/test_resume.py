@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_reliability import assert_one_line_error, checkpoint_steps, only_experiment, snapshot, wait_until
 
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
+from conftest import PROCESS_GROUP_ENV, ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, write_corpus
 from pretraining import safeguards
 
 # One thread per training process (see test_reliability.py), and `python` on PATH is this interpreter, so a printed
@@ -537,11 +537,7 @@ def test_out_of_memory_in_a_step_is_one_line_that_keeps_the_checkpoint(run_flags
 # --------------------------------------------------------------------------------------------------------------------
 
 DS_ENV = {
-    **{
-        name: value
-        for name, value in ENV.items()
-        if name not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-    },
+    **{name: value for name, value in ENV.items() if name not in PROCESS_GROUP_ENV},
     "DS_ACCELERATOR": "cpu",
 }
 DS_FLAGS = {"zero_stage": 2, "dtype": "fp32", "eval_every": 1000, "checkpoint_every": 1000, "log_every": 10}

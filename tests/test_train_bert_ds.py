@@ -20,7 +20,7 @@ import torch
 
 import train_bert
 import train_bert_ds
-from conftest import ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, small_disk
+from conftest import PROCESS_GROUP_ENV, ROOT, TINY_MODEL_FLAGS, cli_args, run_cli, small_disk
 from pretraining import cli, deepspeed_config, errors, ranks
 
 # Eight steps, a checkpoint after four, a log line and a loss every step; no dropout so a forward is deterministic.
@@ -33,13 +33,11 @@ RUN_FLAGS = {
     "warmup_steps": 3,
     "dropout": 0.0,
 }
-# What a process inherits from a test process that ran DeepSpeed in-process; a child must start its own group.
-DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK")
 
 
 def child_env() -> dict[str, str]:
-    """This process's environment without the process-group variables (see DIST_ENV)."""
-    return {name: value for name, value in os.environ.items() if name not in DIST_ENV}
+    """This process's environment without the process-group variables (a child must start its own group)."""
+    return {name: value for name, value in os.environ.items() if name not in PROCESS_GROUP_ENV}
 
 
 def run_torchrun(flags: dict, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
