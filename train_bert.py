@@ -524,6 +524,13 @@ def checkpoint_path(experiment_dir: Path, step: int) -> Path:
     return experiment_dir / f"checkpoint-{step:08d}.pt"
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every RNG the run draws from (python, numpy, torch): the initial weights and dropout follow --seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def rng_states() -> dict[str, Any]:
     """Every RNG the run draws from (python, numpy, torch CPU, CUDA), in a form `weights_only` loading accepts."""
     numpy_state = np.random.get_state()
@@ -718,9 +725,7 @@ def run_training(flags: dict[str, Any], device: torch.device, saved_tokenizer_di
 
     With `auto_size_keeping` (the user's own flags among AUTO_SIZED_FLAGS), the model's shape, batch size and lr
     are first chosen for the time budget (`choose_shape_for_budget`)."""
-    torch.manual_seed(flags["seed"])
-    random.seed(flags["seed"])
-    np.random.seed(flags["seed"])
+    seed_rngs(flags["seed"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls

@@ -21,10 +21,8 @@ Run it:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -191,9 +189,7 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
     """Prepare data and model on every rank, agree on the experiment directory, build the engine, train, export."""
     import deepspeed
 
-    torch.manual_seed(flags["seed"])  # the same initial weights on every rank
-    random.seed(flags["seed"])
-    np.random.seed(flags["seed"])
+    train_bert.seed_rngs(flags["seed"])  # the same initial weights on every rank
 
     def prepare(tokenizer_dir: Path | None) -> tuple[train_bert.PreparedData, torch.nn.Module]:
         # Every rank builds the same initial model (on a resume the checkpoint's weights replace it).
@@ -246,17 +242,12 @@ def run_training(flags: dict[str, Any], config: dict[str, Any], rank: int, world
         if resuming:
             start_step, data_position = load_ds_checkpoint(engine, experiment_dir)
             if rank == 0:
-                flag_rules.record_flag_changes(experiment_dir, flags, start_step, (*flag_rules.PER_PROCESS_FLAGS,
-                                                                                   "ds_config"))
+                flag_rules.record_flag_changes(experiment_dir, flags, start_step, deepspeed_config.PER_PROCESS_FLAGS)
 
         with logs.experiment_logging(experiment_dir, start_step) if rank == 0 else ranks.QuietRank() as metrics:
             if rank == 0:
-                safeguards.atomic_write(experiment_dir / "ds_config.json",
-                                        lambda file: json.dump(config, file, indent=2), mode="w")
                 train_bert.log_run_start(experiment_dir, start_step, num_parameters, data, flags, device)
-                logger.info(f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage "
-                            f"{flags['zero_stage']}, {flags['dtype']}; effective config "
-                            f"{json.dumps(config, sort_keys=True)}")
+                deepspeed_config.record_effective_config(experiment_dir, config, flags, world_size)
             progress.started = True
             training_loop(flags, engine, data, experiment_dir, metrics, start_step, data_position, rank, world_size,
                           control_group)

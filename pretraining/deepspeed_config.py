@@ -10,9 +10,19 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
+from loguru import logger
+
+from pretraining import flag_rules
 from pretraining.errors import ConfigError
 from pretraining.flag_rules import DTYPES, RUN_DEFINING_FLAGS, resolve_resume_flags, validate_flags
-from pretraining.safeguards import LATEST_POINTER, check_resumable, check_sequence_limits, check_writable, load_hparams
+from pretraining.safeguards import (
+    LATEST_POINTER,
+    atomic_write,
+    check_resumable,
+    check_sequence_limits,
+    check_writable,
+    load_hparams,
+)
 
 # Settings that are both a flag and a field of ds_config.json (a path of keys). A flag the user passes wins and is
 # written into the config; a flag left out takes the config's value (or train_bert.py's default if the config has
@@ -206,3 +216,21 @@ def resolve_ds_flags(
         check_writable(flags["checkpoint_dir"])
         check_sequence_limits(flags)
     return flags, config
+
+
+# Per-process flags do not enter a resume's flag history; neither does the config file's path (a resume may name another
+# file: its values are compared field by field instead).
+PER_PROCESS_FLAGS = (*flag_rules.PER_PROCESS_FLAGS, "ds_config")
+
+
+def record_effective_config(
+    experiment_dir: Path, config: dict[str, Any], flags: dict[str, Any], world_size: int
+) -> None:
+    """Write the merged config as the experiment's ds_config.json (a resume starts from it) and log it in one line."""
+    import deepspeed
+
+    atomic_write(experiment_dir / "ds_config.json", lambda file: json.dump(config, file, indent=2), mode="w")
+    logger.info(
+        f"DeepSpeed {deepspeed.__version__}: {world_size} rank(s), ZeRO stage {flags['zero_stage']}, {flags['dtype']}; "
+        f"effective config {json.dumps(config, sort_keys=True)}"
+    )
