@@ -161,6 +161,16 @@ def write_token_split(token_lines: "datasets.Dataset", directory: Path, split: s
 def build_token_store(raw: "datasets.DatasetDict", tokenizer: Any, store: Path, num_proc: int) -> None:
     """Tokenize every split into `store`, all or nothing: it is written under a temporary name and renamed when
     complete, so a run killed or stopped by a full disk leaves no store that a later run would use."""
+    # Checked before any tokenizing process starts: a disk that fills up under `datasets`' process pool can leave the
+    # pool waiting forever for a worker that died (it replaces the worker while terminating). The store takes at least
+    # about the text's size (a token id per 2-5 characters, in int32 while tokenizing).
+    needed, free = sum(raw[split].data.nbytes for split in raw), shutil.disk_usage(store.parent).free
+    if free < needed:
+        raise ConfigError(
+            f"could not write the token store in {store.parent} (No space left on device: it needs about "
+            f"{needed / 2**20:.1f} MiB, the size of the text, and {free / 2**20:.1f} MiB are free); nothing was kept. "
+            "Free space there or choose another folder with --data_cache DIR"
+        )
     temporary = store.with_name(f"{store.name}.tmp.{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
