@@ -108,11 +108,12 @@ def save_failure_reported(checkpoint: str, directory: Path) -> Iterator[None]:
         yield
     except (OSError, RuntimeError) as error:
         cause = error if isinstance(error, OSError) else error.__context__
+        folder = nearest_existing(directory)
+        free = shutil.disk_usage(folder).free
         if isinstance(cause, OSError):
             reason = cause.strerror or str(cause)
-        elif shutil.disk_usage(nearest_existing(directory)).free < FULL_DISK_BYTES:
-            free = shutil.disk_usage(nearest_existing(directory)).free
-            reason = f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free in {nearest_existing(directory)}"
+        elif free < FULL_DISK_BYTES:
+            reason = f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free in {folder}"
         else:
             raise
         raise CheckpointError(
